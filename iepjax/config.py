@@ -1,0 +1,133 @@
+"""Frozen, hashable configuration dataclasses (usable as static `jit` arguments)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+Likelihood = Literal["bce", "gaussian"]
+Decoder = Literal["upsample", "transposed"]
+
+LIKELIHOODS: tuple[str, ...] = ("bce", "gaussian")
+DECODERS: tuple[str, ...] = ("upsample", "transposed")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The convolutional VAE of Bergmann et al. 2018 as used by the method (method.md, Training).
+
+    Attributes:
+      size: input height = width in pixels, a multiple of 16 (128 in the paper).
+      channels: 1 (gray) or 3 (RGB).
+      latent: latent dimension (100 in the paper).
+      decoder: "upsample" (nearest upsampling + 3x3 convs, the public port) or
+        "transposed" (transposed convs, Bergmann et al. 2018).
+      likelihood: reconstruction term L_r: "bce" (Bernoulli, summed binary cross-entropy, the
+        seed implementation) or "gaussian" (Gaussian decoder with one learned variance gamma^2,
+        Dai & Wipf 2019).
+      use_kl: whether the model's loss includes KL(q(z|x) || N(0, I)) (a VAE); False gives a
+        deterministic AE on the posterior mean.
+    """
+
+    size: int = 128
+    channels: int = 3
+    latent: int = 100
+    decoder: Decoder = "upsample"
+    likelihood: Likelihood = "bce"
+    use_kl: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size % 16 or self.size < 32:
+            raise ValueError(f"ModelConfig.size={self.size}: must be a multiple of 16, at least 32")
+        if self.channels not in (1, 3):
+            raise ValueError(f"ModelConfig.channels={self.channels}: must be 1 (gray) or 3 (RGB)")
+        _check_choice("ModelConfig.decoder", self.decoder, DECODERS)
+        _check_choice("ModelConfig.likelihood", self.likelihood, LIKELIHOODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+    """Settings of the iterative energy-based projection (method.md, Projection).
+
+    E(x) = L_r(x) + lam * ||x - x0||_1;  x <- clip(x - alpha * dE/dx * (x - f(x))^2, 0, 1).
+
+    Attributes:
+      model: the architecture of the trained model whose loss is the energy.
+      steps: T, number of gradient steps.
+      alpha: step size. Its scale depends on the 'sum' reduction of L_r and on the image size.
+      lam: weight of the L1 proximity prior ||x - x0||_1.
+      weighting: multiply the gradient by (x - f(x))^2 (the paper); False = plain gradient step
+        (the paper's ablation).
+      use_kl: include the KL term in L_r during projection (only meaningful for a VAE).
+      smoothing_sigma: std of the Gaussian smoothing of the anomaly map in pixels (0 = none).
+      strategy: how the step loop runs. "scan": one `lax.scan` inside one XLA program (default).
+    """
+
+    model: ModelConfig = ModelConfig()
+    steps: int = 100
+    alpha: float = 0.5
+    lam: float = 0.05
+    weighting: bool = True
+    use_kl: bool = True
+    smoothing_sigma: float = 2.0
+    strategy: str = "scan"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"ProjectionConfig.steps={self.steps}: must be >= 0")
+        if self.alpha < 0 or self.lam < 0 or self.smoothing_sigma < 0:
+            raise ValueError("ProjectionConfig: alpha, lam and smoothing_sigma must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of VAE training (method.md, Training).
+
+    Attributes:
+      model: architecture and loss.
+      steps: optimiser steps.
+      batch_size: images per step.
+      learning_rate, b1, b2: Adam (the paper: 2e-4, 0.5, 0.999).
+      seed: seed of every PRNG key (parameters, sampling, augmentation).
+      augment: random flips and 90-degree rotations (textures).
+      checkpoint_every: save an orbax checkpoint every this many steps (and at the end).
+      log_every: write a row of the training log every this many steps.
+    """
+
+    model: ModelConfig = ModelConfig()
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    b1: float = 0.5
+    b2: float = 0.999
+    seed: int = 0
+    augment: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("TrainConfig: steps and batch_size must be >= 1")
+
+
+def to_dict(config: Any) -> dict:
+    """Config dataclass -> JSON-ready nested dict."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Nested dict (from `to_dict`) -> config dataclass of type `cls`; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "model" and isinstance(value, dict):
+            value = from_dict(ModelConfig, value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,49 @@
+"""The energy minimised by the projection, for one image (method.md, Projection; paper eq. 3).
+
+E(x) = L_r(x) + lam * ||x - x0||_1, where L_r is the trained model's own loss of x evaluated with
+the posterior mean (no sampling), so E is deterministic and its gradient flows through the
+encoder and the decoder.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from iepjax.config import ProjectionConfig
+from iepjax.losses import model_loss
+from iepjax.model import VAE
+
+
+class EnergyAux(NamedTuple):
+    """By-products of one energy evaluation: f(x) (H, W, C) and the loss terms (scalars)."""
+
+    recon_image: jax.Array
+    recon: jax.Array
+    kl: jax.Array
+    prior: jax.Array
+
+
+def reconstruct(params: dict, x_HxWxC: jax.Array, config: ProjectionConfig) -> jax.Array:
+    """f(x) = sigmoid(decode(mu(x))) for one image (H, W, C) -> (H, W, C)."""
+    out = VAE(config.model).apply(params, x_HxWxC[None])
+    return jax.nn.sigmoid(out.logits[0])
+
+
+def energy(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
+           config: ProjectionConfig) -> tuple[jax.Array, EnergyAux]:
+    """E(x) = L_r(x) + lam ||x - x0||_1 for one image (H, W, C); returns (E, aux).
+
+    L_r is `losses.model_loss` (the training loss: BCE or Gaussian NLL, summed, plus KL when
+    `config.use_kl`) at the posterior mean. Differentiate with `jax.grad(energy, argnums=1,
+    has_aux=True)`.
+    """
+    vae = VAE(config.model)
+    out = vae.apply(params, x_HxWxC[None])
+    log_gamma = vae.apply(params, method=VAE.gamma_log)
+    terms = model_loss(out.logits[0], x_HxWxC, out.posterior.mu[0], out.posterior.logvar[0],
+                       log_gamma, config.model, use_kl=config.use_kl)
+    prior = config.lam * jnp.sum(jnp.abs(x_HxWxC - x0_HxWxC))
+    aux = EnergyAux(jax.nn.sigmoid(out.logits[0]), terms.recon, terms.kl, prior)
+    return terms.total + prior, aux

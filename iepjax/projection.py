@@ -1,0 +1,99 @@
+"""The iterative energy-based projection onto the normal-data manifold (method.md; paper eq. 4).
+
+For t = 0 .. T-1:
+    x_{t+1} = clip(x_t - alpha * grad_x E(x_t) * (x_t - f(x_t))^2, 0, 1)
+with E the energy of `iepjax.energy`. The maths is written for one image; `project_fn` vmaps it
+over the batch and runs the T steps as one `lax.scan` inside one jitted XLA program.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iepjax.anomaly_maps import difference_map
+from iepjax.config import ProjectionConfig
+from iepjax.energy import energy
+
+
+class ProjectionResult(NamedTuple):
+    """Output of `project_fn` for a batch of B images of shape (H, W, C).
+
+    x_T: projected images (B, H, W, C) in [0, 1].
+    maps: anomaly maps mean_c |x_T - x0| (smoothed per the config) (B, H, W).
+    energies: E(x_t) for t = 0..T-1, per image (B, T).
+    """
+
+    x_T: jax.Array
+    maps: jax.Array
+    energies: jax.Array
+
+
+def projection_step(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
+                    config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
+    """One update of one image (paper eq. 4): returns (x_{t+1} (H, W, C), E(x_t) scalar).
+
+    The gradient of E flows through the network (f depends on x); the weighting
+    (x - f(x))^2 uses the same forward pass and is not differentiated.
+    """
+    (e, aux), g = jax.value_and_grad(energy, argnums=1, has_aux=True)(params, x_HxWxC, x0_HxWxC, config)
+    if config.weighting:
+        g = g * jnp.square(x_HxWxC - aux.recon_image)
+    return jnp.clip(x_HxWxC - config.alpha * g, 0.0, 1.0), e
+
+
+def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+    """Project one image (H, W, C): `config.steps` steps of `projection_step` in one `lax.scan`.
+
+    Returns ProjectionResult with unbatched fields: x_T (H, W, C), map (H, W), energies (T,).
+    """
+    def body(x, _):
+        return projection_step(params, x, x0_HxWxC, config)
+
+    x_T, energies = jax.lax.scan(body, x0_HxWxC, None, length=config.steps)
+    return ProjectionResult(x_T, difference_map(x_T, x0_HxWxC, config.smoothing_sigma), energies)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+    return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+
+
+def check_images(x_BxHxWxC, config: ProjectionConfig) -> None:
+    """Raise a ValueError/TypeError that says what to do when a batch does not fit the model."""
+    shape = getattr(x_BxHxWxC, "shape", None)
+    m = config.model
+    want = f"(B, {m.size}, {m.size}, {m.channels})"
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"expected a batch of images shaped {want} (NHWC), got shape {shape}; "
+                         "add a batch axis with x[None] for a single image")
+    if shape[-1] != m.channels:
+        raise ValueError(f"the images have {shape[-1]} channel(s) but the model was trained on "
+                         f"{m.channels}; convert them ({'to gray' if m.channels == 1 else 'to RGB'}) "
+                         f"or use a model trained with channels={shape[-1]}")
+    if shape[1] != m.size or shape[2] != m.size:
+        raise ValueError(f"the images are {shape[1]}x{shape[2]} but the model takes {m.size}x{m.size}; "
+                         "resize or tile them first (iepjax.data has helpers)")
+    dtype = np.dtype(getattr(x_BxHxWxC, "dtype", np.float32))
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"expected float images in [0, 1], got dtype {dtype}; for uint8 images pass x / 255.0")
+
+
+def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+    """Project a batch of images onto the normal-data manifold and return their anomaly maps.
+
+    One jitted XLA program per (shape, config): `vmap` over the batch of a `lax.scan` over
+    `config.steps` gradient updates (paper eq. 4) of the energy E(x) = L_r(x) + lam ||x - x0||_1.
+
+    Args:
+      params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint).
+      x0_BxHxWxC: images (B, size, size, channels), float in [0, 1].
+      config: a `ProjectionConfig` (static: hashable, part of the compile key).
+    Returns:
+      ProjectionResult(x_T (B, H, W, C), maps (B, H, W), energies (B, T)).
+    """
+    check_images(x0_BxHxWxC, config)
+    return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)

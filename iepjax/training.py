@@ -1,0 +1,275 @@
+"""Training of the VAE on normal images, with resumable orbax checkpoints (method.md, Training).
+
+Loss of one image: L_r(x, f(z)) + KL(q(z|x) || N(0, I)) with z ~ q(z|x) (reparameterisation),
+averaged over the batch; Adam(lr, b1, b2). Textures get random flips and 90-degree rotations.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from iepjax import checkpointing
+from iepjax.config import ModelConfig, TrainConfig, to_dict
+from iepjax.losses import LossTerms, constant_prediction_loss, model_loss
+from iepjax.model import VAE, init_params
+from iepjax.runs import atomic_write_text
+
+LOG_COLUMNS = ("step", "loss", "recon", "kl", "recon_per_pixel", "gamma")
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs: step, parameters, Adam state."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+class CollapseReport(NamedTuple):
+    """Posterior-mean loss of the trained model against the constant (mean-image) predictor."""
+
+    recon_per_pixel: float
+    constant_per_pixel: float
+    kl_per_image: float
+    ratio: float
+    collapsed: bool
+
+
+class TrainSummary(NamedTuple):
+    """What `train` returns: the final state and the collapse check."""
+
+    state: TrainState
+    collapse: CollapseReport
+    resumed_from: int
+
+
+def optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adam with the paper's settings (lr 2e-4, betas (0.5, 0.999) by default)."""
+    return optax.adam(config.learning_rate, b1=config.b1, b2=config.b2)
+
+
+def init_state(config: TrainConfig, *, key: jax.Array) -> TrainState:
+    """Fresh parameters and optimiser state."""
+    params = init_params(config.model, key=key)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer(config).init(params))
+
+
+def augment(x_HxWxC: jax.Array, *, key: jax.Array) -> jax.Array:
+    """Random horizontal flip and rotation by a multiple of 90 degrees of one square image."""
+    k_flip, k_rot = jax.random.split(key)
+    x = jnp.where(jax.random.bernoulli(k_flip), x_HxWxC[:, ::-1], x_HxWxC)
+    r = jax.random.randint(k_rot, (), 0, 4)
+    return jax.lax.switch(r, [lambda a, k=k: jnp.rot90(a, k, axes=(0, 1)) for k in range(4)], x)
+
+
+def image_loss(params: dict, x_HxWxC: jax.Array, config: ModelConfig, *, key: jax.Array | None) -> LossTerms:
+    """Training loss of one image (H, W, C): L_r + KL with z sampled when `key` is given."""
+    vae = VAE(config)
+    out = vae.apply(params, x_HxWxC[None], key)
+    log_gamma = vae.apply(params, method=VAE.gamma_log)
+    return model_loss(out.logits[0], x_HxWxC, out.posterior.mu[0], out.posterior.logvar[0], log_gamma, config)
+
+
+def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: jax.Array) -> tuple[jax.Array, LossTerms]:
+    """Mean over the batch of `image_loss` with one sampling key per image."""
+    keys = jax.random.split(key, x_BxHxWxC.shape[0])
+    terms = jax.vmap(lambda x, k: image_loss(params, x, config, key=k))(x_BxHxWxC, keys)
+    terms = jax.tree.map(jnp.mean, terms)
+    return terms.total, terms
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnums=0)
+def train_step(state: TrainState, batch_BxHxWxC: jax.Array, config: TrainConfig) -> tuple[TrainState, LossTerms]:
+    """One Adam step on a uint8 batch (B, H, W, C); keys derive from (seed, step)."""
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    k_aug, k_z = jax.random.split(key)
+    x = batch_BxHxWxC.astype(jnp.float32) / 255.0
+    if config.augment:
+        x = jax.vmap(lambda a, k: augment(a, key=k))(x, jax.random.split(k_aug, x.shape[0]))
+    (_, terms), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, x, config.model, key=k_z)
+    updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), terms
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the training images used at `step` (deterministic in (seed, step), so resumes repeat it)."""
+    return np.random.default_rng([seed, step]).choice(n, size=batch_size, replace=n < batch_size)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _posterior_mean_terms(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig) -> LossTerms:
+    return jax.vmap(lambda x: image_loss(params, x, config, key=None))(x_BxHxWxC)
+
+
+def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig, *,
+                   threshold: float = 0.97, kl_min: float = 1.0, max_images: int = 256) -> CollapseReport:
+    """Detect a VAE that predicts the mean image (method.md): L_r near the constant predictor's, KL near 0.
+
+    For BCE, both losses are per-pixel cross-entropies; for the Gaussian likelihood, per-pixel
+    squared errors of f(x) (the learned gamma is left out so the two are comparable).
+    collapsed = recon_per_pixel >= threshold * constant_per_pixel and KL per image < kl_min
+    (or, without KL, the ratio test alone).
+    """
+    x = np.asarray(images_NxHxWxC[:max_images], np.float32) / 255.0
+    recon, kl = [], []
+    for i in range(0, len(x), 32):
+        xb = jnp.asarray(x[i:i + 32])
+        if config.likelihood == "bce":
+            terms = _posterior_mean_terms(params, xb, config)
+            recon.append(np.asarray(terms.recon))
+        else:
+            f = jax.nn.sigmoid(VAE(config).apply(params, xb).logits)
+            recon.append(np.asarray(jnp.sum(jnp.square(xb - f), axis=(1, 2, 3))))
+            terms = _posterior_mean_terms(params, xb, config)
+        kl.append(np.asarray(terms.kl))
+    d = math.prod(x.shape[1:])
+    rpp = float(np.mean(np.concatenate(recon)) / d)
+    const = constant_prediction_loss(x, config)
+    klm = float(np.mean(np.concatenate(kl)))
+    ratio = rpp / max(const, 1e-12)
+    collapsed = ratio >= threshold and (klm < kl_min or not config.use_kl)
+    return CollapseReport(rpp, const, klm, ratio, bool(collapsed))
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
+
+
+def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.PathLike, *,
+          progress: bool = True) -> TrainSummary:
+    """Train `VAE(config.model)` on uint8 images (N, size, size, channels); resume from `run_dir`.
+
+    Writes into run_dir: checkpoints/ (orbax; params, Adam state, step, config), train_log.csv
+    (loss terms every `log_every` steps), training.json (collapse check). Rerunning with the same
+    run_dir continues from the newest checkpoint.
+    """
+    m = config.model
+    images = np.asarray(images_NxHxWxC)
+    if images.ndim != 4 or images.shape[1:] != (m.size, m.size, m.channels):
+        raise ValueError(f"training images must be shaped (N, {m.size}, {m.size}, {m.channels}), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise TypeError(f"training images must be uint8, got {images.dtype}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = to_dict(config)
+    mngr = checkpointing.manager(run_dir / "checkpoints")
+    state = init_state(config, key=jax.random.key(config.seed))
+    start = checkpointing.latest_step(mngr) or 0
+    if start:
+        state, saved_cfg = checkpointing.restore(mngr, state)
+        if saved_cfg.get("model") != cfg_dict["model"]:
+            checkpointing.close(mngr)
+            raise ValueError(f"{run_dir} holds a model with config {saved_cfg.get('model')}, not {cfg_dict['model']}: "
+                             "train into a new run folder")
+    log_path = run_dir / "train_log.csv"
+    rows = _read_log(log_path, start)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    d = m.size * m.size * m.channels
+    try:
+        for step in range(start, config.steps):
+            batch = images[batch_indices(len(images), config.batch_size, config.seed, step)]
+            state, terms = train_step(state, jnp.asarray(batch), config)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                t = jax.device_get(terms)
+                gamma = float(np.exp(jax.device_get(VAE(m).apply(state.params, method=VAE.gamma_log))))
+                rows.append({"step": done, "loss": float(t.total), "recon": float(t.recon), "kl": float(t.kl),
+                             "recon_per_pixel": float(t.recon) / d, "gamma": gamma})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(t.total):.1f}", recon=f"{float(t.recon):.1f}",
+                                    kl=f"{float(t.kl):.2f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                checkpointing.save(mngr, done, state, cfg_dict)
+                _write_log(log_path, rows)
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointing.close(mngr)
+    report = collapse_check(state.params, images, m)
+    atomic_write_text(run_dir / "training.json",
+                      json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
+    return TrainSummary(state, report, start)
+
+
+def load_params(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig]:
+    """Parameters and TrainConfig of the newest checkpoint of a run folder."""
+    from iepjax.config import from_dict
+    ckpt = Path(run_dir) / "checkpoints"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: train a model first (python train.py)")
+    config = from_dict(TrainConfig, checkpointing.restore_config(ckpt))
+    mngr = checkpointing.manager(ckpt)
+    state, _ = checkpointing.restore(mngr, init_state(config, key=jax.random.key(0)))
+    checkpointing.close(mngr)
+    return state.params, config
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split range(n) into (train, held-out) index arrays; the held-out normal images fit thresholds."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    k = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and k == 0:
+        k = 1
+    if n - k < 1:
+        raise ValueError(f"only {n} training image(s): nothing left to train on after holding out {k}")
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def train_run(config: TrainConfig, dataset: str, category: str, *, results: str | os.PathLike = "results",
+              data_dir: str | None = None, holdout: float = 0.1, new: bool = False,
+              progress: bool = True) -> tuple[Path, TrainSummary]:
+    """Train on the `train` split of dataset/category in a run folder; resume its latest run if unfinished.
+
+    The run folder is results/vae/<dataset>/<category>/v<N>/ (see `iepjax.runs`); a run with the
+    same config is resumed, a different config or `new=True` starts v<N+1>. A fraction `holdout`
+    of the normal training images is kept out of training (its ids in holdout.json) for thresholds.
+    Returns (run folder, summary).
+    """
+    from iepjax import data, runs
+
+    split = data.load_split(dataset, category, "train", data_dir)
+    train_idx, held_idx = holdout_split(len(split.images), holdout, config.seed)
+    cat_dir = runs.category_dir(results, "vae", dataset, category)
+    run_dir = None if new else runs.latest_run(cat_dir)
+    cfg_json = json.dumps(to_dict(config), indent=2)
+    if run_dir is not None:
+        old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
+        if old is not None and json.loads(old) != json.loads(cfg_json):
+            run_dir = None  # a different config is a new run
+    if run_dir is None:
+        run_dir = runs.new_run(cat_dir)
+    runs.atomic_write_text(run_dir / "config.json", cfg_json)
+    runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
+        {"dataset": dataset, "category": category, "fraction": holdout,
+         "ids": [split.ids[i] for i in held_idx]}, indent=2))
+    summary = train(config, split.images[train_idx], run_dir, progress=progress)
+    return run_dir, summary

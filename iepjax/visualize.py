@@ -1,0 +1,96 @@
+"""Pictures of a localisation run: per-image panels and the energy curve (matplotlib, Agg).
+
+Heat maps are scaled with one dataset-level bound `vmax` fitted on normal images (never per
+image), so a good image's map stays cold and a defect stands out.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from iepjax.runs import atomic_write_bytes
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt, plt.figure(*args, **kwargs)
+
+
+def _save(fig, plt, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _show(ax, img_HxWxC: np.ndarray, title: str) -> None:
+    img = np.clip(img_HxWxC, 0, 1)
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def panel(path: Path, x0: np.ndarray, x_T: np.ndarray, recon: np.ndarray, grad_map: np.ndarray,
+          mask: np.ndarray | None, title: str, vmax: float, threshold: float | None = None) -> None:
+    """One PNG: input, projected x_T, reconstruction f(x0), anomaly map, overlay with contours.
+
+    x0, x_T, recon: (H, W, C) in [0, 1]; grad_map, mask: (H, W); vmax: dataset-level map bound;
+    threshold: draws the predicted-mask contour (cyan) beside the ground truth (white).
+    """
+    plt, fig = _figure(figsize=(13, 3.0))
+    axes = fig.subplots(1, 5)
+    _show(axes[0], x0, "input x0")
+    _show(axes[1], x_T, "projected x_T")
+    _show(axes[2], recon, "reconstruction f(x0)")
+    im = axes[3].imshow(grad_map, cmap="inferno", vmin=0, vmax=vmax)
+    axes[3].set_title("anomaly map |x_T - x0|", fontsize=9)
+    axes[3].axis("off")
+    fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02)
+    gray = x0[..., 0] if x0.shape[-1] == 1 else x0.mean(-1)
+    axes[4].imshow(gray, cmap="gray", vmin=0, vmax=1)
+    axes[4].imshow(grad_map, cmap="inferno", vmin=0, vmax=vmax, alpha=0.5)
+    if mask is not None and mask.any():
+        axes[4].contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.0)
+    if threshold is not None and (grad_map >= threshold).any():
+        axes[4].contour((grad_map >= threshold).astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
+    axes[4].set_title("overlay (white: truth, cyan: predicted)", fontsize=9)
+    axes[4].axis("off")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, plt, path)
+
+
+def energy_curve(path: Path, energies_NxT: np.ndarray, labels_N: np.ndarray | None = None) -> None:
+    """Mean energy E(x_t) per iteration (from the scan's per-step output), normal vs defective."""
+    plt, fig = _figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    e = np.asarray(energies_NxT)
+    if labels_N is None:
+        ax.plot(e.mean(0), label="all images")
+    else:
+        for lab, name in ((0, "good"), (1, "defect")):
+            if (labels_N == lab).any():
+                ax.plot(e[labels_N == lab].mean(0), label=name)
+    ax.set_xlabel("iteration t")
+    ax.set_ylabel("mean energy E(x_t)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, plt, path)
+
+
+def write_overlays(out_dir: Path, images_NxHxWxC: np.ndarray, loc, masks_NxHxW: np.ndarray, ids: list[str],
+                   defect_types: list[str], vmax: float, threshold: float | None = None) -> list[Path]:
+    """A `panel` PNG per image, named after its id ("scratch/003" -> scratch_003.png)."""
+    paths = []
+    for i, id_ in enumerate(ids):
+        path = Path(out_dir) / (id_.replace("/", "_") + ".png")
+        panel(path, images_NxHxWxC[i].astype(np.float32) / 255.0, loc.x_T[i], loc.recon[i], loc.grad_maps[i],
+              masks_NxHxW[i], f"{id_} ({defect_types[i]})  score {loc.grad_maps[i].max():.3f}", vmax, threshold)
+        paths.append(path)
+    return paths

@@ -1,0 +1,194 @@
+"""Tests of iepjax.data: the `textures` TFDS builder, the defect functions and load_split.
+
+Builds use small split sizes (config overrides) and tmp dirs, so the module runs in seconds.
+
+Train/test disjointness is checked twice: the crop origins from `plan_split` lie inside the
+split's row range (train rows [0, 320), test rows [320, 512), crops never straddle), and every
+stored image really is the photo at that origin (exactly for good crops, outside the mask for
+defect crops), so the origins cannot lie.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from iepjax.data import CATEGORIES, Split, load_split
+from iepjax.data import defects as D
+from iepjax.data import textures as T
+
+SMALL = dict(num_train=8, num_test=16)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """brick built twice with seed 0 (two dirs) and once with seed 1; small splits."""
+    out = {}
+    for key, seed in (("a", 0), ("b", 0), ("c", 1)):
+        d = tmp_path_factory.mktemp(f"tfds_{key}")
+        out[key] = {
+            "dir": d,
+            "train": load_split("textures", "brick", "train", str(d), seed=seed, **SMALL),
+            "test": load_split("textures", "brick", "test", str(d), seed=seed, **SMALL),
+        }
+    return out
+
+
+def _assert_split_equal(x: Split, y: Split) -> None:
+    np.testing.assert_array_equal(x.images, y.images)
+    np.testing.assert_array_equal(x.masks, y.masks)
+    np.testing.assert_array_equal(x.labels, y.labels)
+    assert x.defect_types == y.defect_types and x.ids == y.ids
+
+
+def test_no_tensorflow_imported(built):
+    assert "tensorflow" not in sys.modules
+
+
+def test_shapes_and_dtypes(built):
+    for split, n in (("train", 8), ("test", 16)):
+        s = built["a"][split]
+        assert s.images.shape == (n, 128, 128, 1) and s.images.dtype == np.uint8
+        assert s.masks.shape == (n, 128, 128) and s.masks.dtype == bool
+        assert s.labels.shape == (n,) and np.issubdtype(s.labels.dtype, np.integer)
+        assert len(s.defect_types) == len(s.ids) == n
+        assert len(set(s.ids)) == n
+        assert all(i.startswith(t + "/") for i, t in zip(s.ids, s.defect_types))
+
+
+def test_same_seed_identical_across_dirs(built):
+    for split in ("train", "test"):
+        _assert_split_equal(built["a"][split], built["b"][split])
+    # The stored array_record files are byte-identical too.
+    for split in ("train", "test"):
+        fa = sorted(pathlib.Path(built["a"]["dir"]).rglob(f"textures-{split}.array_record*"))
+        fb = sorted(pathlib.Path(built["b"]["dir"]).rglob(f"textures-{split}.array_record*"))
+        assert fa and len(fa) == len(fb)
+        for pa, pb in zip(fa, fb):
+            assert pa.read_bytes() == pb.read_bytes()
+
+
+def test_different_seed_differs(built):
+    for split in ("train", "test"):
+        assert not np.array_equal(built["a"][split].images, built["c"][split].images)
+
+
+def test_train_all_good(built):
+    s = built["a"]["train"]
+    assert set(s.defect_types) == {"good"}
+    assert not s.labels.any() and not s.masks.any()
+
+
+def test_test_composition(built):
+    s = built["a"]["test"]
+    n_def = int(s.labels.sum())
+    assert n_def == 8  # half of 16
+    kinds = [t for t in s.defect_types if t != "good"]
+    assert sorted(set(kinds)) == sorted(D.DEFECT_KINDS)
+    counts = [kinds.count(k) for k in D.DEFECT_KINDS]
+    assert max(counts) - min(counts) <= 1  # balanced
+    for lab, t in zip(s.labels, s.defect_types):
+        assert lab == (t != "good")
+
+
+def test_masks_nonempty_exactly_for_defects(built):
+    s = built["a"]["test"]
+    for m, lab in zip(s.masks, s.labels):
+        assert m.any() == bool(lab)
+        if lab:
+            assert m.mean() < 0.1  # a local defect, not the whole image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regions_disjoint_and_masks_exact(built, seed):
+    key = "a" if seed == 0 else "c"
+    cfg = T.make_config("brick", seed=seed, **SMALL)
+    photo = T.photo("brick")
+    covered = {}
+    for split in ("train", "test"):
+        s = built[key][split]
+        specs = {sp.id: sp for sp in T.plan_split(cfg, split)}
+        assert sorted(specs) == s.ids
+        r0, r1 = cfg.rows(split)
+        rows = np.zeros(photo.shape[0], bool)
+        for img, mask, i in zip(s.images, s.masks, s.ids):
+            sp = specs[i]
+            assert r0 <= sp.row and sp.row + 128 <= r1
+            rows[sp.row : sp.row + 128] = True
+            clean = T.clean_crop(cfg, sp)
+            np.testing.assert_array_equal(clean[..., 0], photo[sp.row : sp.row + 128, sp.col : sp.col + 128])
+            # Exact masks: outside the mask the stored image is the clean crop, bit for bit;
+            # inside, most pixels changed.
+            np.testing.assert_array_equal(img[~mask], clean[~mask])
+            if mask.any():
+                assert (img[mask] != clean[mask]).mean() > 0.5
+        covered[split] = rows
+    assert cfg.train_rows[1] <= cfg.test_rows[0]
+    assert not (covered["train"] & covered["test"]).any()
+
+
+def test_defects_subtle_not_saturated(built):
+    s = built["a"]["test"]
+    cfg = T.make_config("brick", seed=0, **SMALL)
+    specs = {sp.id: sp for sp in T.plan_split(cfg, "test")}
+    for img, mask, i, t in zip(s.images, s.masks, s.ids, s.defect_types):
+        if t == "good":
+            continue
+        clean = T.clean_crop(cfg, specs[i]).astype(float)
+        diff = np.abs(img.astype(float) - clean)[mask]
+        assert diff.mean() < 0.3 * 255, (i, diff.mean())
+        assert (img[mask] == 0).mean() < 0.05 and (img[mask] == 255).mean() < 0.05, i
+
+
+def test_grass_default_names_and_unknowns(tmp_path):
+    s = load_split("textures", "grass", "test", str(tmp_path), num_train=4, num_test=8)
+    assert s.images.shape == (8, 128, 128, 1) and s.labels.sum() == 4
+    assert sorted({t for t in s.defect_types if t != "good"}) == sorted(D.DEFECT_KINDS)
+    assert [c.name for c in T.Textures.BUILDER_CONFIGS] == list(CATEGORIES["textures"])
+    assert T.make_config("brick").name == "brick"
+    assert T.make_config("brick", seed=3).name != "brick"
+    with pytest.raises(ValueError, match="brick, grass"):
+        load_split("textures", "gravel", "test", str(tmp_path))
+    with pytest.raises(ValueError, match="textures"):
+        load_split("mvtec_nope", "brick", "test", str(tmp_path))
+    with pytest.raises(ValueError, match="train, test"):
+        load_split("textures", "brick", "validation", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown textures config"):
+        T.make_config("brick", nope=1)
+
+
+def test_grass_differs_from_brick_plan():
+    a = T.plan_split(T.make_config("brick"), "test")
+    b = T.plan_split(T.make_config("grass"), "test")
+    assert [(x.row, x.col) for x in a] != [(x.row, x.col) for x in b]
+
+
+# ----------------------------------------------------------------------- defect functions
+
+
+@pytest.mark.parametrize("kind", D.DEFECT_KINDS)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_defect_functions_exact_and_deterministic(kind, channels):
+    rng0 = np.random.default_rng(123)
+    img = rng0.uniform(0.2, 0.8, size=(64, 64) if channels is None else (64, 64, channels)).astype(np.float32)
+    out1, m1 = D.DEFECTS[kind](img, np.random.default_rng(7))
+    out2, m2 = D.DEFECTS[kind](img, np.random.default_rng(7))
+    np.testing.assert_array_equal(out1, out2)
+    np.testing.assert_array_equal(m1, m2)
+    assert out1.shape == img.shape and out1.dtype == np.float32
+    assert m1.shape == (64, 64) and m1.dtype == bool and m1.any()
+    assert out1.min() >= 0.0 and out1.max() <= 1.0
+    np.testing.assert_array_equal(out1[~m1], img[~m1])
+    assert (np.abs(out1 - img)[m1] > 0).mean() > 0.5
+    assert D.DEFECTS[kind].__doc__ and "\n" not in D.DEFECTS[kind].__doc__.strip()
+
+
+def test_unknown_defect_kind():
+    img = np.zeros((32, 32), np.float32)
+    with pytest.raises(KeyError, match="valid kinds: foreign, scratch, spot, stain"):
+        D.DEFECTS["crack"]
+    with pytest.raises(ValueError, match="unknown defect kind 'crack'"):
+        D.apply_defect("crack", img, np.random.default_rng(0))

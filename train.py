@@ -1,0 +1,57 @@
+"""Train the method's VAE on the normal images of one category.
+
+    python train.py --category brick            # built-in textures data, 128x128
+    python train.py --category brick --steps 50 --batch-size 8   # a quick try
+
+Prints the run folder (results/vae/<dataset>/<category>/v<N>/); rerunning resumes it.
+"""
+import argparse
+import sys
+
+from iepjax.config import ModelConfig, TrainConfig, LIKELIHOODS, DECODERS
+from iepjax.presets import preset
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="textures", help="dataset name (built-in: textures)")
+    p.add_argument("--category", required=True, help="category, e.g. brick or grass")
+    p.add_argument("--data-dir", default=None, help="TFDS data folder (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--results", default="results", help="root of the run folders")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the category preset)")
+    p.add_argument("--batch-size", type=int, help="images per step")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 2e-4)")
+    p.add_argument("--size", type=int, help="model input size, a multiple of 16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
+    p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of normal training images kept for thresholds")
+    p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
+    p.add_argument("--allow-collapse", action="store_true", help="exit 0 even if the model collapsed to the mean")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    from iepjax import data, training
+    try:
+        pre = preset(a.dataset, a.category)
+    except ValueError as e:
+        p.error(str(e))
+    model = ModelConfig(size=a.size or pre["size"], channels=pre["channels"],
+                        likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
+    config = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
+                         learning_rate=a.lr or pre["learning_rate"], seed=a.seed)
+    run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.data_dir,
+                                          holdout=a.holdout, new=a.new, progress=not a.no_progress)
+    c = summary.collapse
+    print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
+          f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
+    print(f"run folder: {run_dir}")
+    if c.collapsed:
+        print("ERROR: the model collapsed to predicting the mean image (loss near the constant predictor's, KL near 0). "
+              "Try --likelihood gaussian, more --steps or another --lr; see README 'Likelihood'.", file=sys.stderr)
+        return 0 if a.allow_collapse else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
