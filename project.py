@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="textures")
     p.add_argument("--category", required=True)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--tfds-dir", default=None, help="where TFDS keeps prepared data (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--results", default="results")
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
     p.add_argument("--steps", type=int, help="projection steps T")
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                               lam=pre["lam"] if a.lam is None else a.lam,
                               smoothing_sigma=pre["smoothing_sigma"] if a.sigma is None else a.sigma,
                               weighting=not a.no_weighting, use_kl=not a.no_kl)
-    out_dir, result = evaluation.project_run(run_dir, a.dataset, a.category, config, data_dir=a.data_dir,
+    out_dir, result = evaluation.project_run(run_dir, a.dataset, a.category, config, data_dir=a.tfds_dir,
                                              batch_size=a.batch_size, overlays=not a.no_overlays,
                                              progress=not a.no_progress)
     print(evaluation.format_table(result))

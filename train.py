@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="textures", help="dataset name (built-in: textures)")
     p.add_argument("--category", required=True, help="category, e.g. brick or grass")
-    p.add_argument("--data-dir", default=None, help="TFDS data folder (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--tfds-dir", default=None, help="where TFDS keeps prepared data (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--results", default="results", help="root of the run folders")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the category preset)")
     p.add_argument("--batch-size", type=int, help="images per step")
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
     config = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
                          learning_rate=a.lr or pre["learning_rate"], seed=a.seed)
-    run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.data_dir,
+    run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.tfds_dir,
                                           holdout=a.holdout, new=a.new, progress=not a.no_progress)
     c = summary.collapse
     print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "

@@ -173,6 +173,7 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
     import dataclasses
 
     from iepjax import data, runs
+    from iepjax.data.preprocess import resize_images, resize_masks
     from iepjax.presets import preset
     from iepjax.training import load_params
 
@@ -187,8 +188,10 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
     if not holdout:
         raise ValueError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with --holdout > 0")
     index = {id_: i for i, id_ in enumerate(train.ids)}
-    normal = train.images[[index[i] for i in holdout]]
+    size = config.model.size
+    normal = resize_images(train.images[[index[i] for i in holdout]], size)
     test = data.load_split(dataset, category, "test", data_dir)
+    test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
     out_dir = runs.new_run(Path(run_dir) / "projections")
     result = evaluate(params, config, test, normal, out_dir, batch_size=batch_size, overlays=overlays,
                       progress=progress, **quantiles)

@@ -6,6 +6,7 @@ averaged over the batch; Adam(lr, b1, b2). Textures get random flips and 90-degr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -256,7 +257,12 @@ def train_run(config: TrainConfig, dataset: str, category: str, *, results: str 
     """
     from iepjax import data, runs
 
+    from iepjax.data.preprocess import resize_images
+
     split = data.load_split(dataset, category, "train", data_dir)
+    images = resize_images(split.images, config.model.size)
+    if images.shape[-1] != config.model.channels:  # the channel count is the data's
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=images.shape[-1]))
     train_idx, held_idx = holdout_split(len(split.images), holdout, config.seed)
     cat_dir = runs.category_dir(results, "vae", dataset, category)
     run_dir = None if new else runs.latest_run(cat_dir)
@@ -271,5 +277,5 @@ def train_run(config: TrainConfig, dataset: str, category: str, *, results: str 
     runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
         {"dataset": dataset, "category": category, "fraction": holdout,
          "ids": [split.ids[i] for i in held_idx]}, indent=2))
-    summary = train(config, split.images[train_idx], run_dir, progress=progress)
+    summary = train(config, images[train_idx], run_dir, progress=progress)
     return run_dir, summary
