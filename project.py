@@ -25,6 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--sigma", type=float, help="Gaussian smoothing of the maps, pixels")
     p.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
     p.add_argument("--no-kl", action="store_true", help="leave the KL term out of the energy")
+    p.add_argument("--threshold", type=float, help="pixel threshold (default: stored, from held-out normal images)")
+    p.add_argument("--image-threshold", type=float, help="image threshold (default: stored)")
+    p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores used as threshold")
+    p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores used as threshold")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -45,10 +49,14 @@ def main(argv=None) -> int:
                               weighting=not a.no_weighting, use_kl=not a.no_kl)
     out_dir, result = evaluation.project_run(run_dir, a.dataset, a.category, config, data_dir=a.tfds_dir,
                                              batch_size=a.batch_size, overlays=not a.no_overlays,
-                                             progress=not a.no_progress)
+                                             progress=not a.no_progress, pixel_threshold=a.threshold,
+                                             image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
+                                             image_quantile=a.image_quantile)
     print(evaluation.format_table(result))
-    t = result["timing"]
-    print(f"compile {t['compile_s']:.1f} s, total {t['total_s']:.1f} s, steady {t['steady_img_per_s']:.2f} img/s")
+    th, t = result["thresholds"], result["timing"]
+    print(f"thresholds ({th['source']}): pixel {result['grad']['pixel_threshold']:.4g}, "
+          f"image {result['grad']['image_threshold']:.4g}")
+    print(f"compile {t['compile_s']:.1f} s, total {t['total_s']:.1f} s, steady state {t['steady_img_per_s']} img/s")
     print(f"output folder: {out_dir}")
     return 0
 

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of normal training images kept for thresholds")
     p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
+    p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores -> threshold")
+    p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores -> threshold")
     p.add_argument("--allow-collapse", action="store_true", help="exit 0 even if the model collapsed to the mean")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -45,11 +47,21 @@ def main(argv=None) -> int:
     c = summary.collapse
     print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
           f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
-    print(f"run folder: {run_dir}")
     if c.collapsed:
         print("ERROR: the model collapsed to predicting the mean image (loss near the constant predictor's, KL near 0). "
               "Try --likelihood gaussian, more --steps or another --lr; see README 'Likelihood'.", file=sys.stderr)
-        return 0 if a.allow_collapse else 3
+        if not a.allow_collapse:
+            print(f"run folder: {run_dir}")
+            return 3
+    if a.holdout > 0:  # thresholds from held-out normal images, stored with the model
+        from iepjax import evaluation
+        pcfg = evaluation.default_projection_config(a.dataset, a.category, summary.config.model)
+        th, _ = evaluation.load_or_calibrate(
+            run_dir, summary.state.params, pcfg, evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir),
+            progress=not a.no_progress, pixel_quantile=a.pixel_quantile, image_quantile=a.image_quantile)
+        print(f"thresholds from {th['grad'].n_images} held-out normal images: pixel {th['grad'].pixel_threshold:.4g} "
+              f"(q {a.pixel_quantile}), image {th['grad'].image_threshold:.4g} (q {a.image_quantile})")
+    print(f"run folder: {run_dir}")
     return 0
 
 

@@ -19,7 +19,7 @@ from iepjax import metrics
 from iepjax.anomaly_maps import recon_map
 from iepjax.config import ProjectionConfig, to_dict
 from iepjax.energy import reconstruct
-from iepjax.projection import check_images, project_fn
+from iepjax.projection import check_images, project_fn, projection_step
 from iepjax.runs import atomic_write_bytes, atomic_write_text
 
 
@@ -112,7 +112,8 @@ class NormalStats(NamedTuple):
 
     pixel_threshold / image_threshold: the `pixel_quantile` / `image_quantile` quantiles of the
     normal pixel scores / image scores (max of map); vmax: the heat-map bound (99.9th percentile
-    of normal pixel scores, at least the pixel threshold) used for every image's picture.
+    of normal pixel scores, at least the pixel threshold) used for every image's picture;
+    pixel_quantiles / image_quantiles: the score distributions at QUANTILES.
     """
 
     pixel_threshold: float
@@ -121,6 +122,11 @@ class NormalStats(NamedTuple):
     pixel_quantile: float
     image_quantile: float
     n_images: int
+    pixel_quantiles: dict
+    image_quantiles: dict
+
+
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
 
 
 def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995,
@@ -129,73 +135,179 @@ def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995,
     maps = np.asarray(maps_NxHxW)
     if len(maps) == 0:
         raise ValueError("no normal images to fit thresholds on: hold out at least one training image")
+    for name, q in (("pixel", pixel_quantile), ("image", image_quantile)):
+        if not 0 < q <= 1:
+            raise ValueError(f"{name} quantile must be in (0, 1], got {q}")
+    img = metrics.image_scores(maps)
     pt = float(np.quantile(maps, pixel_quantile))
-    it = float(np.quantile(maps.reshape(len(maps), -1).max(1), image_quantile))
+    it = float(np.quantile(img, image_quantile))
     vmax = max(float(np.quantile(maps, 0.999)), pt, 1e-6)
-    return NormalStats(pt, it, vmax, pixel_quantile, image_quantile, len(maps))
+    return NormalStats(pt, it, vmax, pixel_quantile, image_quantile, len(maps),
+                       {str(q): float(np.quantile(maps, q)) for q in QUANTILES},
+                       {str(q): float(np.quantile(img, q)) for q in QUANTILES})
 
 
-def evaluate(params: dict, config: ProjectionConfig, test, normal_images: np.ndarray, out_dir: Path, *,
-             batch_size: int = 16, overlays: bool = True, progress: bool = True,
-             pixel_quantile: float = 0.995, image_quantile: float = 0.99) -> dict:
-    """Localise a labelled split and the held-out normal images; write every output into out_dir.
+def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray, *, batch_size: int = 16,
+              progress: bool = True, pixel_quantile: float = 0.995, image_quantile: float = 0.99) -> dict:
+    """Project held-out normal images (M, H, W, C) uint8 and fit thresholds: {"grad", "recon"} -> NormalStats."""
+    normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress)
+    kw = dict(pixel_quantile=pixel_quantile, image_quantile=image_quantile)
+    return {"grad": normal_stats(normal.grad_maps, **kw), "recon": normal_stats(normal.recon_maps, **kw)}
 
-    `test`: an `iepjax.data.Split`; `normal_images`: uint8 (M, H, W, C) held-out normal training
-    images that fit the thresholds and heat-map bounds. Returns the metrics dict (metrics.json).
+
+def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, normal_images: np.ndarray,
+                      **kwargs) -> tuple[dict, bool]:
+    """Thresholds stored in run_dir/thresholds.json for this projection config, else fitted and stored.
+
+    Returns ({"grad", "recon"} -> NormalStats, whether they were computed now).
     """
-    from iepjax import visualize
+    path = Path(run_dir) / "thresholds.json"
+    want = {"projection": to_dict(config), "pixel_quantile": kwargs.get("pixel_quantile", 0.995),
+            "image_quantile": kwargs.get("image_quantile", 0.99), "n_images": len(normal_images)}
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if {k: stored.get(k) for k in want} == want:
+            return {k: NormalStats(**stored[k]) for k in ("grad", "recon")}, False
+    stats = calibrate(params, config, normal_images, **kwargs)
+    atomic_write_text(path, json.dumps({**want, **{k: v._asdict() for k, v in stats.items()}}, indent=2))
+    return stats, True
+
+
+def _rates(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, pixel_t: float, image_t: float) -> dict:
+    """F1 and false-positive rates of the thresholded maps (pixel: map >= t; image: max >= t)."""
+    img = metrics.image_scores(maps)
+    good = labels == 0
+    out = {"image_f1": metrics.f1_at_threshold(img, labels, image_t),
+           "pixel_f1": metrics.f1_at_threshold(np.asarray(maps).ravel(), np.asarray(masks).ravel(), pixel_t),
+           "pixel_fpr_good_test": float(np.mean(maps[good] >= pixel_t)) if good.any() else float("nan"),
+           "image_fpr_good_test": float(np.mean(img[good] >= image_t)) if good.any() else float("nan")}
+    return out
+
+
+def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out_dir: Path, *,
+             batch_size: int = 16, overlays: bool = True, progress: bool = True,
+             threshold_source: str = "held-out normal training images") -> dict:
+    """Localise a labelled split; write metrics.json, scores.csv, maps, pictures and index.html into out_dir.
+
+    `test`: an `iepjax.data.Split`; `thresholds`: {"grad", "recon"} -> NormalStats (from
+    `load_or_calibrate`, or with thresholds given by the user). Returns the metrics dict.
+    """
+    from iepjax import report, visualize
 
     out_dir = Path(out_dir)
-    normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress)
-    stats = {"grad": normal_stats(normal.grad_maps, pixel_quantile=pixel_quantile, image_quantile=image_quantile),
-             "recon": normal_stats(normal.recon_maps, pixel_quantile=pixel_quantile, image_quantile=image_quantile)}
-    atomic_write_text(out_dir / "normal_stats.json", json.dumps({k: v._asdict() for k, v in stats.items()}, indent=2))
     loc = localize(params, test.images, config, batch_size=batch_size, progress=progress)
     result = write_outputs(out_dir, loc, test.masks, test.labels, test.ids, test.defect_types, test.images, config)
+    for row, maps in (("grad", loc.grad_maps), ("recon", loc.recon_maps)):
+        st = thresholds[row]
+        result[row].update(_rates(maps, test.masks, test.labels, st.pixel_threshold, st.image_threshold))
+        result[row]["pixel_threshold"] = st.pixel_threshold
+        result[row]["image_threshold"] = st.image_threshold
+    result["thresholds"] = {"source": threshold_source, "pixel_quantile": thresholds["grad"].pixel_quantile,
+                            "image_quantile": thresholds["grad"].image_quantile,
+                            "n_normal_images": thresholds["grad"].n_images}
+    n_steady = len(test.images) - min(batch_size, len(test.images))
     result["timing"] = {"compile_s": round(loc.compile_s, 2), "total_s": round(loc.run_s, 2),
-                        "steady_img_per_s": round(max(len(test.images) - batch_size, 1)
-                                                  / max(loc.run_s - loc.compile_s, 1e-9), 3)}
+                        "steady_img_per_s": (round(n_steady / max(loc.run_s - loc.compile_s, 1e-9), 3)
+                                             if n_steady else None)}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    g = thresholds["grad"]
+    img_scores = metrics.image_scores(loc.grad_maps)
+    report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,
+                            g.image_threshold)
     visualize.energy_curve(out_dir / "energy.png", loc.energies, test.labels)
+    visualize.roc_curves(out_dir / "roc.png", {"grad": loc.grad_maps, "recon": loc.recon_maps}, test.masks)
+    picks = report.pick_cases(img_scores, test.labels)
+    traj = trajectory(params, test.images[picks["strip"]].astype(np.float32) / 255.0, config)
+    visualize.trajectory_strip(out_dir / "trajectory.png", traj, [test.ids[i] for i in picks["strip"]])
     if overlays:
-        g = stats["grad"]
         visualize.write_overlays(out_dir / "overlays", test.images, loc, test.masks, test.ids,
                                  test.defect_types, g.vmax, g.pixel_threshold)
+    report.write_html(out_dir, result, test.ids, test.defect_types, img_scores, test.labels, picks, overlays)
     return result
 
 
-def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionConfig | None = None, *,
-                data_dir: str | None = None, batch_size: int = 16, overlays: bool = True,
-                progress: bool = True, **quantiles) -> tuple[Path, dict]:
-    """Evaluate a trained run on the test split: writes run_dir/projections/p<N>/; returns (folder, metrics).
+@functools.partial(jax.jit, static_argnames=("config", "frames"))
+def _trajectory(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, frames: int) -> jax.Array:
+    every = max(config.steps // max(frames - 1, 1), 1)
 
-    `config` defaults to the category preset's projection settings with the run's model.
+    def one(x0):
+        def body(x, _):
+            x1, _ = projection_step(params, x, x0, config)
+            return x1, x1
+        _, xs = jax.lax.scan(body, x0, None, length=config.steps)
+        return jnp.concatenate([x0[None], xs[every - 1::every]])[:frames]
+
+    return jax.vmap(one)(x0_BxHxWxC)
+
+
+def trajectory(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig, frames: int = 6) -> np.ndarray:
+    """x_t at `frames` evenly spaced iterations (t = 0 first) for a few images: (B, frames, H, W, C).
+
+    The same `projection_step` as `project_fn`, so the last frame is (up to the spacing) x_T.
+    """
+    if config.steps == 0 or len(x0_BxHxWxC) == 0:
+        return np.asarray(x0_BxHxWxC)[:, None]
+    return np.asarray(_trajectory(params, jnp.asarray(x0_BxHxWxC), config, frames))
+
+
+def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionConfig | None = None, *,
+                data_dir: str | None = None, batch_size: int = 16, overlays: bool = True, progress: bool = True,
+                pixel_threshold: float | None = None, image_threshold: float | None = None,
+                pixel_quantile: float = 0.995, image_quantile: float = 0.99) -> tuple[Path, dict]:
+    """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
+
+    `config` defaults to the category preset's projection settings with the run's model. The
+    thresholds come from the run's held-out normal images (fitted once per projection config and
+    stored in run_dir/thresholds.json) unless `pixel_threshold` / `image_threshold` are given.
     """
     import dataclasses
 
     from iepjax import data, runs
     from iepjax.data.preprocess import resize_images, resize_masks
-    from iepjax.presets import preset
     from iepjax.training import load_params
 
     params, tcfg = load_params(run_dir)
-    if config is None:
-        pre = preset(dataset, category)
-        config = ProjectionConfig(model=tcfg.model, steps=pre["proj_steps"], alpha=pre["alpha"], lam=pre["lam"],
-                                  smoothing_sigma=pre["smoothing_sigma"])
-    config = dataclasses.replace(config, model=tcfg.model)
-    train = data.load_split(dataset, category, "train", data_dir)
-    holdout = json.loads((Path(run_dir) / "holdout.json").read_text())["ids"]
-    if not holdout:
-        raise ValueError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with --holdout > 0")
-    index = {id_: i for i, id_ in enumerate(train.ids)}
+    config = dataclasses.replace(config or default_projection_config(dataset, category, tcfg.model), model=tcfg.model)
     size = config.model.size
-    normal = resize_images(train.images[[index[i] for i in holdout]], size)
+    thresholds, _ = load_or_calibrate(run_dir, params, config, held_out_images(run_dir, dataset, category, data_dir),
+                                      batch_size=batch_size, progress=progress,
+                                      pixel_quantile=pixel_quantile, image_quantile=image_quantile)
+    source = "held-out normal training images"
+    if pixel_threshold is not None or image_threshold is not None:
+        source = "given by the user" + ("" if (pixel_threshold is not None and image_threshold is not None)
+                                        else " (the other from held-out normal training images)")
+        for row in thresholds:
+            thresholds[row] = thresholds[row]._replace(
+                pixel_threshold=thresholds[row].pixel_threshold if pixel_threshold is None else pixel_threshold,
+                image_threshold=thresholds[row].image_threshold if image_threshold is None else image_threshold)
     test = data.load_split(dataset, category, "test", data_dir)
     test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
     out_dir = runs.new_run(Path(run_dir) / "projections")
-    result = evaluate(params, config, test, normal, out_dir, batch_size=batch_size, overlays=overlays,
-                      progress=progress, **quantiles)
+    result = evaluate(params, config, test, thresholds, out_dir, batch_size=batch_size, overlays=overlays,
+                      progress=progress, threshold_source=source)
     return out_dir, result
+
+
+def default_projection_config(dataset: str, category: str, model) -> ProjectionConfig:
+    """The category preset's projection settings for a model."""
+    from iepjax.presets import preset
+    pre = preset(dataset, category)
+    return ProjectionConfig(model=model, steps=pre["proj_steps"], alpha=pre["alpha"], lam=pre["lam"],
+                            smoothing_sigma=pre["smoothing_sigma"])
+
+
+def held_out_images(run_dir: Path, dataset: str, category: str, data_dir: str | None = None) -> np.ndarray:
+    """The run's held-out normal training images (ids in run_dir/holdout.json) at the model size."""
+    from iepjax import data
+    from iepjax.data.preprocess import resize_images
+
+    ids = json.loads((Path(run_dir) / "holdout.json").read_text())["ids"]
+    if not ids:
+        raise ValueError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with --holdout > 0")
+    train = data.load_split(dataset, category, "train", data_dir)
+    index = {id_: i for i, id_ in enumerate(train.ids)}
+    size = json.loads((Path(run_dir) / "config.json").read_text())["model"]["size"]
+    return resize_images(train.images[[index[i] for i in ids]], size)
 
 
 def format_table(result: dict) -> str:

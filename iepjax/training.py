@@ -48,11 +48,12 @@ class CollapseReport(NamedTuple):
 
 
 class TrainSummary(NamedTuple):
-    """What `train` returns: the final state and the collapse check."""
+    """What `train` returns: the final state, the collapse check, the step it resumed from, the config."""
 
     state: TrainState
     collapse: CollapseReport
     resumed_from: int
+    config: TrainConfig
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -216,7 +217,7 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     report = collapse_check(state.params, images, m)
     atomic_write_text(run_dir / "training.json",
                       json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
-    return TrainSummary(state, report, start)
+    return TrainSummary(state, report, start, config)
 
 
 def load_params(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig]:

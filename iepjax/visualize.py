@@ -94,3 +94,38 @@ def write_overlays(out_dir: Path, images_NxHxWxC: np.ndarray, loc, masks_NxHxW: 
               masks_NxHxW[i], f"{id_} ({defect_types[i]})  score {loc.grad_maps[i].max():.3f}", vmax, threshold)
         paths.append(path)
     return paths
+
+
+def roc_curves(path: Path, maps_by_row: dict, masks_NxHxW: np.ndarray) -> None:
+    """Pixel ROC curves of several anomaly maps (e.g. {"grad": ..., "recon": ...}) against the masks."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt, fig = _figure(figsize=(4, 3.6))
+    ax = fig.subplots()
+    y = np.asarray(masks_NxHxW).ravel().astype(bool)
+    if y.any() and not y.all():
+        for name, maps in maps_by_row.items():
+            s = np.asarray(maps).ravel()
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate (pixels)")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, plt, path)
+
+
+def trajectory_strip(path: Path, frames_BxFxHxWxC: np.ndarray, titles: list[str]) -> None:
+    """Rows of x_t at evenly spaced iterations, one row per image, the last column |x_T - x_0|."""
+    frames = np.asarray(frames_BxFxHxWxC)
+    b, f = frames.shape[:2]
+    plt, fig = _figure(figsize=(2.0 * (f + 1), 2.1 * b))
+    axes = np.asarray(fig.subplots(b, f + 1)).reshape(b, f + 1)
+    for i in range(b):
+        for j in range(f):
+            _show(axes[i, j], frames[i, j], f"{titles[i]}  t{j}" if j == 0 else f"frame {j}")
+        d = np.abs(frames[i, -1] - frames[i, 0]).mean(-1)
+        axes[i, f].imshow(d, cmap="inferno")
+        axes[i, f].set_title("|x_T - x_0|", fontsize=9)
+        axes[i, f].axis("off")
+    _save(fig, plt, path)

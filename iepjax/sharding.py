@@ -1,0 +1,176 @@
+"""Data parallelism with JAX's own sharding: one 1-D device mesh, the batch split over it.
+
+Everything here is a thin layer over `jax.make_mesh`, `NamedSharding` and `jax.jit` with
+`in_shardings`/`out_shardings`: parameters are replicated on every device, the batch axis of
+images and of every per-image output is split over the mesh axis "data". XLA partitions the
+program (GSPMD); for training it inserts the all-reduce that averages the gradients.
+
+The same code runs in one process (the mesh holds `jax.devices()`) and in several processes
+started with `jax.distributed.initialize` (the mesh holds every process's devices; each process
+feeds its own rows with `jax.make_array_from_process_local_data` and reads back its own rows
+with `local_rows`). See docs/scaling.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from iepjax.config import ProjectionConfig
+from iepjax.projection import ProjectionResult, project_image
+
+DATA = "data"
+
+
+def make_mesh(devices: int | None = None) -> Mesh | None:
+    """A 1-D mesh ("data",) over the first `devices` devices of every process (all by default).
+
+    In one process that is `jax.devices()[:devices]`; with several processes `devices` counts
+    devices per process and the mesh holds that many of each process's local devices.
+    Returns None when the mesh would hold a single device of a single process: the callers
+    then run their plain single-device path (the default on a machine with one device).
+    """
+    per_process = jax.local_device_count()
+    if devices is not None:
+        if not 1 <= devices <= per_process:
+            raise ValueError(f"--devices {devices}: this process sees {per_process} device(s) "
+                             f"({jax.local_devices()[0].platform}); choose 1..{per_process}")
+        per_process = devices
+    if per_process == 1 and jax.process_count() == 1:
+        return None
+    chosen = [d for p in range(jax.process_count())
+              for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
+    return Mesh(np.asarray(chosen), (DATA,))
+
+
+def local_size(mesh: Mesh) -> int:
+    """Number of the mesh's devices that belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the mesh."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh."""
+    return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy a pytree of arrays (same values in every process) onto every device of the mesh."""
+    rep = replicated(mesh)
+
+    def put(leaf):
+        a = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(a.shape, rep, lambda idx: a[idx])
+    return jax.tree.map(put, tree)
+
+
+def shard_batch(x_local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Global array whose rows are every process's `x_local` (in process order), split over the mesh.
+
+    Each process passes its own rows; their count must be a multiple of `local_size(mesh)` and
+    the same in every process.
+    """
+    if len(x_local) % local_size(mesh):
+        raise ValueError(f"{len(x_local)} rows do not split evenly over {local_size(mesh)} local devices: "
+                         "pad the batch to a multiple of the device count (see pad_to)")
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x_local))
+
+
+def local_rows(tree: Any) -> Any:
+    """The rows this process holds of every batch-sharded array of a pytree, as numpy, in order.
+
+    Replicated arrays (no batch split) come back whole. In one process this equals `device_get`.
+    """
+    def get(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(jax.device_get(a))
+        shards = {}
+        for s in a.addressable_shards:
+            start = s.index[0].start or 0 if a.ndim else 0
+            shards.setdefault(start, s)  # replicas of the same rows: keep one
+        return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]) if a.ndim else \
+            np.asarray(next(iter(shards.values())).data)
+    return jax.tree.map(get, tree)
+
+
+def pad_to(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    """Pad the batch axis to a multiple of `multiple` by repeating the last row; return (x, real rows)."""
+    real = len(x)
+    extra = -real % multiple
+    if extra:
+        x = np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+    return x, real
+
+
+def data_parallel(fn: Callable, mesh: Mesh, *, static: tuple[str, ...] = ("config",),
+                  out_replicated: bool = False, donate: bool = False) -> Callable:
+    """`jax.jit(fn)` for `fn(params_or_state, batch, **static)` split over the mesh.
+
+    The first argument is replicated, the second split on its leading axis; outputs are split on
+    their leading axis (or replicated with `out_replicated`, e.g. a new training state and the
+    batch-mean loss, for which XLA adds the cross-device mean).
+    """
+    out = replicated(mesh) if out_replicated else batch_sharding(mesh)
+    return jax.jit(fn, static_argnames=static, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=out, donate_argnums=(0,) if donate else ())
+
+
+def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+    return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_projection(mesh: Mesh) -> Callable:
+    """jit(vmap(project_image)) with the images and results split over `mesh`, parameters replicated."""
+    return data_parallel(_project_batch, mesh)
+
+
+def project_sharded(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig,
+                    mesh: Mesh) -> ProjectionResult:
+    """`project_fn` with the batch split over the mesh; returns this process's rows as numpy.
+
+    `x0_BxHxWxC`: this process's images, float in [0, 1]; padded here (last image repeated) to a
+    multiple of the local device count and the padding dropped from the result, so the result
+    has exactly B rows. With several processes every process must call this with the same B.
+    `params` may be host arrays or already replicated (`replicate`).
+    """
+    from iepjax.projection import check_images
+    check_images(x0_BxHxWxC, config)
+    x, real = pad_to(np.asarray(x0_BxHxWxC, np.float32), local_size(mesh))
+    params = replicate(params, mesh) if not _is_replicated_on(params, mesh) else params
+    out = sharded_projection(mesh)(params, shard_batch(x, mesh), config)
+    return jax.tree.map(lambda a: a[:real], local_rows(out))
+
+
+def _is_replicated_on(tree: Any, mesh: Mesh) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return all(isinstance(a, jax.Array) and a.sharding == replicated(mesh) for a in leaves)
+
+
+def train_step_sharded(mesh: Mesh) -> Callable:
+    """`training.train_step` split over the mesh: state replicated, batch split, gradients all-reduced.
+
+    Returns `step(state, batch_BxHxWxC, config) -> (state, terms)`; `state` must be replicated
+    (`replicate`) and the batch a `shard_batch` array. Same result as the one-device step up to
+    float rounding (the per-image sampling keys do not depend on the split).
+    """
+    return _train_step_sharded(mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step_sharded(mesh: Mesh) -> Callable:
+    from iepjax.training import train_step
+    return data_parallel(lambda state, batch, config: train_step(state, batch, config), mesh,
+                         out_replicated=True, donate=True)
+
+
+__all__ = ["DATA", "make_mesh", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
+           "local_rows", "pad_to", "data_parallel", "sharded_projection", "project_sharded",
+           "train_step_sharded"]
