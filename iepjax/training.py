@@ -83,25 +83,55 @@ def image_loss(params: dict, x_HxWxC: jax.Array, config: ModelConfig, *, key: ja
     return model_loss(out.logits[0], x_HxWxC, out.posterior.mu[0], out.posterior.logvar[0], log_gamma, config)
 
 
-def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: jax.Array) -> tuple[jax.Array, LossTerms]:
-    """Mean over the batch of `image_loss` with one sampling key per image."""
+GAMMA_MIN = 1e-3  # floor of the Gaussian decoder's std
+GAMMA_EMA = 0.98  # decay of the running estimate of gamma^2 kept in the parameters
+
+
+class BatchAux(NamedTuple):
+    """Batch means of the loss terms, and the batch's per-pixel mean squared error of f(z)."""
+
+    terms: LossTerms
+    mse: jax.Array
+
+
+def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: jax.Array) -> tuple[jax.Array, BatchAux]:
+    """Mean over the batch of the per-image loss, z sampled with one key per image.
+
+    Gaussian likelihood: gamma is the calibrated decoder std (Dai & Wipf 2019; Rybkin et al. 2021,
+    "sigma-VAE"): gamma^2 = the batch's mean squared error, its maximum-likelihood value, so the
+    balance between L_r and KL is right from the first step.
+    """
     keys = jax.random.split(key, x_BxHxWxC.shape[0])
-    terms = jax.vmap(lambda x, k: image_loss(params, x, config, key=k))(x_BxHxWxC, keys)
+    out = jax.vmap(lambda x, k: VAE(config).apply(params, x[None], k))(x_BxHxWxC, keys)
+    logits, mu, logvar = out.logits[:, 0], out.posterior.mu[:, 0], out.posterior.logvar[:, 0]
+    mse = jnp.mean(jnp.square(x_BxHxWxC - jax.nn.sigmoid(logits)))
+    log_gamma = 0.5 * jnp.log(jnp.maximum(jax.lax.stop_gradient(mse), GAMMA_MIN ** 2))
+    terms = jax.vmap(model_loss, in_axes=(0, 0, 0, 0, None, None))(logits, x_BxHxWxC, mu, logvar, log_gamma, config)
     terms = jax.tree.map(jnp.mean, terms)
-    return terms.total, terms
+    return terms.total, BatchAux(terms, mse)
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=0)
 def train_step(state: TrainState, batch_BxHxWxC: jax.Array, config: TrainConfig) -> tuple[TrainState, LossTerms]:
-    """One Adam step on a uint8 batch (B, H, W, C); keys derive from (seed, step)."""
+    """One Adam step on a uint8 batch (B, H, W, C); keys derive from (seed, step).
+
+    With the Gaussian likelihood the parameter log_gamma is not trained by Adam (its gradient is
+    zero) but set to a running average of the batches' optimal gamma^2, for use at test time.
+    """
     key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     k_aug, k_z = jax.random.split(key)
     x = batch_BxHxWxC.astype(jnp.float32) / 255.0
     if config.augment:
         x = jax.vmap(lambda a, k: augment(a, key=k))(x, jax.random.split(k_aug, x.shape[0]))
-    (_, terms), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, x, config.model, key=k_z)
+    (_, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, x, config.model, key=k_z)
     updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), terms
+    params = optax.apply_updates(state.params, updates)
+    if config.model.likelihood == "gaussian":
+        old = jnp.exp(2.0 * state.params["params"]["log_gamma"])
+        var = jnp.where(state.step == 0, aux.mse, GAMMA_EMA * old + (1 - GAMMA_EMA) * aux.mse)
+        inner = dict(params["params"], log_gamma=0.5 * jnp.log(jnp.maximum(var, GAMMA_MIN ** 2)))
+        params = dict(params, params=inner)
+    return TrainState(state.step + 1, params, opt_state), aux.terms
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
