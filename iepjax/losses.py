@@ -69,7 +69,7 @@ def constant_prediction_loss(x_NxHxWxC: jax.Array, config: ModelConfig) -> float
     Gaussian likelihood it is the per-pixel mean squared error of that predictor (the data variance).
     """
     x = jnp.asarray(x_NxHxWxC, jnp.float32)
-    m = jnp.clip(jnp.mean(x, axis=(0, 1, 2)), 1e-6, 1 - 1e-6)
+    m = jnp.clip(jnp.mean(x, axis=(0, 1, 2), keepdims=True), 1e-6, 1 - 1e-6)  # (1, 1, 1, C)
     if config.likelihood == "bce":
         return float(-jnp.mean(x * jnp.log(m) + (1 - x) * jnp.log1p(-m)))
     return float(jnp.mean(jnp.square(x - m)))

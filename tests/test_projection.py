@@ -1,0 +1,177 @@
+"""Tests of iepjax.projection: the iterative energy-based projection (paper eq. 4).
+
+Properties: one `lax.scan` of length T in the compiled program; vmap == loop over images;
+T=0 returns x0; the energy falls at the preset's alpha/lam; jit == no-jit; one trace per shape;
+the (x - f(x))^2 weighting is zero where the reconstruction is exact; x_T in [0, 1]; clear errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jcore
+
+from conftest import pattern_images
+from iepjax import ProjectionConfig, project_fn, project_image, projection_step, reconstruct
+from iepjax import projection
+from iepjax.presets import preset
+
+
+def _jaxprs(jaxpr):
+    """`jaxpr` and every jaxpr nested in its equations (pjit, scan, cond, custom_* ...), depth first."""
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, jcore.ClosedJaxpr):
+                    yield from _jaxprs(item.jaxpr)
+                elif isinstance(item, jcore.Jaxpr):
+                    yield from _jaxprs(item)
+
+
+def _eqns(closed, name):
+    return [e for j in _jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == name]
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+def test_program_is_one_scan_of_length_steps(params, model_cfg, steps):
+    cfg = ProjectionConfig(model=model_cfg, steps=steps)
+    x = jnp.zeros((2, 32, 32, 1), jnp.float32)
+    closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=cfg))(params, x)
+    scans = _eqns(closed, "scan")
+    assert len(scans) == 1, [e.primitive.name for e in scans]
+    assert scans[0].params["length"] == steps
+    assert not _eqns(closed, "while")  # no Python-unrolled or while-based step loop besides the scan
+    # the per-step energies are the scan's stacked output: (B, T) at the end of the program
+    out = jax.eval_shape(functools.partial(projection._project_batch, config=cfg), params, x)
+    assert out.energies.shape == (2, steps)
+
+
+def test_steps_zero_returns_x0_and_zero_maps(params, model_cfg):
+    x0 = pattern_images(2)
+    res = project_fn(params, x0, ProjectionConfig(model=model_cfg, steps=0))
+    np.testing.assert_array_equal(np.asarray(res.x_T), x0)
+    np.testing.assert_array_equal(np.asarray(res.maps), np.zeros((2, 32, 32), np.float32))
+    assert res.energies.shape == (2, 0)
+
+
+# One config used only by `calls` below, so the compile counts are not disturbed by other tests.
+_LOOP_CFG = dict(steps=3, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
+
+
+@pytest.fixture(scope="module")
+def calls(trained, model_cfg):
+    """project_fn on a batch of 3, on 3 new images of the same shape, and on each image alone,
+    with the number of compiled programs of `_project_batch` after each."""
+    params, _ = trained
+    cfg = ProjectionConfig(model=model_cfg, **_LOOP_CFG)
+    xa, xb = pattern_images(3, phase=0.5, seed=1), pattern_images(3, phase=2.0, seed=2)
+    size = projection._project_batch._cache_size
+    n0 = size()
+    batched = jax.device_get(project_fn(params, xa, cfg))
+    n1 = size()
+    other = jax.device_get(project_fn(params, xb, cfg))
+    n2 = size()
+    singles = [jax.device_get(project_fn(params, xa[i:i + 1], cfg)) for i in range(3)]
+    n3 = size()
+    return dict(xa=xa, batched=batched, other=other, singles=singles, counts=(n0, n1, n2, n3))
+
+
+def test_vmap_equals_loop_over_images(calls):
+    b, singles = calls["batched"], calls["singles"]
+    for field in ("x_T", "maps", "energies"):
+        looped = np.concatenate([getattr(s, field) for s in singles])
+        np.testing.assert_allclose(getattr(b, field), looped, atol=1e-5, rtol=1e-6, err_msg=field)
+    assert np.abs(b.x_T - calls["xa"]).max() > 1e-3  # the images did move: the comparison is not trivial
+
+
+def test_one_trace_per_shape(calls):
+    n0, n1, n2, n3 = calls["counts"]
+    assert n1 - n0 == 1, "first call compiles once"
+    assert n2 - n1 == 0, "new arrays of the same shape must reuse the program"
+    assert n3 - n2 == 1, "a new batch size compiles exactly once more"
+    assert not np.allclose(calls["other"].x_T, calls["batched"].x_T)
+
+
+def test_energy_falls_at_the_texture_preset(trained, model_cfg):
+    """With the briefly trained model, E(x_t) decreases at every one of the first steps for each image.
+
+    (At initial parameters it does not: f hardly depends on x, and the L1 term's subgradient makes
+    x bounce around x0, E oscillating by ~0.08 around 709.8.)
+    """
+    params, _ = trained
+    pre = preset("textures", "brick")
+    cfg = ProjectionConfig(model=model_cfg, steps=5, alpha=pre["alpha"], lam=pre["lam"],
+                           smoothing_sigma=pre["smoothing_sigma"])
+    e = np.asarray(project_fn(params, pattern_images(3, phase=0.5, seed=3), cfg).energies)
+    assert e.shape == (3, 5)
+    assert np.all(np.diff(e, axis=1) < 0), e
+    assert e[:, -1].mean() < e[:, 0].mean() - 1.0, e  # by a margin, not rounding
+
+
+def test_jit_equals_no_jit(trained, model_cfg):
+    params, _ = trained
+    cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
+    x0 = pattern_images(1, phase=1.0, seed=4)
+    jitted = jax.device_get(project_fn(params, x0, cfg))
+    with jax.disable_jit():
+        eager = jax.device_get(project_image(params, jnp.asarray(x0[0]), cfg))
+    np.testing.assert_allclose(eager.x_T, jitted.x_T[0], atol=1e-5)
+    np.testing.assert_allclose(eager.maps, jitted.maps[0], atol=1e-5)
+    np.testing.assert_allclose(eager.energies, jitted.energies[0], rtol=1e-5)
+    assert np.abs(jitted.x_T[0] - x0[0]).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def step_fn():
+    return jax.jit(projection_step, static_argnames="config")
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_cfg, step_fn, fraction):
+    """With f(x) = 0.3 for every x, pixels where x == 0.3 == f(x) must not move with the weighting,
+    but do move with a plain gradient step (the ablation); the other pixels move in both."""
+    params = constant_params(0.3)
+    cfg = ProjectionConfig(model=model_cfg, steps=1, alpha=0.5, lam=0.05, weighting=True)
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.5, 0.9, (32, 32, 1)).astype(np.float32)
+    f = np.asarray(reconstruct(params, jnp.asarray(x), cfg))
+    assert np.all(f == f.flat[0]) and f.flat[0] == pytest.approx(0.3)  # f is constant: exact fixed points exist
+    exact = rng.random(x.shape) < fraction
+    x = np.where(exact, f, x)
+    np.testing.assert_array_equal(np.asarray(reconstruct(params, jnp.asarray(x), cfg))[exact], x[exact])
+
+    x1, _ = step_fn(params, jnp.asarray(x), jnp.asarray(x), cfg)
+    x1 = np.asarray(x1)
+    np.testing.assert_array_equal(x1[exact], x[exact])
+    if fraction < 1:
+        assert np.mean(x1[~exact] != x[~exact]) > 0.9
+
+    x1_plain, _ = step_fn(params, jnp.asarray(x), jnp.asarray(x), dataclasses.replace(cfg, weighting=False))
+    x1_plain = np.asarray(x1_plain)
+    assert np.mean(x1_plain[exact] != x[exact]) > 0.9
+
+
+def test_x_T_stays_in_unit_interval(trained, model_cfg):
+    params, _ = trained
+    cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=1e4, lam=0.05, smoothing_sigma=0.0)
+    x0 = np.random.default_rng(6).uniform(0.2, 0.8, (2, 32, 32, 1)).astype(np.float32)
+    x_T = np.asarray(project_fn(params, x0, cfg).x_T)
+    assert x_T.min() >= 0.0 and x_T.max() <= 1.0
+    assert np.mean((x_T == 0.0) | (x_T == 1.0)) > 0.01  # the huge step did hit the bounds: clipping is exercised
+
+
+@pytest.mark.parametrize("make,exc,pattern", [
+    (lambda: np.zeros((2, 32, 32, 3), np.float32), ValueError, r"3 channel.*trained on 1"),
+    (lambda: np.zeros((2, 48, 48, 1), np.float32), ValueError, r"48x48.*32x32.*resize"),
+    (lambda: np.zeros((2, 32, 32, 1), np.uint8), TypeError, r"uint8.*255"),
+    (lambda: np.zeros((32, 32, 1), np.float32), ValueError, r"batch axis.*x\[None\]"),
+    (lambda: [[0.0]], ValueError, r"\(B, 32, 32, 1\)"),
+], ids=["channels", "size", "uint8", "no-batch-axis", "not-an-array"])
+def test_clear_errors(params, model_cfg, make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        project_fn(params, make(), ProjectionConfig(model=model_cfg, steps=1))
