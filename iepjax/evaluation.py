@@ -48,14 +48,30 @@ def _recon_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) 
 
 
 def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig, *,
-             batch_size: int = 16, progress: bool = True) -> Localization:
-    """Project uint8 images (N, H, W, C) in fixed-size batches (the last one padded: one compile)."""
+             batch_size: int = 16, progress: bool = True, mesh=None) -> Localization:
+    """Project uint8 images (N, H, W, C) in fixed-size batches (the last one padded: one compile).
+
+    `mesh` (issue 6, `iepjax.sharding.make_mesh`): split each batch over the mesh's devices
+    (`batch_size` rounded up to a multiple of the device count). With several processes
+    (`iepjax.distributed`) every process passes all N images, projects its own share and gets
+    all N results back. The results equal the single-device ones up to float rounding.
+    """
     images = np.asarray(images_NxHxWxC)
     n = len(images)
     if n == 0:
         raise ValueError("no images to localise")
     check_images(images[:1].astype(np.float32), config)
-    batch_size = min(batch_size, n)
+    # --- issue 6: sharded / multi-process projection
+    n_all = n
+    if mesh is not None:
+        from iepjax import distributed, sharding
+        rows, _ = distributed.process_rows(n_all)
+        images, n = images[rows], len(rows)
+        params = sharding.replicate(params, mesh)
+        batch_size = -(-min(batch_size, n) // sharding.local_size(mesh)) * sharding.local_size(mesh)
+        progress = progress and distributed.is_main()
+    # --- end issue 6
+    batch_size = min(batch_size, n) if mesh is None else batch_size
     outs: list[tuple] = []
     bar = None
     if progress:
@@ -69,9 +85,14 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
             real = len(xb)
             if real < batch_size:  # pad to one compiled shape
                 xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - real, axis=0)])
-            res = project_fn(params, xb, config)
-            f, rmap = _recon_batch(params, jnp.asarray(xb), config)
-            got = jax.device_get((res.maps, rmap, res.x_T, f, res.energies))
+            if mesh is None:
+                res = project_fn(params, xb, config)
+                f, rmap = _recon_batch(params, jnp.asarray(xb), config)
+                got = jax.device_get((res.maps, rmap, res.x_T, f, res.energies))
+            else:  # issue 6: the batch split over the mesh; this process's rows back
+                res = sharding.project_sharded(params, xb, config, mesh)
+                f, rmap = sharding.run_batched(_recon_batch, params, xb, config, mesh)
+                got = (res.maps, rmap, res.x_T, f, res.energies)
             outs.append(tuple(a[:real] for a in got))
             if i == 0:
                 compile_s = time.perf_counter() - t0
@@ -81,11 +102,15 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
         if bar is not None:
             bar.close()
     cat = [np.concatenate(parts) for parts in zip(*outs)]
+    if mesh is not None:  # issue 6: every process's share, back in order
+        cat = distributed.gather_rows(cat, n_all)
     return Localization(*cat, compile_s=compile_s, run_s=time.perf_counter() - t0)
 
 
 def score(maps_NxHxW: np.ndarray, masks_NxHxW: np.ndarray, labels_N: np.ndarray) -> dict:
     """pixel AUROC, image AUROC (max of map), AU-PRO@0.3 of one set of maps (method.md, Evaluation)."""
+    if not any(np.any(m) for m in masks_NxHxW):  # issue 3: no ground-truth masks at all -> pixel metrics NaN
+        masks_NxHxW = [None] * len(labels_N)
     return metrics.evaluate(maps_NxHxW, masks_NxHxW, labels_N)
 
 
@@ -148,9 +173,19 @@ def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995,
 
 
 def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray, *, batch_size: int = 16,
-              progress: bool = True, pixel_quantile: float = 0.995, image_quantile: float = 0.99) -> dict:
-    """Project held-out normal images (M, H, W, C) uint8 and fit thresholds: {"grad", "recon"} -> NormalStats."""
-    normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress)
+              progress: bool = True, pixel_quantile: float = 0.995, image_quantile: float = 0.99,
+              prep=None, mesh=None) -> dict:
+    """Project held-out normal images (M, H, W, C) uint8 and fit thresholds: {"grad", "recon"} -> NormalStats.
+
+    With `prep` (an `iepjax.data.preprocess.Preprocess`), the images may have any size and go
+    through it (objects resized, textures tiled) as the test images do; maps at the model size.
+    """
+    if prep is not None:  # issue 3: the same preprocessing as the test images
+        from iepjax import protocol
+        normal = protocol.localize_images(params, config, normal_images, prep, batch_size=batch_size,
+                                          progress=progress, mesh=mesh).loc
+    else:
+        normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress, mesh=mesh)
     kw = dict(pixel_quantile=pixel_quantile, image_quantile=image_quantile)
     return {"grad": normal_stats(normal.grad_maps, **kw), "recon": normal_stats(normal.recon_maps, **kw)}
 
@@ -161,15 +196,21 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
 
     Returns ({"grad", "recon"} -> NormalStats, whether they were computed now).
     """
+    from iepjax.data.preprocess import Preprocess
     path = Path(run_dir) / "thresholds.json"
     want = {"projection": to_dict(config), "pixel_quantile": kwargs.get("pixel_quantile", 0.995),
             "image_quantile": kwargs.get("image_quantile", 0.99), "n_images": len(normal_images)}
+    prep = Preprocess.load(run_dir)  # issue 3: runs that store their preprocessing
+    if prep is not None:
+        want["preprocess"] = prep.to_dict()
+        kwargs["prep"] = prep
     if path.exists():
         stored = json.loads(path.read_text())
         if {k: stored.get(k) for k in want} == want:
             return {k: NormalStats(**stored[k]) for k in ("grad", "recon")}, False
     stats = calibrate(params, config, normal_images, **kwargs)
-    atomic_write_text(path, json.dumps({**want, **{k: v._asdict() for k, v in stats.items()}}, indent=2))
+    if jax.process_index() == 0:  # issue 6: with several processes, process 0 writes
+        atomic_write_text(path, json.dumps({**want, **{k: v._asdict() for k, v in stats.items()}}, indent=2))
     return stats, True
 
 
@@ -186,17 +227,27 @@ def _rates(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, pixel_t: flo
 
 def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out_dir: Path, *,
              batch_size: int = 16, overlays: bool = True, progress: bool = True,
-             threshold_source: str = "held-out normal training images") -> dict:
+             threshold_source: str = "held-out normal training images", loc: Localization | None = None,
+             official: dict | None = None) -> dict:
     """Localise a labelled split; write metrics.json, scores.csv, maps, pictures and index.html into out_dir.
 
     `test`: an `iepjax.data.Split`; `thresholds`: {"grad", "recon"} -> NormalStats (from
     `load_or_calibrate`, or with thresholds given by the user). Returns the metrics dict.
+    `loc`: the split's localisation if already computed; `official`: metrics of the official
+    protocol (`iepjax.protocol.official_metrics`, original-size maps) that replace the model-size
+    ones in the rows (those are kept under "model_size").
     """
     from iepjax import report, visualize
 
     out_dir = Path(out_dir)
-    loc = localize(params, test.images, config, batch_size=batch_size, progress=progress)
+    if loc is None:
+        loc = localize(params, test.images, config, batch_size=batch_size, progress=progress)
     result = write_outputs(out_dir, loc, test.masks, test.labels, test.ids, test.defect_types, test.images, config)
+    if official is not None:  # issue 3: the official protocol's numbers are the ones reported
+        result["model_size"] = {row: dict(result[row]) for row in ("recon", "grad")}
+        for row in ("recon", "grad"):
+            result[row].update(official[row])
+        result["protocol"] = official["protocol"]
     for row, maps in (("grad", loc.grad_maps), ("recon", loc.recon_maps)):
         st = thresholds[row]
         result[row].update(_rates(maps, test.masks, test.labels, st.pixel_threshold, st.image_threshold))
@@ -253,24 +304,34 @@ def trajectory(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig, f
 def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionConfig | None = None, *,
                 data_dir: str | None = None, batch_size: int = 16, overlays: bool = True, progress: bool = True,
                 pixel_threshold: float | None = None, image_threshold: float | None = None,
-                pixel_quantile: float = 0.995, image_quantile: float = 0.99) -> tuple[Path, dict]:
+                pixel_quantile: float = 0.995, image_quantile: float = 0.99,
+                source_dir: str | None = None, mesh=None) -> tuple[Path, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
     `config` defaults to the category preset's projection settings with the run's model. The
     thresholds come from the run's held-out normal images (fitted once per projection config and
     stored in run_dir/thresholds.json) unless `pixel_threshold` / `image_threshold` are given.
+    Runs with a preprocess.json (all runs of `training.train_run`) are evaluated with the official
+    protocol (`iepjax.protocol`): maps at each test image's original size, written as TIFF under
+    anomaly_maps/<row>/<category>/test/<defect>/<id>.tiff. `source_dir`: the image folder / MVTec AD
+    download (default: the one the run was trained on).
+    `mesh` (issue 6): split the projection over its devices (`localize`); with several processes
+    (`iepjax.distributed`) each projects its share and process 0 writes everything, the other
+    processes return (None, {}).
     """
     import dataclasses
 
-    from iepjax import data, runs
+    from iepjax import data, distributed, runs
     from iepjax.data.preprocess import resize_images, resize_masks
     from iepjax.training import load_params
 
     params, tcfg = load_params(run_dir)
     config = dataclasses.replace(config or default_projection_config(dataset, category, tcfg.model), model=tcfg.model)
     size = config.model.size
-    thresholds, _ = load_or_calibrate(run_dir, params, config, held_out_images(run_dir, dataset, category, data_dir),
-                                      batch_size=batch_size, progress=progress,
+    normal = distributed.main_first(  # issue 6: process 0 prepares the data set, then the others read it
+        lambda: held_out_images(run_dir, dataset, category, data_dir, source_dir=source_dir))
+    thresholds, _ = load_or_calibrate(run_dir, params, config, normal,
+                                      batch_size=batch_size, progress=progress, mesh=mesh,
                                       pixel_quantile=pixel_quantile, image_quantile=image_quantile)
     source = "held-out normal training images"
     if pixel_threshold is not None or image_threshold is not None:
@@ -280,11 +341,32 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
             thresholds[row] = thresholds[row]._replace(
                 pixel_threshold=thresholds[row].pixel_threshold if pixel_threshold is None else pixel_threshold,
                 image_threshold=thresholds[row].image_threshold if image_threshold is None else image_threshold)
+    from iepjax.data.preprocess import Preprocess
+    prep = Preprocess.load(run_dir)
+    if prep is not None:  # issue 3: the official protocol at the original image sizes
+        from iepjax import protocol
+        test = data.load_split(dataset, category, "test", data_dir, source_dir=_run_source(run_dir, source_dir),
+                               progress=progress)
+        res = protocol.localize_images(params, config, test.images, prep, batch_size=batch_size, progress=progress,
+                                       mesh=mesh)
+        if not distributed.is_main():  # issue 6
+            return None, {}
+        official = protocol.official_metrics(res.maps, test)
+        protocol.warn_skipped(official)
+        out_dir = runs.new_run(Path(run_dir) / "projections")
+        official["protocol"]["tiff_maps"] = protocol.write_maps(out_dir, category, test, res.maps)
+        result = evaluate(params, config, protocol.view_split(test, res.view_images, size), thresholds, out_dir,
+                          batch_size=batch_size, overlays=overlays, progress=progress, threshold_source=source,
+                          loc=res.loc, official=official)
+        return out_dir, result
     test = data.load_split(dataset, category, "test", data_dir)
     test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
+    loc = localize(params, test.images, config, batch_size=batch_size, progress=progress, mesh=mesh)
+    if not distributed.is_main():  # issue 6
+        return None, {}
     out_dir = runs.new_run(Path(run_dir) / "projections")
     result = evaluate(params, config, test, thresholds, out_dir, batch_size=batch_size, overlays=overlays,
-                      progress=progress, threshold_source=source)
+                      progress=progress, threshold_source=source, loc=loc)
     return out_dir, result
 
 
@@ -296,18 +378,35 @@ def default_projection_config(dataset: str, category: str, model) -> ProjectionC
                             smoothing_sigma=pre["smoothing_sigma"])
 
 
-def held_out_images(run_dir: Path, dataset: str, category: str, data_dir: str | None = None) -> np.ndarray:
-    """The run's held-out normal training images (ids in run_dir/holdout.json) at the model size."""
+def held_out_images(run_dir: Path, dataset: str, category: str, data_dir: str | None = None, *,
+                    source_dir: str | None = None) -> np.ndarray:
+    """The run's held-out normal training images (ids in run_dir/holdout.json) at the model size.
+
+    Runs with a preprocess.json (issue 3) get the images at their original size (a list when sizes
+    differ): `load_or_calibrate` preprocesses them as the test images are.
+    """
     from iepjax import data
-    from iepjax.data.preprocess import resize_images
+    from iepjax.data.preprocess import Preprocess, resize_images
 
     ids = json.loads((Path(run_dir) / "holdout.json").read_text())["ids"]
     if not ids:
         raise ValueError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with --holdout > 0")
-    train = data.load_split(dataset, category, "train", data_dir)
+    train = data.load_split(dataset, category, "train", data_dir, source_dir=_run_source(run_dir, source_dir),
+                            progress=False)
     index = {id_: i for i, id_ in enumerate(train.ids)}
+    picked = [train.images[index[i]] for i in ids]
+    if Preprocess.load(run_dir) is not None:
+        return np.stack(picked) if all(p.shape == picked[0].shape for p in picked) else picked
     size = json.loads((Path(run_dir) / "config.json").read_text())["model"]["size"]
-    return resize_images(train.images[[index[i] for i in ids]], size)
+    return resize_images(picked, size)
+
+
+def _run_source(run_dir: Path, source_dir: str | None) -> str | None:
+    """`source_dir`, else the image folder the run was trained on (holdout.json), else None."""
+    if source_dir is not None:
+        return source_dir
+    path = Path(run_dir) / "holdout.json"
+    return json.loads(path.read_text()).get("source_dir") if path.exists() else None
 
 
 def format_table(result: dict) -> str:

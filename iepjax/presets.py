@@ -14,9 +14,36 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("textures", "grass"): dict(_TEXTURE),
 }
 
+# --- MVTec AD and own folders (issue 3; iepjax.data.mvtec, iepjax.data.preprocess) -------------
+# kind "texture": training on random crops (patches_per_epoch of them) of the image brought to a
+# working resolution whose short side is size / texture_fov, flips + 90-degree rotations; test
+# images tiled at that scale. kind "object": whole image resized to size x size, no augmentation
+# (a flipped metal_nut or a rotated transistor is a defect). Training length for MVTec AD is not
+# given by the paper: 10 000 steps x 32 = 32 epochs of 10 000 patches, a documented guess.
+# Projection settings: those calibrated on the built-in textures (not tuned on MVTec AD).
+# The built-in textures are 128 px crops: texture_fov 1.0 makes the crop the whole image.
+for _k in PRESETS:
+    PRESETS[_k].update(augment=True, texture_fov=1.0, patches_per_epoch=10000)
+_MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+_MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
+                  "transistor", "zipper")
+_MVTEC_GRAY = ("grid", "screw", "zipper")
+_MVTEC = dict(size=128, likelihood="bce", decoder="upsample", train_steps=10000, batch_size=32,
+              learning_rate=2e-4, proj_steps=100, alpha=0.5, lam=0.05, smoothing_sigma=2.0)
+_MVTEC_TEXTURE = dict(_MVTEC, kind="texture", augment=True, texture_fov=0.25, patches_per_epoch=10000)
+_MVTEC_OBJECT = dict(_MVTEC, kind="object", augment=False)
+for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
+    PRESETS[("mvtec_ad", _c)] = dict(_MVTEC_TEXTURE if _c in _MVTEC_TEXTURES else _MVTEC_OBJECT,
+                                     channels=1 if _c in _MVTEC_GRAY else 3)
+# Own folders (dataset "folder", any category name): an MVTec AD category name gets that
+# category's row; any other name the object row (train.py --kind texture switches).
+FOLDER_DEFAULT = dict(_MVTEC_OBJECT, channels=3)
+
 
 def preset(dataset: str, category: str) -> dict:
     """The defaults of dataset/category; ValueError listing the known ones otherwise."""
+    if dataset == "folder":
+        return dict(PRESETS.get(("mvtec_ad", category), FOLDER_DEFAULT))
     try:
         return dict(PRESETS[(dataset, category)])
     except KeyError:

@@ -1,23 +1,241 @@
-"""Bring images and masks to the model's input size (objects: resize; method.md, Training)."""
+"""Bring images to the model's input size: objects are resized, textures are cropped / tiled.
+
+The paper's protocol (method.md, Training; Bergmann et al. 2018):
+
+* objects (bottle, cable, ...): the whole image is resized to size x size (128 by default) for
+  training and for testing; the map is resized back to the image's original size.
+* textures (carpet, grid, leather, tile, wood, and the built-in textures): the image is first
+  brought to a *working resolution* whose short side is ``size / texture_fov`` (MVTec textures:
+  fov 0.25, i.e. 1024 px -> 512 px for a 128 px model, as in Bergmann et al.); training samples
+  random size x size crops of it (``patches_per_epoch`` distinct crops, ~10 000; flips and
+  90-degree rotations are applied by the training step). At test time the whole working-resolution
+  image is **tiled** into size x size tiles (stride ``tile_stride``, default = size, the last
+  tile aligned to the border), each tile is projected, the tile maps are stitched (overlaps
+  averaged) and the stitched map is resized to the original size. Tiling, not resizing, because
+  the model must see the texture at the scale it was trained on: resizing a 1024 px carpet to
+  128 px would show it 4x smaller than any training crop, and a VAE with a dense bottleneck
+  takes only size x size inputs.
+
+Images may differ in size: functions take a stacked (N, H, W, C) array or a list of (H, W, C).
+"""
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
+KINDS = ("texture", "object")
 
-def resize_images(images_NxHxWxC: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 images (N, H, W, C) to (N, size, size, C) with anti-aliasing; no-op if already there."""
-    images = np.asarray(images_NxHxWxC)
-    if images.shape[1:3] == (size, size):
-        return images
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs. See the module docstring."""
+
+    kind: str = "object"
+    size: int = 128
+    texture_fov: float = 0.25
+    patches_per_epoch: int = 10000
+    tile_stride: int = 0  # 0: size (tiles do not overlap)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r}: choose one of {', '.join(KINDS)}")
+        if not 0 < self.texture_fov <= 1:
+            raise ValueError(f"texture_fov={self.texture_fov}: must be in (0, 1]")
+        if self.tile_stride < 0 or self.tile_stride > self.size:
+            raise ValueError(f"tile_stride={self.tile_stride}: must be in [1, size] (0 = size)")
+
+    @property
+    def stride(self) -> int:
+        return self.tile_stride or self.size
+
+    def working_shape(self, h: int, w: int) -> tuple[int, int]:
+        """Textures: (H', W') of the working resolution of an (h, w) image; objects: (size, size)."""
+        if self.kind == "object":
+            return self.size, self.size
+        short = self.size / self.texture_fov
+        scale = short / min(h, w)
+        return max(self.size, int(round(h * scale))), max(self.size, int(round(w * scale)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, run_dir: str | Path) -> None:
+        from iepjax.runs import atomic_write_text
+        atomic_write_text(Path(run_dir) / "preprocess.json", json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Preprocess | None":
+        path = Path(run_dir) / "preprocess.json"
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def from_preset(dataset: str, category: str, size: int | None = None, kind: str | None = None) -> Preprocess:
+    """The Preprocess of a category from `iepjax.presets` (size / kind override the preset)."""
+    from iepjax.presets import preset
+    pre = preset(dataset, category)
+    kind = kind or pre.get("kind", "object")
+    return Preprocess(kind=kind, size=size or pre["size"],
+                      texture_fov=pre.get("texture_fov", 0.25 if kind == "texture" else 1.0),
+                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=pre.get("tile_stride", 0))
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def resize_to(image_HxWxC: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Resize one uint8 image (H, W, C) to shape_hw with anti-aliasing (bilinear); no-op if already there."""
+    image = np.asarray(image_HxWxC)
+    if image.shape[:2] == tuple(shape_hw):
+        return image
     from skimage.transform import resize
-    out = [resize(im, (size, size), order=1, anti_aliasing=True, preserve_range=True) for im in images]
-    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
+    out = resize(image, tuple(shape_hw) + image.shape[2:], order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def resize_masks(masks_NxHxW: np.ndarray, size: int) -> np.ndarray:
-    """Resize bool masks (N, H, W) to (N, size, size): a pixel is anomalous if half its area is."""
-    masks = np.asarray(masks_NxHxW)
-    if masks.shape[1:3] == (size, size):
-        return masks.astype(bool)
+def resize_map(map_HxW: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a float map (or (H, W, C) float image) to shape_hw, bilinear, float32 (upsampling: no smoothing)."""
+    m = np.asarray(map_HxW, dtype=np.float32)
+    if m.shape[:2] == tuple(shape_hw):
+        return m
     from skimage.transform import resize
-    return np.stack([resize(m.astype(np.float32), (size, size), order=1, anti_aliasing=True) >= 0.5 for m in masks])
+    down = shape_hw[0] < m.shape[0] or shape_hw[1] < m.shape[1]
+    return resize(m, tuple(shape_hw) + m.shape[2:], order=1, anti_aliasing=down, preserve_range=True).astype(np.float32)
+
+
+def resize_images(images_NxHxWxC: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Resize uint8 images (a stacked (N, H, W, C) array or a list of (H_i, W_i, C)) to (N, size, size, C)."""
+    if isinstance(images_NxHxWxC, np.ndarray) and images_NxHxWxC.ndim == 4 \
+            and images_NxHxWxC.shape[1:3] == (size, size):
+        return images_NxHxWxC
+    return np.stack([resize_to(im, (size, size)) for im in images_NxHxWxC])
+
+
+def resize_masks(masks_NxHxW: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Resize bool masks ((N, H, W) or a list of (H_i, W_i)) to (N, size, size): anomalous if half its area is."""
+    if isinstance(masks_NxHxW, np.ndarray) and masks_NxHxW.ndim == 3 and masks_NxHxW.shape[1:3] == (size, size):
+        return masks_NxHxW.astype(bool)
+    from skimage.transform import resize
+    out = []
+    for m in masks_NxHxW:
+        m = np.asarray(m)
+        out.append(m.astype(bool) if m.shape == (size, size) else
+                   resize(m.astype(np.float32), (size, size), order=1, anti_aliasing=True) >= 0.5)
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------- textures: tiles and crops
+
+
+def tile_positions(h: int, w: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of size x size tiles covering an (h, w) image (h, w >= size); the last row/column
+    of tiles is aligned to the border."""
+    def starts(n: int) -> list[int]:
+        s = list(range(0, n - size + 1, stride))
+        if s[-1] != n - size:
+            s.append(n - size)
+        return s
+    return [(y, x) for y in starts(h) for x in starts(w)]
+
+
+class ImageLayout(NamedTuple):
+    """Where the model inputs of one image come from: inputs[start:start + len(positions)]."""
+
+    orig_hw: tuple[int, int]
+    work_hw: tuple[int, int]
+    positions: list[tuple[int, int]]  # tile corners at working resolution; [(0, 0)] for objects
+    start: int
+
+
+def model_inputs(images: np.ndarray | Sequence[np.ndarray], prep: Preprocess) -> tuple[np.ndarray, list[ImageLayout]]:
+    """uint8 model inputs (M, size, size, C) of a list of images, and each image's layout.
+
+    objects: one resized input per image; textures: the tiles of the working-resolution image.
+    """
+    inputs: list[np.ndarray] = []
+    layouts: list[ImageLayout] = []
+    s = prep.size
+    for im in images:
+        im = np.asarray(im)
+        h, w = im.shape[:2]
+        work = prep.working_shape(h, w)
+        wim = resize_to(im, work)
+        pos = [(0, 0)] if prep.kind == "object" else tile_positions(work[0], work[1], s, prep.stride)
+        layouts.append(ImageLayout((h, w), work, pos, len(inputs)))
+        inputs.extend(wim[y:y + s, x:x + s] for y, x in pos)
+    return np.stack(inputs), layouts
+
+
+def stitch(tiles: np.ndarray, layout: ImageLayout) -> np.ndarray:
+    """The working-resolution array of one image from its tiles' outputs (M, size, size[, C]); overlaps averaged."""
+    part = np.asarray(tiles[layout.start:layout.start + len(layout.positions)], dtype=np.float32)
+    if len(layout.positions) == 1 and part.shape[1:3] == tuple(layout.work_hw):
+        return part[0]
+    s = part.shape[1]
+    acc = np.zeros(tuple(layout.work_hw) + part.shape[3:], np.float32)
+    cnt = np.zeros(tuple(layout.work_hw), np.float32)
+    for (y, x), t in zip(layout.positions, part):
+        acc[y:y + s, x:x + s] += t
+        cnt[y:y + s, x:x + s] += 1
+    cnt = cnt.reshape(cnt.shape + (1,) * (acc.ndim - 2))
+    return acc / np.maximum(cnt, 1)
+
+
+class PatchBank:
+    """`n` random size x size crops of working-resolution images, made on demand (array-like, uint8).
+
+    Crop i is a deterministic function of (seed, i), so a resumed training run sees the same
+    crops; `bank[idx]` with an int, a slice or an index array returns (len(idx), size, size, C).
+    """
+
+    lazy = True
+
+    def __init__(self, images: Sequence[np.ndarray], size: int, n: int, seed: int = 0):
+        self.images = [np.asarray(im) for im in images]
+        if not self.images:
+            raise ValueError("no images to crop patches from")
+        for im in self.images:
+            if im.shape[0] < size or im.shape[1] < size:
+                raise ValueError(f"an image of {im.shape[1]}x{im.shape[0]} is smaller than the {size}px patches")
+        self.size, self.n, self.seed = size, int(n), seed
+        c = self.images[0].shape[2]
+        self.shape = (self.n, size, size, c)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _crop(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 11, int(i)])
+        im = self.images[int(rng.integers(len(self.images)))]
+        y = int(rng.integers(im.shape[0] - self.size + 1))
+        x = int(rng.integers(im.shape[1] - self.size + 1))
+        return im[y:y + self.size, x:x + self.size]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return self._crop(idx % self.n)
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(self.n))
+        return np.stack([self._crop(i) for i in np.asarray(list(idx)).ravel()]) if len(idx) else \
+            np.zeros((0,) + self.shape[1:], np.uint8)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+
+def training_inputs(images: np.ndarray | Sequence[np.ndarray], prep: Preprocess, seed: int = 0):
+    """Model inputs for training: objects: (N, size, size, C) resized; textures: a PatchBank of
+    `patches_per_epoch` crops of the working-resolution images (or the images themselves when they
+    already are size x size, as the built-in textures are)."""
+    if prep.kind == "object":
+        return resize_images(images, prep.size)
+    work = [resize_to(im, prep.working_shape(*np.shape(im)[:2])) for im in images]
+    if all(w.shape[:2] == (prep.size, prep.size) for w in work):
+        return np.stack(work)
+    return PatchBank(work, prep.size, prep.patches_per_epoch, seed)

@@ -1,0 +1,317 @@
+"""The MVTec AD folder layout without TensorFlow Datasets: scanning, checking and reading image files.
+
+Used by the TFDS builders of mvtec.py and by plain-folder inference; imports no TFDS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+MVTEC_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
+                    "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper")
+TEXTURE_CATEGORIES = ("carpet", "grid", "leather", "tile", "wood")
+GRAY_CATEGORIES = ("grid", "screw", "zipper")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
+HOMEPAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+MVTec AD must be downloaded by hand (licence CC BY-NC-SA 4.0: non-commercial use only):
+fill in the form at {HOMEPAGE}, download {ARCHIVE_NAME} (4.9 GB), and either extract it or
+leave it packed. Then point at it: `python train.py --dataset mvtec_ad --category carpet
+--manual-dir PATH`, where PATH is the extracted folder (the one holding carpet/, grid/, ...),
+or the .tar.xz itself. Each category is prepared once; later runs need no PATH.
+"""
+
+
+class DataError(ValueError):
+    """A dataset folder that does not have the expected layout or content (the message says which)."""
+
+
+class Entry(NamedTuple):
+    """One image of a category folder, before reading."""
+
+    split: str  # "train" | "test"
+    defect_type: str  # "good" or the defect kind
+    id: str  # "<defect_type>/<stem>"
+    path: Path
+    mask_path: Path | None  # None: good image, or a kind without masks
+    has_mask: bool  # False only for defect images of a kind without masks
+    file_name: str  # path relative to the category folder
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (by extension, case-insensitive), sorted; hidden files skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _listing(folder: Path, limit: int = 12) -> str:
+    """A short description of what `folder` holds, for error messages."""
+    if not folder.exists():
+        return f"{folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return f"{folder} is empty"
+    more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{folder} holds: {', '.join(names[:limit])}{more}"
+
+
+def _unique_stems(paths: list[Path], folder: Path) -> None:
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems:
+            raise DataError(f"two images with the same name in {folder}: {stems[p.stem].name} and {p.name}")
+        stems[p.stem] = p
+
+
+def _find_mask(gt_dir: Path, stem: str) -> Path | None:
+    for suffix in ("_mask", ""):
+        for ext in IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                cand = gt_dir / f"{stem}{suffix}{e}"
+                if cand.is_file():
+                    return cand
+    return None
+
+
+def scan_category(root: str | os.PathLike, category: str) -> list[Entry]:
+    """All images of `root/category` with their masks, checked for layout (not read yet).
+
+    Raises DataError naming the expected path and what was found when the category folder,
+    train/good or the test images are missing, or when a defect image has no mask although
+    masks exist for its kind.
+    """
+    root = Path(root)
+    cat = root / category
+    if not cat.is_dir():
+        raise DataError(f"expected the category folder {cat} (layout <root>/<category>/train/good/*.png); "
+                        f"{_listing(root)}")
+    train_good = cat / "train" / "good"
+    if not train_good.is_dir():
+        raise DataError(f"expected normal training images in {train_good}, but that folder is missing; "
+                        f"{_listing(cat / 'train' if (cat / 'train').is_dir() else cat)}")
+    train = _images_in(train_good)
+    if not train:
+        raise DataError(f"empty category {category!r}: no images (.png/.jpg/.bmp/.tif) in {train_good}; "
+                        f"{_listing(train_good)}")
+    _unique_stems(train, train_good)
+    entries = [Entry("train", "good", f"good/{p.stem}", p, None, True, p.relative_to(cat).as_posix())
+               for p in train]
+
+    test_dir = cat / "test"
+    kinds = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    n_test = 0
+    for kind in kinds:
+        images = _images_in(test_dir / kind)
+        _unique_stems(images, test_dir / kind)
+        n_test += len(images)
+        gt_dir = cat / "ground_truth" / kind
+        kind_has_masks = kind != "good" and bool(_images_in(gt_dir))
+        for p in images:
+            mask = None
+            if kind_has_masks:
+                mask = _find_mask(gt_dir, p.stem)
+                if mask is None:
+                    raise DataError(f"defect image {p} has no mask: expected {gt_dir / (p.stem + '_mask.png')} "
+                                    f"(the folder holds masks for other {kind!r} images)")
+            entries.append(Entry("test", kind, f"{kind}/{p.stem}", p, mask, kind == "good" or kind_has_masks,
+                                 p.relative_to(cat).as_posix()))
+    if n_test == 0:
+        raise DataError(f"empty category {category!r}: no test images in {test_dir}/<kind>/ "
+                        f"(expected test/good/ and test/<defect>/); {_listing(test_dir if test_dir.is_dir() else cat)}")
+    return entries
+
+
+def kinds_without_masks(entries: list[Entry]) -> list[str]:
+    """Defect kinds whose images have no ground-truth masks."""
+    return sorted({e.defect_type for e in entries if not e.has_mask})
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarray:
+    """An image file as uint8 (H, W, C); C = `channels` (1 gray, 3 RGB) or the file's own (1 or 3).
+
+    Palette and alpha are dropped; 16-bit or float images are refused. DataError names the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise DataError(f"image {path} is {mode} (16-bit or float); only 8-bit gray or RGB is supported: "
+                                "convert it to 8 bits")
+            own = 1 if mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(im)) else 3
+            want = channels or own
+            im = im.convert("L" if want == 1 else "RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _palette_is_gray(im) -> bool:
+    pal = im.getpalette()
+    if not pal:
+        return True
+    p = np.asarray(pal, dtype=np.int32).reshape(-1, 3)
+    return bool(np.all(p[:, 0] == p[:, 1]) and np.all(p[:, 1] == p[:, 2]))
+
+
+def image_channels(path: Path) -> int:
+    """1 or 3: the channel count of an image file, from its header (cheap). DataError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+                return 1
+            if im.mode == "P":
+                return 1 if _palette_is_gray(im) else 3
+            return 3
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as bool (H, W): nonzero = defect."""
+    m = read_image(path, channels=1)[..., 0]
+    return m > 0
+
+
+def _png_bytes(arr_HxWxC: np.ndarray) -> bytes:
+    from PIL import Image
+    a = arr_HxWxC[..., 0] if arr_HxWxC.shape[-1] == 1 else arr_HxWxC
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def load_entry(entry: Entry, channels: int) -> dict[str, object]:
+    """Read one entry into a record (image and mask as PNG bytes); checks that mask and image sizes agree."""
+    image = read_image(entry.path, channels)
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), dtype=bool)
+    if entry.mask_path is not None:
+        mask = read_mask(entry.mask_path)
+        if mask.shape != (h, w):
+            raise DataError(f"mask {entry.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                            f"{entry.path} is {w}x{h}: masks must have the size of their image")
+    return {
+        "image": _png_bytes(image),
+        "mask": _png_bytes(mask.astype(np.uint8)[..., None] * 255),
+        "has_mask": bool(entry.has_mask),
+        "label": "good" if entry.defect_type == "good" else "defect",
+        "defect_type": entry.defect_type,
+        "id": entry.id,
+        "file_name": entry.file_name,
+    }
+
+
+def category_channels(entries: list[Entry]) -> int:
+    """3 if any image of the category is in colour, else 1."""
+    return 3 if any(image_channels(e.path) == 3 for e in entries) else 1
+
+
+def fingerprint(root: str | os.PathLike, category: str) -> str:
+    """Short hash of the category folder's absolute path and file list (names, sizes, mtimes)."""
+    cat = Path(root).resolve() / category
+    h = hashlib.sha1(str(cat).encode())
+    for dirpath, dirnames, filenames in os.walk(cat):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), cat)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- locating MVTec AD
+
+
+def locate_root(manual: str | os.PathLike, category: str, work_dir: str | os.PathLike) -> Path:
+    """The folder holding `category/` for a user-given MVTec AD location.
+
+    `manual`: the folder holding the category folders, a folder holding
+    ``mvtec_anomaly_detection/`` or ``mvtec_anomaly_detection.tar.xz``, or the .tar.xz itself
+    (the category is then extracted into `work_dir`). DataError says what was expected and found.
+    """
+    manual = Path(manual).expanduser()
+    if manual.is_file() and manual.name.endswith((".tar.xz", ".tar", ".tar.gz", ".tgz")):
+        return extract_category(manual, category, Path(work_dir))
+    if manual.is_dir():
+        for cand in (manual, manual / "mvtec_anomaly_detection"):
+            if (cand / category).is_dir():
+                return cand
+        archive = manual / ARCHIVE_NAME
+        if archive.is_file():
+            return extract_category(archive, category, Path(work_dir))
+    raise DataError(
+        f"MVTec AD category {category!r} not found: expected {manual / category}/train/good/ "
+        f"(or {manual / 'mvtec_anomaly_detection' / category}/, or {manual / ARCHIVE_NAME}); {_listing(manual)}.\n"
+        + MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+
+def extract_dir(tfds_dir: str | os.PathLike) -> Path:
+    """Where categories extracted from the .tar.xz are kept while they are prepared."""
+    return Path(os.fspath(tfds_dir)) / "downloads" / "mvtec_ad_extracted"
+
+
+def extract_category(archive: Path, category: str, work_dir: Path) -> Path:
+    """Extract the members of `category` from an MVTec AD tar archive into work_dir; return the root."""
+    out = work_dir / f"extract_{category}"
+    done = out / ".complete"
+    if done.exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    print(f"extracting {category} from {archive} (one pass over the archive) ...", file=sys.stderr)
+    found = 0
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if category not in parts or not (member.isfile() or member.isdir()):
+                continue
+            i = parts.index(category)
+            rel = Path(*parts[i:])
+            if ".." in rel.parts:
+                continue
+            if member.isdir():
+                (out / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is None:
+                continue
+            with src, open(out / rel, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            found += 1
+    if not found:
+        raise DataError(f"{archive} holds no files under {category}/: is it the MVTec AD archive ({ARCHIVE_NAME})?")
+    done.touch()
+    return out
+
+

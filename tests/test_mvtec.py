@@ -1,0 +1,207 @@
+"""Tests of the MVTec-layout TFDS builders (mvtec_ad, folder), their errors, and the protocol helpers.
+
+Fast: a fake MVTec tree of real PNG/JPEG/BMP files (iepjax.data.fake_tree) built in tmp dirs; no
+model is trained here (tests/test_folder.py does the end-to-end run).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iepjax.data import DataError, load_split
+from iepjax.data import fake_tree
+from iepjax.data.preprocess import PatchBank, Preprocess, model_inputs, stitch, tile_positions
+from iepjax import protocol
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return fake_tree.make_fake_mvtec(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def splits(tree, tmp_path_factory):
+    tfds_dir = tmp_path_factory.mktemp("tfds")
+    return {(c, s): load_split("folder", c, s, str(tfds_dir), source_dir=str(tree), progress=False)
+            for c in ("grid", "widget") for s in ("train", "test")}
+
+
+def _size_on_disk(path):
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def test_folder_records_keep_original_size_and_channels(tree, splits):
+    for cat, channels in (("grid", 1), ("widget", 3)):
+        test = splits[(cat, "test")]
+        assert isinstance(test.images, list)  # one test image has an odd size: not stackable
+        assert len(test.ids) == 6 and test.file_names is not None
+        for im, m, fn in zip(test.images, test.masks, test.file_names):
+            assert im.dtype == np.uint8 and im.shape[2] == channels
+            assert im.shape[:2] == m.shape == _size_on_disk(tree / cat / fn)
+        train = splits[(cat, "train")]
+        assert isinstance(train.images, np.ndarray) and train.images.shape[0] == 6  # same sizes: stacked
+        assert all(i.startswith("good/") for i in train.ids)
+
+
+def test_masks_labels_and_missing_masks(splits):
+    test = splits[("grid", "test")]
+    by_id = dict(zip(test.ids, range(len(test.ids))))
+    for id_, i in by_id.items():
+        kind = id_.split("/")[0]
+        assert test.defect_types[i] == kind and test.labels[i] == int(kind != "good")
+        if kind == "good":
+            assert not test.masks[i].any() and test.has_mask[i]
+        elif kind == "blob":
+            assert test.masks[i].any() and test.has_mask[i]
+        else:  # "nomask": no ground_truth folder
+            assert not test.has_mask[i] and not test.masks[i].any()
+    mo = test.mask_or_none()
+    assert [m is None for m in mo] == [not h for h in test.has_mask]
+
+
+def test_rgb_pixels_match_the_files(tree, splits):
+    test = splits[("widget", "test")]
+    i = test.file_names.index("test/good/000.png")
+    with Image.open(tree / "widget" / "test/good/000.png") as im:
+        np.testing.assert_array_equal(test.images[i], np.asarray(im))
+
+
+def test_mvtec_builder_from_folder_and_from_archive(tree, tmp_path):
+    # the mvtec_ad builder pointed at the fake tree ("grid" is an MVTec AD category name)
+    a = load_split("mvtec_ad", "grid", "test", str(tmp_path / "t1"), source_dir=str(tree), progress=False)
+    # ... and at a .tar.xz with the archive's layout (category folders at the top)
+    arch = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    with tarfile.open(arch, "w:xz") as tar:
+        tar.add(tree / "grid", arcname="grid")
+    b = load_split("mvtec_ad", "grid", "test", str(tmp_path / "t2"), source_dir=str(arch), progress=False)
+    assert a.ids == b.ids and a.file_names == b.file_names
+    for x, y in zip(a.images, b.images):
+        np.testing.assert_array_equal(x, y)
+    assert a.images[0].shape[-1] == 1
+    # prepared: later runs need no download; the extracted copy is gone
+    c = load_split("mvtec_ad", "grid", "train", str(tmp_path / "t2"), progress=False)
+    assert len(c.ids) == 6
+    assert not any((tmp_path / "t2" / "downloads").rglob("*.png"))
+    assert "tensorflow" not in sys.modules
+
+
+def test_mvtec_builder_without_download_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="--manual-dir"):
+        load_split("mvtec_ad", "carpet", "train", str(tmp_path / "t"), progress=False)
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match=r"expected .*wrong/carpet/train/good.*readme\.txt"):
+        load_split("mvtec_ad", "carpet", "train", str(tmp_path / "t"), source_dir=str(tmp_path / "wrong"),
+                   progress=False)
+
+
+# --------------------------------------------------------------------------- errors, each with its message
+
+
+def _broken(tmp_path, name="cat"):
+    root = tmp_path / "src"
+    fake_tree.make_category(root, name, channels=3, size_hw=(40, 48), n_train=2, n_good=1, n_defect=2)
+    return root
+
+
+def _load(root, tmp_path, name="cat"):
+    return load_split("folder", name, "train", str(tmp_path / "tfds"), source_dir=str(root), progress=False)
+
+
+def test_error_missing_train_good(tmp_path):
+    root = _broken(tmp_path)
+    shutil.rmtree(root / "cat" / "train" / "good")
+    with pytest.raises(DataError, match=r"expected normal training images in .*cat/train/good"):
+        _load(root, tmp_path)
+
+
+def test_error_defect_without_its_mask(tmp_path):
+    root = _broken(tmp_path)
+    (root / "cat" / "ground_truth" / "blob" / "001_mask.png").unlink()
+    with pytest.raises(DataError, match=r"test/blob/001\.png has no mask: expected .*ground_truth/blob/001_mask\.png"):
+        _load(root, tmp_path)
+
+
+def test_error_mask_size_differs(tmp_path):
+    root = _broken(tmp_path)
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "cat" / "ground_truth" / "blob" / "000_mask.png")
+    with pytest.raises(DataError, match=r"000_mask\.png is 12x10 .* image .*blob/000\.png is 48x40"):
+        _load(root, tmp_path)
+
+
+def test_error_unreadable_image_is_named(tmp_path):
+    root = _broken(tmp_path)
+    (root / "cat" / "test" / "blob" / "001.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*cat/test/blob/001\.png"):
+        _load(root, tmp_path)
+
+
+def test_error_empty_category(tmp_path):
+    root = tmp_path / "src"
+    (root / "cat" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty category 'cat'.*train/good"):
+        _load(root, tmp_path)
+    fake_tree.make_category(root, "cat2", channels=1, size_hw=(40, 48), n_train=2, n_good=0, n_defect=0)
+    with pytest.raises(DataError, match=r"empty category 'cat2': no test images"):
+        _load(root, tmp_path, "cat2")
+
+
+def test_error_unknown_category_lists_the_folder(tmp_path):
+    root = _broken(tmp_path)
+    with pytest.raises(DataError, match=r"expected the category folder .*nope.*holds: cat/"):
+        _load(root, tmp_path, "nope")
+
+
+def test_changed_folder_is_prepared_again(tmp_path):
+    root = _broken(tmp_path)
+    assert len(_load(root, tmp_path).ids) == 2
+    Image.fromarray(np.full((40, 48, 3), 99, np.uint8)).save(root / "cat" / "train" / "good" / "new.png")
+    assert len(_load(root, tmp_path).ids) == 3
+
+
+# --------------------------------------------------------------------------- preprocessing and protocol
+
+
+def test_tiles_cover_and_stitch_back():
+    assert tile_positions(64, 80, 32, 32) == [(0, 0), (0, 32), (0, 48), (32, 0), (32, 32), (32, 48)]
+    prep = Preprocess(kind="texture", size=32, texture_fov=0.5)  # short side -> 64 px
+    img = np.random.default_rng(0).integers(0, 255, (100, 130, 3), dtype=np.uint8)
+    inputs, lay = model_inputs([img], prep)
+    assert lay[0].work_hw == (64, 83) and inputs.shape == (len(lay[0].positions), 32, 32, 3)
+    back = stitch(inputs.astype(np.float32), lay[0])
+    from iepjax.data.preprocess import resize_to
+    np.testing.assert_allclose(back, resize_to(img, (64, 83)).astype(np.float32))
+    obj, lay_o = model_inputs([img], Preprocess(kind="object", size=32))
+    assert obj.shape == (1, 32, 32, 3) and lay_o[0].orig_hw == (100, 130)
+
+
+def test_patch_bank_is_deterministic_and_lazy():
+    ims = [np.random.default_rng(i).integers(0, 255, (70, 90, 1), dtype=np.uint8) for i in range(2)]
+    bank = PatchBank(ims, 32, 10000, seed=3)
+    assert len(bank) == 10000 and bank.shape == (10000, 32, 32, 1)
+    a, b = bank[np.array([5, 9999, 5])], PatchBank(ims, 32, 10000, seed=3)[np.array([5, 9999, 5])]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[0], a[2])
+    assert bank[:4].shape == (4, 32, 32, 1)
+
+
+def test_official_metrics_skip_images_without_masks_and_tiffs(tmp_path, splits):
+    test = splits[("grid", "test")]
+    maps = {r: [m.astype(np.float32) + 0.01 * np.random.default_rng(0).random(m.shape) for m in test.masks]
+            for r in protocol.ROWS}
+    out = protocol.official_metrics(maps, test)
+    assert out["grad"]["pixel_auroc"] > 0.99 and out["grad"]["pixel_aupro"] > 0.99
+    assert sorted(out["protocol"]["skipped_pixel_metrics"]) == ["nomask/000", "nomask/001"]
+    assert "nomask" in out["protocol"]["note"]
+    paths = protocol.write_tiffs(tmp_path, "grid", test.ids, maps["grad"])
+    import tifffile
+    for p, id_, m in zip(paths, test.ids, maps["grad"]):
+        assert p == tmp_path / "grid" / "test" / id_.split("/")[0] / (id_.split("/")[1] + ".tiff")
+        t = tifffile.imread(p)
+        assert t.dtype == np.float32 and t.shape == m.shape
