@@ -2,6 +2,9 @@
 
     python project.py --category brick
     python project.py --category brick --steps 50 --alpha 0.5 --lam 0.05
+    python project.py --dataset mvtec_ad --category carpet     # official protocol, TIFF maps
+    python project.py --data-dir my_images --category widget   # your own labelled folder
+    python project.py --data-dir my_images --category widget --input-dir new_parts/   # no labels
 
 Writes metrics.json, maps.npz, overlays/ and energy.png into <run>/projections/p<N>/ and prints
 the metrics table and that folder.
@@ -30,11 +33,29 @@ def main(argv=None) -> int:
     p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores used as threshold")
     p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores used as threshold")
     p.add_argument("--batch-size", type=int, default=16)
+    # --- issue 3: MVTec AD, own image folders, plain-folder inference (docs/datasets.md) ---
+    p.add_argument("--data-dir", default=None,
+                   help="your own images in the MVTec AD layout (DIR/<category>/...; sets --dataset folder)")
+    p.add_argument("--manual-dir", default=None, help="--dataset mvtec_ad: the MVTec AD download, if not prepared yet")
+    p.add_argument("--input-dir", default=None,
+                   help="plain folder of images (no masks, no labels): write maps/*.tiff, overlays/*.png and "
+                        "scores.csv for every image with the category's trained run")
+    p.add_argument("--out", default=None, help="--input-dir: output folder (default <run>/inference/v<N>)")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    from iepjax import distributed  # issue 6: --devices and multi-process flags (docs/scaling.md)
+    distributed.add_flags(p)
     a = p.parse_args(argv)
+    distributed.initialize_from_args(a)
+    if a.data_dir is not None:
+        if a.dataset not in ("textures", "folder"):
+            p.error("--data-dir is your own image folder: leave out --dataset (or use --dataset folder)")
+        a.dataset = "folder"
+    source_dir = a.data_dir if a.dataset == "folder" else a.manual_dir
 
-    from iepjax import evaluation, runs
+    from iepjax import evaluation, runs, sharding
+    from iepjax.data import DataError
+    mesh = sharding.make_mesh(a.devices)  # issue 6: None on one device (the single-device path)
     from iepjax.presets import preset
     try:
         pre = preset(a.dataset, a.category)
@@ -47,16 +68,43 @@ def main(argv=None) -> int:
                               lam=pre["lam"] if a.lam is None else a.lam,
                               smoothing_sigma=pre["smoothing_sigma"] if a.sigma is None else a.sigma,
                               weighting=not a.no_weighting, use_kl=not a.no_kl)
-    out_dir, result = evaluation.project_run(run_dir, a.dataset, a.category, config, data_dir=a.tfds_dir,
-                                             batch_size=a.batch_size, overlays=not a.no_overlays,
-                                             progress=not a.no_progress, pixel_threshold=a.threshold,
-                                             image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
-                                             image_quantile=a.image_quantile)
+    if a.input_dir is not None:  # issue 3: plain-folder inference
+        from pathlib import Path
+
+        from iepjax import protocol
+        out = Path(a.out) if a.out else runs.new_run(Path(run_dir) / "inference")
+        try:
+            summary = protocol.infer_folder(run_dir, a.input_dir, out, config, dataset=a.dataset, category=a.category,
+                                            data_dir=a.tfds_dir, batch_size=a.batch_size, overlays=not a.no_overlays,
+                                            progress=not a.no_progress, pixel_threshold=a.threshold,
+                                            image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
+                                            image_quantile=a.image_quantile)
+        except (DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{summary['n_images']} images, {summary['n_flagged']} above the image threshold "
+              f"{summary['image_threshold']:.4g} ({summary['thresholds_from']})")
+        print(f"output folder: {out} (scores.csv, maps/*.tiff, overlays/)")
+        return 0
+    try:
+        out_dir, result = evaluation.project_run(run_dir, a.dataset, a.category, config, data_dir=a.tfds_dir,
+                                                 batch_size=a.batch_size, overlays=not a.no_overlays,
+                                                 progress=not a.no_progress, pixel_threshold=a.threshold,
+                                                 image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
+                                                 image_quantile=a.image_quantile, source_dir=source_dir,
+                                                 mesh=mesh)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not distributed.is_main():  # issue 6: process 0 reports
+        return 0
     print(evaluation.format_table(result))
     th, t = result["thresholds"], result["timing"]
     print(f"thresholds ({th['source']}): pixel {result['grad']['pixel_threshold']:.4g}, "
           f"image {result['grad']['image_threshold']:.4g}")
     print(f"compile {t['compile_s']:.1f} s, total {t['total_s']:.1f} s, steady state {t['steady_img_per_s']} img/s")
+    if "protocol" in result:  # issue 3
+        print(f"metrics on maps at the original image sizes; TIFF maps: {result['protocol']['tiff_maps']['grad']}")
     print(f"output folder: {out_dir}")
     return 0
 

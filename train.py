@@ -2,6 +2,8 @@
 
     python train.py --category brick            # built-in textures data, 128x128
     python train.py --category brick --steps 50 --batch-size 8   # a quick try
+    python train.py --dataset mvtec_ad --category carpet --manual-dir ~/mvtec_anomaly_detection
+    python train.py --data-dir my_images --category widget     # my_images/widget/train/good/*.png
 
 Prints the run folder (results/vae/<dataset>/<category>/v<N>/); rerunning resumes it.
 """
@@ -21,7 +23,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="optimiser steps (default: the category preset)")
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--lr", type=float, help="Adam learning rate (paper: 2e-4)")
-    p.add_argument("--size", type=int, help="model input size, a multiple of 16")
+    p.add_argument("--size", "--image-size", dest="size", type=int,
+                   help="model input size, a multiple of 16 (default 128, the paper's; 256 also works)")
+    # --- issue 3: MVTec AD and own image folders (docs/datasets.md) ---
+    p.add_argument("--data-dir", default=None,
+                   help="your own images in the MVTec AD layout: DIR/<category>/train/good/*, DIR/<category>/test/<kind>/*, "
+                        "DIR/<category>/ground_truth/<kind>/*_mask.png (sets --dataset folder)")
+    p.add_argument("--manual-dir", default=None,
+                   help="--dataset mvtec_ad: the MVTec AD download (extracted folder or mvtec_anomaly_detection.tar.xz); "
+                        "needed the first time a category is prepared")
+    p.add_argument("--kind", choices=("texture", "object"),
+                   help="texture: random crops at a working scale, tiled at test; object: resized (default: preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
@@ -31,19 +43,37 @@ def main(argv=None) -> int:
     p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores -> threshold")
     p.add_argument("--allow-collapse", action="store_true", help="exit 0 even if the model collapsed to the mean")
     p.add_argument("--no-progress", action="store_true")
+    from iepjax import distributed  # issue 6: --devices and multi-process flags (docs/scaling.md)
+    distributed.add_flags(p)
     a = p.parse_args(argv)
+    distributed.initialize_from_args(a)
+    if a.data_dir is not None:
+        if a.dataset not in ("textures", "folder"):
+            p.error("--data-dir is your own image folder: leave out --dataset (or use --dataset folder)")
+        a.dataset = "folder"
+    source_dir = a.data_dir if a.dataset == "folder" else a.manual_dir
 
-    from iepjax import data, training
+    from iepjax import data, sharding, training
+    from iepjax.data.preprocess import from_preset
+    mesh = sharding.make_mesh(a.devices)  # issue 6: None on one device (the single-device path)
     try:
         pre = preset(a.dataset, a.category)
+        if a.kind is not None:
+            pre["augment"] = a.kind == "texture"
+        prep = from_preset(a.dataset, a.category, size=a.size, kind=a.kind)
     except ValueError as e:
         p.error(str(e))
     model = ModelConfig(size=a.size or pre["size"], channels=pre["channels"],
                         likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
     config = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
-                         learning_rate=a.lr or pre["learning_rate"], seed=a.seed)
-    run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.tfds_dir,
-                                          holdout=a.holdout, new=a.new, progress=not a.no_progress)
+                         learning_rate=a.lr or pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
+    try:
+        run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.tfds_dir,
+                                              holdout=a.holdout, new=a.new, progress=not a.no_progress,
+                                              source_dir=source_dir, prep=prep, mesh=mesh)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     c = summary.collapse
     print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
           f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
@@ -58,7 +88,7 @@ def main(argv=None) -> int:
         pcfg = evaluation.default_projection_config(a.dataset, a.category, summary.config.model)
         th, _ = evaluation.load_or_calibrate(
             run_dir, summary.state.params, pcfg, evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir),
-            progress=not a.no_progress, pixel_quantile=a.pixel_quantile, image_quantile=a.image_quantile)
+            progress=not a.no_progress, pixel_quantile=a.pixel_quantile, image_quantile=a.image_quantile, mesh=mesh)
         print(f"thresholds from {th['grad'].n_images} held-out normal images: pixel {th['grad'].pixel_threshold:.4g} "
               f"(q {a.pixel_quantile}), image {th['grad'].image_threshold:.4g} (q {a.image_quantile})")
     print(f"run folder: {run_dir}")

@@ -91,12 +91,12 @@ def local_rows(tree: Any) -> Any:
     def get(a):
         if not isinstance(a, jax.Array) or a.is_fully_addressable:
             return np.asarray(jax.device_get(a))
-        shards = {}
-        for s in a.addressable_shards:
-            start = s.index[0].start or 0 if a.ndim else 0
-            shards.setdefault(start, s)  # replicas of the same rows: keep one
-        return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]) if a.ndim else \
-            np.asarray(next(iter(shards.values())).data)
+        if a.ndim == 0 or a.is_fully_replicated:
+            return np.asarray(a.addressable_shards[0].data)
+        by_start = {}
+        for s in a.addressable_shards:  # replicas of the same rows: keep one
+            by_start.setdefault(s.index[0].start or 0, s.data)
+        return np.concatenate([np.asarray(by_start[k]) for k in sorted(by_start)])
     return jax.tree.map(get, tree)
 
 
@@ -126,32 +126,42 @@ def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig
     return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
 
 
-@functools.lru_cache(maxsize=16)
-def sharded_projection(mesh: Mesh) -> Callable:
-    """jit(vmap(project_image)) with the images and results split over `mesh`, parameters replicated."""
-    return data_parallel(_project_batch, mesh)
+@functools.lru_cache(maxsize=32)
+def _data_parallel_cached(fn: Callable, mesh: Mesh) -> Callable:
+    return data_parallel(fn, mesh)
+
+
+def run_batched(fn: Callable, params: dict, x_BxHxWxC: np.ndarray, config: Any, mesh: Mesh) -> Any:
+    """`fn(params, x, config)` (per-image outputs on the leading axis) with the batch split over the mesh.
+
+    `x_BxHxWxC`: this process's rows; padded here (last row repeated) to a multiple of the local
+    device count and the padding dropped again. Returns this process's B rows of every output as
+    numpy. With several processes every process must call it with the same B. `params` may be
+    host arrays or already replicated (`replicate`; do it once when calling this in a loop).
+    """
+    x, real = pad_to(np.asarray(x_BxHxWxC), local_size(mesh))
+    if not _is_replicated_on(params, mesh):
+        params = replicate(params, mesh)
+    out = _data_parallel_cached(fn, mesh)(params, shard_batch(x, mesh), config)
+    return jax.tree.map(lambda a: a[:real], local_rows(out))
 
 
 def project_sharded(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig,
                     mesh: Mesh) -> ProjectionResult:
-    """`project_fn` with the batch split over the mesh; returns this process's rows as numpy.
+    """`project_fn` with the batch split over the mesh: jit(vmap(project_image)), params replicated.
 
-    `x0_BxHxWxC`: this process's images, float in [0, 1]; padded here (last image repeated) to a
-    multiple of the local device count and the padding dropped from the result, so the result
-    has exactly B rows. With several processes every process must call this with the same B.
-    `params` may be host arrays or already replicated (`replicate`).
+    Same values as `project_fn(params, x0, config)` up to float rounding, for any batch size
+    (a short batch is padded to a multiple of the device count, the padding dropped). Returns
+    this process's rows as numpy; see `run_batched`.
     """
     from iepjax.projection import check_images
     check_images(x0_BxHxWxC, config)
-    x, real = pad_to(np.asarray(x0_BxHxWxC, np.float32), local_size(mesh))
-    params = replicate(params, mesh) if not _is_replicated_on(params, mesh) else params
-    out = sharded_projection(mesh)(params, shard_batch(x, mesh), config)
-    return jax.tree.map(lambda a: a[:real], local_rows(out))
+    return run_batched(_project_batch, params, np.asarray(x0_BxHxWxC, np.float32), config, mesh)
 
 
 def _is_replicated_on(tree: Any, mesh: Mesh) -> bool:
-    leaves = jax.tree.leaves(tree)
-    return all(isinstance(a, jax.Array) and a.sharding == replicated(mesh) for a in leaves)
+    rep = replicated(mesh)
+    return all(isinstance(a, jax.Array) and a.sharding == rep for a in jax.tree.leaves(tree))
 
 
 def train_step_sharded(mesh: Mesh) -> Callable:
@@ -172,5 +182,5 @@ def _train_step_sharded(mesh: Mesh) -> Callable:
 
 
 __all__ = ["DATA", "make_mesh", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
-           "local_rows", "pad_to", "data_parallel", "sharded_projection", "project_sharded",
+           "local_rows", "pad_to", "data_parallel", "run_batched", "project_sharded",
            "train_step_sharded"]

@@ -102,8 +102,18 @@ def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: 
     balance between L_r and KL is right from the first step.
     """
     keys = jax.random.split(key, x_BxHxWxC.shape[0])
-    out = jax.vmap(lambda x, k: VAE(config).apply(params, x[None], k))(x_BxHxWxC, keys)
-    logits, mu, logvar = out.logits[:, 0], out.posterior.mu[:, 0], out.posterior.logvar[:, 0]
+    # a VAE samples z; without KL (config.use_kl=False) the model is a deterministic AE on the mean.
+    # issue 6: the network runs on the whole batch (not vmapped per image): the kernel gradients of
+    # a vmapped conv are grouped convolutions, which XLA's SPMD partitioner gets wrong when the batch
+    # is sharded (Shardy: wrong values, GSPMD: crash; JAX 0.10.2). Same values: eps_i ~ N(0, I) from key i.
+    vae = VAE(config)
+    post = vae.apply(params, x_BxHxWxC, method=VAE.encode)
+    mu, logvar = post.mu, post.logvar
+    z = mu
+    if config.use_kl:
+        eps = jax.vmap(lambda k: jax.random.normal(k, mu.shape[1:], mu.dtype))(keys)
+        z = mu + jnp.exp(0.5 * logvar) * eps
+    logits = vae.apply(params, z, method=VAE.decode)
     mse = jnp.mean(jnp.square(x_BxHxWxC - jax.nn.sigmoid(logits)))
     log_gamma = 0.5 * jnp.log(jnp.maximum(jax.lax.stop_gradient(mse), GAMMA_MIN ** 2))
     terms = jax.vmap(model_loss, in_axes=(0, 0, 0, 0, None, None))(logits, x_BxHxWxC, mu, logvar, log_gamma, config)
@@ -190,15 +200,19 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 
 def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.PathLike, *,
-          progress: bool = True) -> TrainSummary:
+          progress: bool = True, mesh=None) -> TrainSummary:
     """Train `VAE(config.model)` on uint8 images (N, size, size, channels); resume from `run_dir`.
 
     Writes into run_dir: checkpoints/ (orbax; params, Adam state, step, config), train_log.csv
     (loss terms every `log_every` steps), training.json (collapse check). Rerunning with the same
     run_dir continues from the newest checkpoint.
+    `mesh` (issue 6, `iepjax.sharding.make_mesh`): data parallel, each batch split over the mesh's
+    devices (of every process, each process taking its share of the batch's images); the same
+    steps as on one device up to float rounding. `batch_size` must divide over the devices.
     """
     m = config.model
-    images = np.asarray(images_NxHxWxC)
+    # a lazy PatchBank (textures, iepjax.data.preprocess) is indexed per batch, not materialised
+    images = images_NxHxWxC if getattr(images_NxHxWxC, "lazy", False) else np.asarray(images_NxHxWxC)
     if images.ndim != 4 or images.shape[1:] != (m.size, m.size, m.channels):
         raise ValueError(f"training images must be shaped (N, {m.size}, {m.size}, {m.channels}), got {images.shape}")
     if images.dtype != np.uint8:
@@ -207,14 +221,29 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(config)
     mngr = checkpointing.manager(run_dir / "checkpoints")
-    state = init_state(config, key=jax.random.key(config.seed))
     start = checkpointing.latest_step(mngr) or 0
-    if start:
-        state, saved_cfg = checkpointing.restore(mngr, state)
-        if saved_cfg.get("model") != cfg_dict["model"]:
+    if start:  # compare the stored config first: restoring another model's arrays fails obscurely
+        saved_model = checkpointing.restore_config(run_dir / "checkpoints").get("model")
+        if saved_model != cfg_dict["model"]:
             checkpointing.close(mngr)
-            raise ValueError(f"{run_dir} holds a model with config {saved_cfg.get('model')}, not {cfg_dict['model']}: "
+            raise ValueError(f"{run_dir} holds a model with config {saved_model}, not {cfg_dict['model']}: "
                              "train into a new run folder")
+    state = init_state(config, key=jax.random.key(config.seed))
+    # --- issue 6: data-parallel step over a mesh (state replicated, batch split)
+    step_fn, share, main = train_step, slice(None), True
+    if mesh is not None:
+        from iepjax import distributed, sharding
+        if config.batch_size % mesh.size:
+            checkpointing.close(mngr)
+            raise ValueError(f"batch size {config.batch_size} does not split over {mesh.size} devices: "
+                             f"choose a multiple of {mesh.size} (or fewer --devices)")
+        state, step_fn, main = sharding.replicate(state, mesh), sharding.train_step_sharded(mesh), distributed.is_main()
+        per = config.batch_size // jax.process_count()
+        share = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        progress = progress and main
+    # --- end issue 6
+    if start:
+        state, _ = checkpointing.restore(mngr, state)
     log_path = run_dir / "train_log.csv"
     rows = _read_log(log_path, start)
     bar = None
@@ -224,12 +253,18 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     d = m.size * m.size * m.channels
     try:
         for step in range(start, config.steps):
-            batch = images[batch_indices(len(images), config.batch_size, config.seed, step)]
-            state, terms = train_step(state, jnp.asarray(batch), config)
+            idx = batch_indices(len(images), config.batch_size, config.seed, step)[share]
+            batch = jnp.asarray(images[idx]) if mesh is None else sharding.shard_batch(images[idx], mesh)
+            state, terms = step_fn(state, batch, config)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
-                t = jax.device_get(terms)
-                gamma = float(np.exp(jax.device_get(VAE(m).apply(state.params, method=VAE.gamma_log))))
+                t = jax.device_get(terms) if mesh is None else sharding.local_rows(terms)
+                if not np.isfinite(float(t.total)):
+                    raise FloatingPointError(
+                        f"training diverged at step {done} (loss {float(t.total)}): lower the learning rate "
+                        f"(--lr, now {config.learning_rate}); the last good checkpoint stays in {run_dir}/checkpoints")
+                params = state.params if mesh is None else sharding.local_rows(state.params)
+                gamma = float(np.exp(jax.device_get(VAE(m).apply(params, method=VAE.gamma_log))))
                 rows.append({"step": done, "loss": float(t.total), "recon": float(t.recon), "kl": float(t.kl),
                              "recon_per_pixel": float(t.recon) / d, "gamma": gamma})
                 if bar is not None:
@@ -239,14 +274,18 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
                 bar.update(1)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 checkpointing.save(mngr, done, state, cfg_dict)
-                _write_log(log_path, rows)
+                if main:
+                    _write_log(log_path, rows)
     finally:
         if bar is not None:
             bar.close()
         checkpointing.close(mngr)
+    if mesh is not None:  # issue 6: this process's copy of the replicated state, on its default device
+        state = jax.tree.map(jnp.asarray, sharding.local_rows(state))
     report = collapse_check(state.params, images, m)
-    atomic_write_text(run_dir / "training.json",
-                      json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
+    if main:
+        atomic_write_text(run_dir / "training.json",
+                          json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
     return TrainSummary(state, report, start, config)
 
 
@@ -278,35 +317,57 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 def train_run(config: TrainConfig, dataset: str, category: str, *, results: str | os.PathLike = "results",
               data_dir: str | None = None, holdout: float = 0.1, new: bool = False,
-              progress: bool = True) -> tuple[Path, TrainSummary]:
+              progress: bool = True, source_dir: str | None = None, prep=None, mesh=None) -> tuple[Path, TrainSummary]:
     """Train on the `train` split of dataset/category in a run folder; resume its latest run if unfinished.
 
     The run folder is results/vae/<dataset>/<category>/v<N>/ (see `iepjax.runs`); a run with the
     same config is resumed, a different config or `new=True` starts v<N+1>. A fraction `holdout`
     of the normal training images is kept out of training (its ids in holdout.json) for thresholds.
-    Returns (run folder, summary).
+    `source_dir`: the image folder (dataset "folder") or MVTec AD download ("mvtec_ad"); `prep`: an
+    `iepjax.data.preprocess.Preprocess` (default: the category preset's at the model size), stored
+    in preprocess.json. `mesh` (issue 6): data-parallel training (`train`); with several processes
+    process 0 chooses the run folder and writes its files. Returns (run folder, summary).
     """
-    from iepjax import data, runs
+    from iepjax import data, distributed, runs
 
-    from iepjax.data.preprocess import resize_images
+    from iepjax.data.preprocess import Preprocess, from_preset, training_inputs
 
-    split = data.load_split(dataset, category, "train", data_dir)
-    images = resize_images(split.images, config.model.size)
-    if images.shape[-1] != config.model.channels:  # the channel count is the data's
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=images.shape[-1]))
-    train_idx, held_idx = holdout_split(len(split.images), holdout, config.seed)
+    split = distributed.main_first(  # issue 6: process 0 prepares the data set, then the others read it
+        lambda: data.load_split(dataset, category, "train", data_dir, source_dir=source_dir, progress=progress))
+    channels = int(np.shape(split.images[0])[-1])
+    if channels != config.model.channels:  # the channel count is the data's
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=channels))
+    # --- issue 3: per-kind preprocessing (objects resized, textures cropped) and the data's source ---
+    prep = prep or from_preset(dataset, category, size=config.model.size)
+    if prep.size != config.model.size:
+        raise ValueError(f"preprocess size {prep.size} differs from the model size {config.model.size}")
+    source = os.path.abspath(source_dir) if (source_dir is not None and dataset == "folder") else None
+    train_idx, held_idx = holdout_split(len(split.ids), holdout, config.seed)
     cat_dir = runs.category_dir(results, "vae", dataset, category)
-    run_dir = None if new else runs.latest_run(cat_dir)
-    cfg_json = json.dumps(to_dict(config), indent=2)
-    if run_dir is not None:
-        old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
-        if old is not None and json.loads(old) != json.loads(cfg_json):
-            run_dir = None  # a different config is a new run
-    if run_dir is None:
-        run_dir = runs.new_run(cat_dir)
-    runs.atomic_write_text(run_dir / "config.json", cfg_json)
-    runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
-        {"dataset": dataset, "category": category, "fraction": holdout,
-         "ids": [split.ids[i] for i in held_idx]}, indent=2))
-    summary = train(config, images[train_idx], run_dir, progress=progress)
+    run_dir = None
+    if distributed.is_main():  # issue 6: one process chooses the folder and writes its files
+        run_dir = None if new else runs.latest_run(cat_dir)
+        cfg_json = json.dumps(to_dict(config), indent=2)
+        if run_dir is not None:
+            old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
+            if old is not None and json.loads(old) != json.loads(cfg_json):
+                run_dir = None  # a different config is a new run
+            elif (Preprocess.load(run_dir) or prep) != prep or _stored_source(run_dir) != source:
+                run_dir = None  # other preprocessing or another image folder: a new run
+        if run_dir is None:
+            run_dir = runs.new_run(cat_dir)
+        runs.atomic_write_text(run_dir / "config.json", cfg_json)
+        prep.save(run_dir)
+        runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
+            {"dataset": dataset, "category": category, "fraction": holdout, "source_dir": source,
+             "ids": [split.ids[i] for i in held_idx]}, indent=2))
+    run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir is not None else None))
+    images = training_inputs([split.images[i] for i in train_idx], prep, seed=config.seed)
+    summary = train(config, images, run_dir, progress=progress, mesh=mesh)
     return run_dir, summary
+
+
+def _stored_source(run_dir: Path) -> str | None:
+    """The image folder a run was trained on (holdout.json), None for built-in / MVTec AD data."""
+    path = Path(run_dir) / "holdout.json"
+    return json.loads(path.read_text()).get("source_dir") if path.exists() else None

@@ -1,0 +1,139 @@
+"""Sharded projection and data-parallel training equal the single-device ones (issue 6).
+
+XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax is imported, so each
+device count runs this file as a worker in a fresh subprocess (`python tests/test_sharding.py
+--worker N`), which computes both versions and prints their differences as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, N_IMAGES, BATCH = 32, 7, 3  # 7 images in batches of 3: neither is a multiple of 4 or 8
+
+
+def _run_worker(devices: int, *extra: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(devices), *extra], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four():
+    return _run_worker(4, "--train")
+
+
+@pytest.mark.parametrize("devices", [8])
+def test_projection_on_8_devices_equals_one_device(devices):
+    _check_projection(_run_worker(devices), devices)
+
+
+def test_projection_on_4_devices_equals_one_device(four):
+    _check_projection(four, 4)
+
+
+def _check_projection(out: dict, devices: int) -> None:
+    assert out["devices"] == devices and out["mesh"] == devices
+    for name, d in out["localize_diff"].items():  # maps, recon maps, x_T, f(x0): float32 rounding
+        assert d <= 1e-5, (name, d)
+    assert out["energies_rel_diff"] <= 1e-5
+    assert out["shapes_equal"]
+    for row in ("grad", "recon"):
+        for k, v in out["metrics_1"][row].items():
+            assert out["metrics_n"][row][k] == pytest.approx(v, abs=1e-6), (row, k)
+    assert out["project_sharded_diff"] <= 1e-5  # B=5 not a multiple of the device count
+
+
+def test_training_on_4_devices_equals_one_device(four):
+    t = four["train"]
+    assert t["steps"] == [3, 3]
+    # Adam's first steps move each weight by about lr * sign(gradient): where a gradient is ~0, its
+    # rounding can flip that sign, so a handful of weights may differ by up to 2 lr per step
+    assert t["param_frac_over_1e-6"] <= 1e-4, t
+    assert t["param_max_abs_diff"] <= 2 * 2e-4 * 3, t
+    assert t["loss_rel_diff"] <= 1e-4, t
+
+
+def test_mesh_helpers_in_one_process():
+    """make_mesh is None on one device (the unchanged single-device path); padding helper."""
+    from iepjax import sharding
+    assert sharding.make_mesh() is None
+    with pytest.raises(ValueError, match="--devices"):
+        sharding.make_mesh(2)
+    x, real = sharding.pad_to(np.arange(5)[:, None], 4)
+    assert real == 5 and x.shape == (8, 1) and (x[5:] == 4).all()
+    from iepjax import distributed
+    rows, real = distributed.process_rows(5)
+    assert real == 5 and rows.tolist() == [0, 1, 2, 3, 4]
+    assert distributed.initialize() is False  # nothing asked for: one process, nothing done
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+def _worker(devices: int, train: bool) -> dict:
+    import tempfile
+
+    import jax
+
+    from iepjax import ModelConfig, ProjectionConfig, TrainConfig, evaluation, init_params, project_fn, sharding
+    from iepjax import training
+
+    assert jax.device_count() == devices
+    model = ModelConfig(size=SIZE, channels=1, latent=4)
+    cfg = ProjectionConfig(model=model, steps=2, smoothing_sigma=1.0)
+    params = init_params(model, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N_IMAGES, SIZE, SIZE, 1), dtype=np.uint8)
+    masks = np.zeros((N_IMAGES, SIZE, SIZE), bool)
+    masks[4:, 8:16, 8:16] = True
+    labels = (np.arange(N_IMAGES) >= 4).astype(np.int64)
+    mesh = sharding.make_mesh()
+    one = evaluation.localize(params, images, cfg, batch_size=BATCH, progress=False)
+    many = evaluation.localize(params, images, cfg, batch_size=BATCH, progress=False, mesh=mesh)
+    fields = ("grad_maps", "recon_maps", "x_T", "recon")
+    out = {
+        "devices": jax.device_count(), "mesh": int(mesh.size),
+        "shapes_equal": all(getattr(one, f).shape == getattr(many, f).shape for f in fields + ("energies",)),
+        "localize_diff": {f: float(np.abs(getattr(one, f) - getattr(many, f)).max()) for f in fields},
+        "energies_rel_diff": float(np.abs(one.energies - many.energies).max() / np.abs(one.energies).max()),
+        "metrics_1": {"grad": evaluation.score(one.grad_maps, masks, labels),
+                      "recon": evaluation.score(one.recon_maps, masks, labels)},
+        "metrics_n": {"grad": evaluation.score(many.grad_maps, masks, labels),
+                      "recon": evaluation.score(many.recon_maps, masks, labels)},
+    }
+    x5 = images[:5].astype(np.float32) / 255.0
+    ref = project_fn(params, x5, cfg).maps
+    out["project_sharded_diff"] = float(np.abs(np.asarray(ref) - sharding.project_sharded(params, x5, cfg, mesh).maps).max())
+    if train:
+        tcfg = TrainConfig(model=model, steps=3, batch_size=8, seed=3, checkpoint_every=100, log_every=1)
+        timages = rng.integers(0, 256, (12, SIZE, SIZE, 1), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as d:
+            s1 = training.train(tcfg, timages, Path(d) / "one", progress=False)
+            s4 = training.train(tcfg, timages, Path(d) / "four", progress=False, mesh=mesh)
+            log1 = (Path(d) / "one" / "train_log.csv").read_text().splitlines()
+            log4 = (Path(d) / "four" / "train_log.csv").read_text().splitlines()
+        diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in
+                                zip(jax.tree.leaves(s1.state.params), jax.tree.leaves(s4.state.params))])
+        loss1 = np.array([float(r.split(",")[1]) for r in log1[1:]])
+        loss4 = np.array([float(r.split(",")[1]) for r in log4[1:]])
+        out["train"] = {"steps": [int(s1.state.step), int(s4.state.step)],
+                        "param_max_abs_diff": float(diffs.max()),
+                        "param_frac_over_1e-6": float(np.mean(diffs > 1e-6)),
+                        "loss_rel_diff": float(np.abs(loss1 - loss4).max() / np.abs(loss1).max())}
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(_worker(int(sys.argv[2]), "--train" in sys.argv)))
