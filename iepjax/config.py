@@ -58,7 +58,9 @@ class ProjectionConfig:
     Attributes:
       model: the architecture of the trained model whose loss is the energy.
       steps: T, number of gradient steps.
-      alpha: step size. Its scale depends on the 'sum' reduction of L_r and on the image size.
+      alpha: step size. Its scale depends on the likelihood and the 'sum' reduction of L_r: the
+        defaults (T 100, alpha 0.02, lam 0.05, sigma 1) are those calibrated for the Gaussian
+        likelihood on the built-in textures (README, "Calibration"); BCE models want ~0.5.
       lam: weight of the L1 proximity prior ||x - x0||_1.
       weighting: multiply the gradient by (x - f(x))^2 (the paper); False = plain gradient step
         (the paper's ablation).
@@ -69,11 +71,11 @@ class ProjectionConfig:
 
     model: ModelConfig = ModelConfig()
     steps: int = 100
-    alpha: float = 0.5
+    alpha: float = 0.02
     lam: float = 0.05
     weighting: bool = True
     use_kl: bool = True
-    smoothing_sigma: float = 2.0
+    smoothing_sigma: float = 1.0
     strategy: str = "scan"
 
     def __post_init__(self) -> None:
