@@ -229,7 +229,7 @@ def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out
              batch_size: int = 16, overlays: bool = True, progress: bool = True,
              threshold_source: str = "held-out normal training images", loc: Localization | None = None,
              official: dict | None = None) -> dict:
-    """Localise a labelled split; write metrics.json, scores.csv, maps, pictures and index.html into out_dir.
+    """Localise a labelled split; write metrics.json, thresholds.json, scores.csv, maps, pictures and index.html.
 
     `test`: an `iepjax.data.Split`; `thresholds`: {"grad", "recon"} -> NormalStats (from
     `load_or_calibrate`, or with thresholds given by the user). Returns the metrics dict.
@@ -261,6 +261,11 @@ def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out
                         "steady_img_per_s": (round(n_steady / max(loc.run_s - loc.compile_s, 1e-9), 3)
                                              if n_steady else None)}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    # the thresholds used here, kept with the projection: run_dir/thresholds.json holds one projection
+    # config's and is refitted (overwritten) when another config is projected or calibrated
+    atomic_write_text(out_dir / "thresholds.json", json.dumps(
+        {"source": threshold_source, "projection": to_dict(config),
+         **{row: thresholds[row]._asdict() for row in ("grad", "recon")}}, indent=2))
     g = thresholds["grad"]
     img_scores = metrics.image_scores(loc.grad_maps)
     report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,

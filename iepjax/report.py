@@ -88,6 +88,7 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 {cases('Best detected defects', picks['best'])}
 {cases('Worst: missed defects', picks['worst_missed'])}
 {cases('Worst: false alarms on good images', picks['worst_false_alarm'])}
-<p>Files: metrics.json, scores.csv, maps.npz (raw float maps), overlays/.</p>
+<p>Files: metrics.json, thresholds.json (the thresholds used), scores.csv, maps.npz (raw float maps),
+overlays/.</p>
 </body></html>"""
     atomic_write_text(Path(out_dir) / "index.html", body)
