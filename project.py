@@ -6,7 +6,7 @@
     python project.py --data-dir my_images --category widget   # your own labelled folder
     python project.py --data-dir my_images --category widget --input-dir new_parts/   # no labels
 
-Writes metrics.json, maps.npz, overlays/ and energy.png into <run>/projections/p<N>/ and prints
+Writes metrics.json, maps.npz, overlays/ and energy.png into <run>/projections/v<N>/ and prints
 the metrics table and that folder.
 """
 import argparse
