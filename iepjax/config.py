@@ -66,7 +66,6 @@ class ProjectionConfig:
         (the paper's ablation).
       use_kl: include the KL term in L_r during projection (only meaningful for a VAE).
       smoothing_sigma: std of the Gaussian smoothing of the anomaly map in pixels (0 = none).
-      strategy: how the step loop runs. "scan": one `lax.scan` inside one XLA program (default).
     """
 
     model: ModelConfig = ModelConfig()
@@ -76,7 +75,6 @@ class ProjectionConfig:
     weighting: bool = True
     use_kl: bool = True
     smoothing_sigma: float = 1.0
-    strategy: str = "scan"
 
     def __post_init__(self) -> None:
         if self.steps < 0:

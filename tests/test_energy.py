@@ -130,6 +130,19 @@ def test_prior_term_is_lam_times_l1_distance(params, model_cfg, energy_jit, imag
     assert float(aux_x0.prior) == 0.0
 
 
+def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images):
+    """The L1 prior's (sub)gradient is lam * sign(x - x0), 0 where x = x0 (as PyTorch's abs), so the
+    first step from x0 is the model loss's alone (jax.grad(jnp.abs)(0.) would be 1)."""
+    x0, x = images
+    grad = jax.jit(jax.grad(lambda x, cfg: energy(params, x, x0, cfg)[0]), static_argnums=1)
+    cfg = ProjectionConfig(model=model_cfg, lam=0.37)
+    no_prior = dataclasses.replace(cfg, lam=0.0)
+    np.testing.assert_allclose(np.asarray(grad(jnp.asarray(x0), cfg)), np.asarray(grad(jnp.asarray(x0), no_prior)),
+                               rtol=1e-6, atol=1e-7)
+    diff = np.asarray(grad(jnp.asarray(x), cfg)) - np.asarray(grad(jnp.asarray(x), no_prior))
+    np.testing.assert_allclose(diff, 0.37 * np.sign(x - x0), rtol=1e-4, atol=1e-4)
+
+
 def test_energy_is_the_model_loss_at_the_posterior_mean_plus_prior(params, model_cfg, energy_jit, images):
     x0, x = images
     cfg = ProjectionConfig(model=model_cfg, lam=0.05, use_kl=True)

@@ -1,0 +1,194 @@
+"""iepjax's projection side by side with the PyTorch eager loop (issue 5); prints JSON lines.
+
+    python benchmarks/compare_torch.py --torch-python /work/torchvenv/bin/python
+    python benchmarks/compare_torch.py --torch-python ... --decoder transposed --batch 16 --iters 100
+    python benchmarks/compare_torch.py --torch-python ... --check      # same maths? (weights copied)
+
+Installs nothing: `--torch-python` (default: this interpreter, or $TORCH_PYTHON) must import torch,
+e.g. a separate venv made with `python3 -m venv V && V/bin/pip install torch==2.13.0`.
+
+Timing: for each decoder, the JAX projection (`benchmarks/projection.py`, fresh process, batch
+`--batch`) and `../shared/bench/torch_reference.py` (batch 1, the same size, channels, steps and
+decoder, gradient through the network) run one after the other in this run. The reference runs
+once per `--torch-env` setting (default: PyTorch's defaults, and OMP_WAIT_POLICY=PASSIVE, which
+stops OpenMP from spin-waiting when another process shares the cores); the ratio is taken
+against the FASTEST PyTorch setting. One JSON line per decoder with both throughputs and
+`ratio` = JAX image-steps/s / PyTorch image-steps/s.
+
+`--check`: copies the JAX model's initial parameters into the reference's `VAE` (conv kernels
+HWIO -> OIHW, transposed-conv kernels flipped and laid out (I, O, K, K), dense kernels
+transposed), runs `--check-steps` projection steps of the same images in both, and prints the
+maximum differences of f(x0), E(x0) and x_T. Known difference (issue 5 README): the gradient of
+lam * |x - x0| at x = x0 is lam * sign(0) = 0 in PyTorch but lam * 1 in JAX (`jax.grad(jnp.abs)(0.)
+== 1`), so with the default lam the first step differs by alpha * lam * (x - f(x))^2 per pixel;
+`--check-lam 0` removes the prior and the two agree to float32 rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
+TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(extra or {})
+    return env
+
+
+def _last_json(cmd: list[str], env: dict) -> dict:
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def compare(a) -> int:
+    for dec in a.decoder:
+        jax_row = _last_json([sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--size", str(a.size),
+                              "--channels", str(a.channels), "--iters", str(a.iters), "--batch", str(a.batch),
+                              "--decoder", dec, "--repeats", str(a.repeats)], _env())
+        torch_rows = {}
+        for name in a.torch_env:
+            torch_rows[name] = _last_json(
+                [a.torch_python, str(a.torch_reference), "--size", str(a.size), "--channels", str(a.channels),
+                 "--iters", str(a.iters), "--batch", "1", "--images", str(a.torch_images), "--decoder", dec],
+                _env(TORCH_ENVS[name]))
+        best = max(torch_rows, key=lambda k: torch_rows[k]["iter_img_per_s"])
+        tb = torch_rows[best]["iter_img_per_s"]
+        print(json.dumps({
+            "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec,
+            "jax_batch": a.batch, "jax_iter_img_per_s": jax_row["iter_img_per_s"], "jax_img_per_s": jax_row["img_per_s"],
+            "jax_gflops": jax_row["gflops"], "matmul_gflops": jax_row["matmul_gflops"],
+            "torch_batch": 1, "torch_iter_img_per_s": {k: v["iter_img_per_s"] for k, v in torch_rows.items()},
+            "torch_best": best, "torch_threads": torch_rows[best]["threads"],
+            "ratio": round(jax_row["iter_img_per_s"] / tb, 3),
+            "ratio_vs_torch_default": round(jax_row["iter_img_per_s"] / torch_rows[a.torch_env[0]]["iter_img_per_s"], 3),
+            "loadavg": jax_row["loadavg"]}), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- same-maths check
+def _jax_side(a, dec: str, npz: str) -> None:
+    """Write initial params (torch layout), x0, and the JAX results to `npz`."""
+    import jax
+    import numpy as np
+
+    from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
+
+    model = ModelConfig(size=a.size, channels=a.channels, decoder=dec)
+    cfg = ProjectionConfig(model=model, steps=a.check_steps, lam=a.check_lam, alpha=a.check_alpha)
+    params = init_params(model, key=jax.random.key(1))
+    x0 = np.random.default_rng(0).random((2, a.size, a.size, a.channels), np.float32)
+    res = project_fn(params, x0, cfg)
+    f0 = jax.vmap(lambda x: reconstruct(params, x, cfg))(x0)
+    e0 = jax.vmap(lambda x: energy(params, x, x, cfg)[0])(x0)  # prior term 0 at x = x0
+    out = {}
+    for part in ("encoder", "decoder"):
+        layers = [(k, v) for k, v in params["params"][part].items() if k.startswith(("Conv", "ConvTranspose"))]
+        for i, (k, v) in enumerate(layers):  # dicts keep creation order = the network's order
+            w = np.asarray(v["kernel"])
+            if k.startswith("ConvTranspose"):  # conv of the dilated input, kernel not flipped
+                w = np.flip(w, (0, 1)).transpose(2, 3, 0, 1)  # -> torch ConvTranspose2d (I, O, K, K)
+            else:
+                w = w.transpose(3, 2, 0, 1)  # -> torch Conv2d (O, I, K, K)
+            out[f"{part}.{i}.weight"] = np.ascontiguousarray(w)
+            out[f"{part}.{i}.bias"] = np.asarray(v["bias"])
+    for head in ("mu", "logvar"):
+        out[f"{head}.weight"] = np.asarray(params["params"]["encoder"][head]["kernel"]).T.copy()
+        out[f"{head}.bias"] = np.asarray(params["params"]["encoder"][head]["bias"])
+    np.savez(npz, x0=x0, x_T=np.asarray(res.x_T), f0=np.asarray(f0), e0=np.asarray(e0), **out)
+
+
+def _torch_side(a, dec: str, npz: str) -> None:
+    """Load the JAX params into torch_reference.VAE, run the reference's `project`, print differences."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("torch_reference", a.torch_reference)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    d = np.load(npz)
+    model = ref.VAE(a.channels, size=a.size, decoder=dec).eval()
+    for part in ("encoder", "decoder"):
+        convs = [m for m in getattr(model, part) if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        for i, m in enumerate(convs):
+            w = torch.from_numpy(d[f"{part}.{i}.weight"])
+            if w.shape != m.weight.shape:
+                raise SystemExit(f"{part} layer {i}: JAX {tuple(w.shape)} vs torch {tuple(m.weight.shape)}")
+            m.weight.data.copy_(w)
+            m.bias.data.copy_(torch.from_numpy(d[f"{part}.{i}.bias"]))
+    for head in ("mu", "logvar"):
+        getattr(model, head).weight.data.copy_(torch.from_numpy(d[f"{head}.weight"]))
+        getattr(model, head).bias.data.copy_(torch.from_numpy(d[f"{head}.bias"]))
+    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        rec, mu, logvar = model(x0)
+        e0 = [float(F.binary_cross_entropy(rec[i], x0[i], reduction="sum")
+                    - 0.5 * torch.sum(1 + logvar[i] - mu[i] ** 2 - logvar[i].exp())) for i in range(len(x0))]
+    xt = torch.cat([ref.project(model, x0[i:i + 1], a.check_steps, alpha=a.check_alpha, lam=a.check_lam) for i in range(len(x0))])
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    print(json.dumps({"decoder": dec, "size": a.size, "channels": a.channels, "steps": a.check_steps, "alpha": a.check_alpha, "lam": a.check_lam,
+                      "n_params_torch": sum(p.numel() for p in model.parameters()),
+                      "max_abs_diff_f_x0": float(np.abs(nhwc(rec) - d["f0"]).max()),
+                      "max_rel_diff_energy_x0": float(np.max(np.abs(np.array(e0) - d["e0"]) / np.abs(d["e0"]))),
+                      "max_abs_diff_x_T": float(np.abs(nhwc(xt) - d["x_T"]).max()),
+                      "mean_abs_update_x_T": float(np.abs(d["x_T"] - d["x0"]).mean())}), flush=True)
+
+
+def check(a) -> int:
+    for dec in a.decoder:
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = os.path.join(tmp, "check.npz")
+            common = ["--size", str(a.size), "--channels", str(a.channels), "--check-steps", str(a.check_steps),
+                      "--check-lam", str(a.check_lam), "--check-alpha", str(a.check_alpha),
+                      "--decoder", dec, "--torch-reference", str(a.torch_reference)]
+            subprocess.run([sys.executable, __file__, "--jax-side", npz] + common, env=_env(), check=True)
+            subprocess.run([a.torch_python, __file__, "--torch-side", npz] + common, env=_env(), check=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--iters", type=int, default=100, help="projection steps (both sides)")
+    p.add_argument("--batch", type=int, default=16, help="JAX batch (the reference always uses 1)")
+    p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
+    p.add_argument("--repeats", type=int, default=3, help="JAX timed calls (median)")
+    p.add_argument("--torch-images", type=int, default=4, help="images the reference projects (timed)")
+    p.add_argument("--torch-env", nargs="+", default=["default", "passive"], choices=sorted(TORCH_ENVS))
+    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
+    p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
+    p.add_argument("--check", action="store_true", help="compare the maths instead of timing")
+    p.add_argument("--check-steps", type=int, default=5)
+    p.add_argument("--check-lam", type=float, default=0.05, help="lam of the check (0: no L1 prior)")
+    p.add_argument("--check-alpha", type=float, default=0.5, help="step size of the check (the reference's default)")
+    p.add_argument("--jax-side", help=argparse.SUPPRESS)
+    p.add_argument("--torch-side", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.jax_side:
+        return _jax_side(a, a.decoder[0], a.jax_side) or 0
+    if a.torch_side:
+        return _torch_side(a, a.decoder[0], a.torch_side) or 0
+    if not a.torch_reference.exists():
+        raise SystemExit(f"{a.torch_reference} not found: pass --torch-reference PATH")
+    probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
+    if probe.returncode:
+        raise SystemExit(f"{a.torch_python} cannot import torch: install it in a separate venv "
+                         "(python3 -m venv V && V/bin/pip install torch) and pass --torch-python V/bin/python")
+    return check(a) if a.check else compare(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Training images/s: `iepjax.training.train_step` vs the same PyTorch train step (issue 5); JSON lines.
+
+    python benchmarks/training.py --torch-python /work/torchvenv/bin/python
+    python benchmarks/training.py --batch 32 --decoder transposed --steps 10
+
+Both sides: the method's VAE (`../shared/bench/torch_reference.py`'s `VAE` for PyTorch), loss =
+summed BCE + KL with z sampled by the reparameterisation trick, averaged over the batch,
+Adam(2e-4, betas (0.5, 0.999)), the same batch of uint8 images converted to [0, 1], no
+augmentation (TrainConfig(augment=False)). Each side runs in its own process: `--steps` timed
+steps after `--warmup` untimed ones (JAX: the first compiles). PyTorch runs once per
+`--torch-env` setting (see compare_torch.py); the ratio is against the fastest one.
+Installs nothing: `--torch-python` must import torch (skipped with a note when it cannot).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
+TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
+
+
+def jax_side(a) -> dict:
+    import jax
+    import numpy as np
+
+    from iepjax import training
+    from iepjax.config import ModelConfig, TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
+                      batch_size=a.batch, augment=False)
+    state = training.init_state(cfg, key=jax.random.key(0))
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
+    t0 = time.perf_counter()
+    for _ in range(a.warmup):
+        state, terms = training.train_step(state, batch, cfg)
+    jax.block_until_ready(state)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        state, terms = training.train_step(state, batch, cfg)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    return {"impl": "iepjax", "first_s": round(first, 3), "seconds": round(dt, 3),
+            "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total)}
+
+
+def torch_side(a) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("torch_reference", a.torch_reference)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    torch.manual_seed(0)
+    model = ref.VAE(a.channels, size=a.size, decoder=a.decoder).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    u8 = np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8)
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+    def step():
+        h = model.encoder(x).flatten(1)
+        mu, logvar = model.mu(h), model.logvar(h).clamp(-15.0, 8.0)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        rec = model.decoder(z[:, :, None, None])
+        bce = F.binary_cross_entropy(rec, x, reduction="sum")
+        kl = -0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp())
+        loss = (bce + kl) / x.shape[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(a.warmup):
+        step()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    dt = time.perf_counter() - t0
+    return {"impl": "torch-eager", "threads": torch.get_num_threads(), "first_s": round(first, 3),
+            "seconds": round(dt, 3), "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(loss.detach())}
+
+
+def _run(python: str, a, side: str, extra_env: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(extra_env)
+    cmd = [python, __file__, side, "--size", str(a.size), "--channels", str(a.channels), "--batch", str(a.batch),
+           "--decoder", a.decoder, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--torch-reference", str(a.torch_reference)]
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode})")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--decoder", default="upsample", choices=["upsample", "transposed"])
+    p.add_argument("--steps", type=int, default=5, help="timed train steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles in the first)")
+    p.add_argument("--torch-env", nargs="+", default=["passive", "1thread"], choices=sorted(TORCH_ENVS))
+    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
+    p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
+    p.add_argument("--jax-side", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch-side", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.jax_side or a.torch_side:
+        print(json.dumps(jax_side(a) if a.jax_side else torch_side(a)), flush=True)
+        return 0
+    row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
+           "loadavg": round(os.getloadavg()[0], 2)}
+    j = _run(sys.executable, a, "--jax-side", {})
+    row["jax_img_per_s"] = j["img_per_s"]
+    probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
+    if probe.returncode or not a.torch_reference.exists():
+        row["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"
+    else:
+        t = {name: _run(a.torch_python, a, "--torch-side", TORCH_ENVS[name]) for name in a.torch_env}
+        best = max(t, key=lambda k: t[k]["img_per_s"])
+        row.update(torch_img_per_s={k: v["img_per_s"] for k, v in t.items()}, torch_best=best,
+                   ratio=round(j["img_per_s"] / t[best]["img_per_s"], 3))
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
