@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
           f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
     if c.collapsed:
-        print("ERROR: the model collapsed to predicting the mean image (loss near the constant predictor's, KL near 0). "
+        print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
+              "predictor's, ratio >= 0.97). "
               "Try --likelihood gaussian, more --steps or another --lr; see README 'Likelihood'.", file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {run_dir}")

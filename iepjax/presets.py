@@ -6,8 +6,8 @@ Projection defaults (steps, alpha, lam, smoothing) were calibrated on the built-
 from __future__ import annotations
 
 # Built-in textures, measured on this project's 2-core CPU (README, "Calibration"; tools/calibrate.py):
-# 64 px inputs (the 128 px crops halved) so that training + projection of brick fit the README's
-# 10-minute budget; Gaussian likelihood with learned gamma (BCE measured beside it, README
+# 64 px model inputs (patches of the 128 px crops, below) so that training + projection of brick fit
+# the README's 10-minute budget; Gaussian likelihood with learned gamma (BCE measured beside it, README
 # "Likelihood"); transposed-conv decoder (Bergmann et al. 2018); Adam lr 5e-4 (2.5x the paper's, for
 # the short budget; 1e-3 diverged), 5000 steps of 16 (better than 2500 of 32 in the same time).
 # Projection: alpha 0.02 (with the Gaussian 'sum' loss the step is ~alpha e^3 / gamma^2 per pixel,
@@ -27,9 +27,12 @@ PRESETS: dict[tuple[str, str], dict] = {
 # images tiled at that scale. kind "object": whole image resized to size x size, no augmentation
 # (a flipped metal_nut or a rotated transistor is a defect). Training length for MVTec AD is not
 # given by the paper: 10 000 steps x 32 = 32 epochs of 10 000 patches, a documented guess.
-# The built-in textures are 128 px crops: texture_fov 1.0 makes the (resized) crop the whole image.
+# The built-in textures are 128 px crops: texture_fov 0.5 trains on random 64 px patches of them at
+# full resolution and tiles each test crop into 4 patches. Measured against resizing the whole crop
+# to 64 px (texture_fov 1.0), same training time: brick pixel AUROC 0.75 -> 0.92 (both rows), the
+# model's squared error 0.19 -> 0.09 of the mean predictor's (README, "Calibration").
 for _k in PRESETS:
-    PRESETS[_k].update(augment=True, texture_fov=1.0, patches_per_epoch=10000)
+    PRESETS[_k].update(augment=True, texture_fov=0.5, patches_per_epoch=10000)
 _MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 _MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
                   "transistor", "zipper")

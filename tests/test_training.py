@@ -106,8 +106,9 @@ def test_collapse_check_flags_a_mean_predicting_model(constant_params, model_cfg
     assert report.recon_per_pixel == pytest.approx(report.constant_per_pixel, rel=2e-3)
 
 
-def test_collapse_check_needs_a_small_kl(constant_params, model_cfg, images_u8):
-    """Same mean-predicting decoder, but a posterior far from the prior (mu = 2): not flagged."""
+def test_collapse_check_flags_a_decoder_that_ignores_an_informative_posterior(constant_params, model_cfg, images_u8):
+    """Same mean-predicting decoder, but a posterior far from the prior (mu = 2, KL 200 nats): the
+    reconstruction is still the mean image, so it is flagged, and the KL is reported."""
     mean = float(images_u8.astype(np.float64).mean() / 255.0)
     p = constant_params(mean, zero_posterior=True)
     enc = dict(p["params"]["encoder"], mu={**p["params"]["encoder"]["mu"],
@@ -116,7 +117,14 @@ def test_collapse_check_needs_a_small_kl(constant_params, model_cfg, images_u8):
     report = training.collapse_check(p, images_u8, model_cfg)
     assert report.ratio == pytest.approx(1.0, abs=2e-3)
     assert report.kl_per_image == pytest.approx(0.5 * model_cfg.latent * 4.0, rel=1e-5)
-    assert not report.collapsed
+    assert report.collapsed
+
+
+def test_collapse_check_passes_a_model_that_reconstructs(trained, model_cfg, images_u8):
+    """The suite's briefly trained model reconstructs its pattern better than the mean image."""
+    params, _ = trained
+    report = training.collapse_check(params, images_u8, model_cfg)
+    assert report.ratio < 0.97 and not report.collapsed, report
 
 
 def test_holdout_split_is_disjoint_and_deterministic():

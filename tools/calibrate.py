@@ -32,28 +32,34 @@ def main(argv=None) -> int:
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID, help="T,alpha,lam,sigma,weighting,use_kl entries")
     a = p.parse_args(argv)
 
-    from iepjax import data, evaluation, runs
+    from iepjax import data, evaluation, protocol, runs
     from iepjax.config import ProjectionConfig
-    from iepjax.data.preprocess import resize_images, resize_masks
+    from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
     from iepjax.training import load_params
 
     run_dir = runs.find_run(a.results, "vae", a.dataset, a.category, a.run)
     params, tcfg = load_params(run_dir)
-    size = tcfg.model.size
+    prep = Preprocess.load(run_dir)  # the run's preprocessing (resize or tiling), as project.py uses it
     test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, progress=False,
                            **({"seed": a.data_seed} if a.data_seed else {}))
-    images, masks = resize_images(test.images, size), resize_masks(test.masks, size)
     for spec in a.grid:
         t, alpha, lam, sigma, weighting, use_kl = spec.split(",")
         cfg = ProjectionConfig(model=tcfg.model, steps=int(t), alpha=float(alpha), lam=float(lam),
                                smoothing_sigma=float(sigma), weighting=weighting == "1", use_kl=use_kl == "1")
         t0 = time.perf_counter()
-        loc = evaluation.localize(params, images, cfg, progress=False)
-        e = loc.energies.mean(axis=0)
+        if prep is not None:  # maps at the original image sizes (the official protocol)
+            res = protocol.localize_images(params, cfg, test.images, prep, progress=False)
+            scores, e = protocol.official_metrics(res.maps, test), res.loc.energies.mean(axis=0)
+        else:
+            size = tcfg.model.size
+            loc = evaluation.localize(params, resize_images(test.images, size), cfg, progress=False)
+            masks = resize_masks(test.masks, size)
+            scores = {"recon": evaluation.score(loc.recon_maps, masks, test.labels),
+                      "grad": evaluation.score(loc.grad_maps, masks, test.labels)}
+            e = loc.energies.mean(axis=0)
         row = {"run": str(run_dir), "data_seed": a.data_seed, "steps": cfg.steps, "alpha": cfg.alpha, "lam": cfg.lam,
                "sigma": cfg.smoothing_sigma, "weighting": cfg.weighting, "use_kl": cfg.use_kl,
-               "recon": evaluation.score(loc.recon_maps, masks, test.labels),
-               "grad": evaluation.score(loc.grad_maps, masks, test.labels),
+               "recon": scores["recon"], "grad": scores["grad"],
                "energy": [float(e[0]), float(e[len(e) // 2]), float(e[-1])] if len(e) else [],
                "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps(row), flush=True)
