@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     if c.collapsed:
         print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
               "predictor's, ratio >= 0.97). "
-              "Try --likelihood gaussian, more --steps or another --lr; see README 'Likelihood'.", file=sys.stderr)
+              + ("Try --likelihood gaussian, " if summary.config.model.likelihood == "bce" else "Try ")
+              + "more --steps, another --lr or --seed; see README 'How the defaults were chosen'.", file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {run_dir}")
             return 3
