@@ -111,7 +111,10 @@ def roc_curves(path: Path, maps_by_row: dict, masks_NxHxW: np.ndarray) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false-positive rate (pixels)")
     ax.set_ylabel("true-positive rate")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    else:  # no ground-truth masks (or no defect pixels): no curve to draw
+        ax.set_title("no defect pixels with masks: no ROC", fontsize=8)
     _save(fig, plt, path)
 
 
