@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     distributed.add_flags(p)
     a = p.parse_args(argv)
     distributed.initialize_from_args(a)
-    if a.data_dir is not None:
-        if a.dataset not in ("textures", "folder"):
-            p.error("--data-dir is your own image folder: leave out --dataset (or use --dataset folder)")
-        a.dataset = "folder"
-    source_dir = a.data_dir if a.dataset == "folder" else a.manual_dir
+    from iepjax.data import dataset_and_source
+    try:
+        a.dataset, source_dir = dataset_and_source(a.dataset, a.data_dir, a.manual_dir)
+    except ValueError as e:
+        p.error(str(e))
 
     from iepjax import evaluation, runs, sharding
     from iepjax.data import DataError

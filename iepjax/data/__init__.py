@@ -185,5 +185,18 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-__all__ = ["CATEGORIES", "SPLITS", "DataError", "MVTEC_CATEGORIES", "Split", "TEXTURE_CATEGORIES",
+__all__ = ["CATEGORIES", "SPLITS", "DataError", "dataset_and_source", "MVTEC_CATEGORIES", "Split", "TEXTURE_CATEGORIES",
            "default_data_dir", "get_builder", "load_split", "prepare"]
+
+
+def dataset_and_source(dataset: str, data_dir: str | None, manual_dir: str | None) -> tuple[str, str | None]:
+    """The scripts' --dataset/--data-dir/--manual-dir -> (dataset, source folder for the builder).
+
+    --data-dir names your own image folder and means dataset "folder"; ValueError if another
+    dataset was asked for too.
+    """
+    if data_dir is not None:
+        if dataset not in ("textures", "folder"):
+            raise ValueError("--data-dir is your own image folder: leave out --dataset (or use --dataset folder)")
+        dataset = "folder"
+    return dataset, (data_dir if dataset == "folder" else manual_dir)
