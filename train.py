@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--lr", type=float, help="Adam learning rate (paper: 2e-4)")
     p.add_argument("--size", "--image-size", dest="size", type=int,
-                   help="model input size, a multiple of 16 (default 128, the paper's; 256 also works)")
+                   help="model input size, a multiple of 16 (default: the category preset, 64 for the built-in "
+                        "textures, 128 for MVTec AD as in the paper; 256 also works)")
     # --- issue 3: MVTec AD and own image folders (docs/datasets.md) ---
     p.add_argument("--data-dir", default=None,
                    help="your own images in the MVTec AD layout: DIR/<category>/train/good/*, DIR/<category>/test/<kind>/*, "

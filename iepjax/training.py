@@ -155,13 +155,13 @@ def _posterior_mean_terms(params: dict, x_BxHxWxC: jax.Array, config: ModelConfi
 
 
 def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig, *,
-                   threshold: float = 0.97, kl_min: float = 1.0, max_images: int = 256) -> CollapseReport:
+                   threshold: float = 0.97, max_images: int = 256) -> CollapseReport:
     """Detect a VAE that predicts the mean image (method.md): L_r near the constant predictor's.
 
     For BCE, both losses are per-pixel cross-entropies; for the Gaussian likelihood, per-pixel
     squared errors of f(x) (the learned gamma is left out so the two are comparable).
     collapsed = recon_per_pixel >= threshold * constant_per_pixel. The KL is reported beside it:
-    usually near 0 (< kl_min) in a collapse, but a decoder can also ignore a posterior that
+    usually near 0 in a collapse, but a decoder can also ignore a posterior that
     carries a few nats (seen on the built-in grass: KL 8.4 per image, ratio 1.000), which is a
     collapse all the same.
     """
