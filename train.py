@@ -56,7 +56,6 @@ def main(argv=None) -> int:
 
     from iepjax import data, sharding, training
     from iepjax.data.preprocess import from_preset
-    mesh = sharding.make_mesh(a.devices)  # issue 6: None on one device (the single-device path)
     try:
         pre = preset(a.dataset, a.category)
         if a.kind is not None:
@@ -68,6 +67,8 @@ def main(argv=None) -> int:
                         likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
     config = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
                          learning_rate=a.lr or pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
+    # the batch split over the devices (one per CPU core by default, see --cpu-devices); None on one device
+    mesh = sharding.make_mesh(a.devices, divides=config.batch_size)
     try:
         run_dir, summary = training.train_run(config, a.dataset, a.category, results=a.results, data_dir=a.tfds_dir,
                                               holdout=a.holdout, new=a.new, progress=not a.no_progress,

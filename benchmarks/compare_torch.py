@@ -18,10 +18,11 @@ against the FASTEST PyTorch setting. One JSON line per decoder with both through
 `--check`: copies the JAX model's initial parameters into the reference's `VAE` (conv kernels
 HWIO -> OIHW, transposed-conv kernels flipped and laid out (I, O, K, K), dense kernels
 transposed), runs `--check-steps` projection steps of the same images in both, and prints the
-maximum differences of f(x0), E(x0) and x_T. Known difference (issue 5 README): the gradient of
-lam * |x - x0| at x = x0 is lam * sign(0) = 0 in PyTorch but lam * 1 in JAX (`jax.grad(jnp.abs)(0.)
-== 1`), so with the default lam the first step differs by alpha * lam * (x - f(x))^2 per pixel;
-`--check-lam 0` removes the prior and the two agree to float32 rounding.
+maximum differences of f(x0), E(x0) and x_T. The L1 prior's subgradient at x = x0 is 0 on both
+sides (sign(0); iepjax.energy), so they agree to float32 rounding with or without it.
+
+JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in the scripts):
+XLA:CPU runs each convolution on one core, PyTorch uses the cores through its intra-op threads.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def compare(a) -> int:
     for dec in a.decoder:
         jax_row = _last_json([sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--size", str(a.size),
                               "--channels", str(a.channels), "--iters", str(a.iters), "--batch", str(a.batch),
-                              "--decoder", dec, "--repeats", str(a.repeats)], _env())
+                              "--decoder", dec, "--repeats", str(a.repeats)]
+                             + ([] if a.cpu_devices is None else ["--cpu-devices", str(a.cpu_devices)]), _env())
         torch_rows = {}
         for name in a.torch_env:
             torch_rows[name] = _last_json(
@@ -67,7 +69,7 @@ def compare(a) -> int:
         tb = torch_rows[best]["iter_img_per_s"]
         print(json.dumps({
             "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec,
-            "jax_batch": a.batch, "jax_iter_img_per_s": jax_row["iter_img_per_s"], "jax_img_per_s": jax_row["img_per_s"],
+            "jax_batch": a.batch, "jax_devices": jax_row["devices"], "jax_iter_img_per_s": jax_row["iter_img_per_s"], "jax_img_per_s": jax_row["img_per_s"],
             "jax_gflops": jax_row["gflops"], "matmul_gflops": jax_row["matmul_gflops"],
             "torch_batch": 1, "torch_iter_img_per_s": {k: v["iter_img_per_s"] for k, v in torch_rows.items()},
             "torch_best": best, "torch_threads": torch_rows[best]["threads"],
@@ -166,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16, help="JAX batch (the reference always uses 1)")
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
     p.add_argument("--repeats", type=int, default=3, help="JAX timed calls (median)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="JAX CPU devices the batch is split over (default: one per core, like the scripts; PyTorch "
+                        "uses the cores through its own threads)")
     p.add_argument("--torch-images", type=int, default=4, help="images the reference projects (timed)")
     p.add_argument("--torch-env", nargs="+", default=["default", "passive"], choices=sorted(TORCH_ENVS))
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))

@@ -24,6 +24,11 @@ comparable. Keys of each line:
   matmul_gflops   a jitted float32 2048x2048 matmul in the same subprocess, right after the timing
   loadavg         1-minute load average when the configuration started (the machine may be shared)
   cpu_util        CPU seconds / wall seconds of this process during the timed calls (cores it used)
+  devices         JAX devices the batch is split over (`--cpu-devices`, default one per core as in
+                  train.py/project.py: XLA:CPU runs each convolution on one core, so a second device is
+                  what puts the second core to work); the program is `project_fn` itself, fed a batch
+                  sharded over the devices and replicated parameters (jit follows its inputs'
+                  shardings). `temp_mb` is then per device.
 
 `--strategy`: `scan` (what `project_fn` runs: one `lax.scan` in one XLA program) or `hostloop`: a benchmark-only
 reference (not part of the API) that runs `jit(vmap(projection_step))` in a Python loop, i.e. each
@@ -68,18 +73,28 @@ def _flops(compiled) -> float:
     return float(ca["flops"])
 
 
-def measure(size: int, channels: int, iters: int, batch: int, decoder: str, strategy: str, repeats: int) -> dict:
+def measure(size: int, channels: int, iters: int, batch: int, decoder: str, strategy: str, repeats: int,
+            cpu_devices: int | None = None) -> dict:
     """Time one configuration in this process (call it in a fresh process)."""
     import jax
+
+    from iepjax import distributed
+    distributed.use_cpu_cores(cpu_devices)  # before any JAX computation
     import numpy as np
 
-    from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, projection_step
+    from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, projection_step, sharding
 
     load = os.getloadavg()[0]
     model = ModelConfig(size=size, channels=channels, decoder=decoder)
     config = ProjectionConfig(model=model, steps=iters)
     params = init_params(model, key=jax.random.key(0))
-    x0 = jax.device_put(np.random.default_rng(0).random((batch, size, size, channels), np.float32))
+    x0_host = np.random.default_rng(0).random((batch, size, size, channels), np.float32)
+    mesh = sharding.make_mesh(divides=batch)
+    if mesh is None:
+        x0 = jax.device_put(x0_host)
+    else:  # the batch split over the devices; project_fn's jit follows the inputs' shardings
+        params = sharding.replicate(params, mesh)
+        x0 = sharding.shard_batch(x0_host, mesh)
     step = jax.jit(jax.vmap(lambda x, x0: projection_step(params, x, x0, config)))
 
     if strategy == "hostloop":
@@ -106,8 +121,11 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     dt = float(np.median(times))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
-    # Analysis after the RSS reading, so its compilations do not count.
-    step_flops = _flops(step.lower(x0, x0).compile()) / batch
+    # Analysis after the RSS reading, so its compilations do not count. Flops of the whole batch
+    # from the unsplit program (a split one reports one device's share).
+    host_params = jax.device_get(params)
+    step_flops = _flops(jax.jit(jax.vmap(lambda x, x0: projection_step(host_params, x, x0, config)))
+                        .lower(x0_host, x0_host).compile()) / batch
     compile_times = []
     for _ in range(3):  # median of 3 compilations; clear_caches so each one really compiles
         jax.clear_caches()
@@ -117,7 +135,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     lower_compile_s = float(np.median(compile_times))
     mem = whole.memory_analysis()
     temp_mb = None if mem is None else mem.temp_size_in_bytes / 2 ** 20
-    scan_flops = _flops(whole) / batch
+    scan_flops = _flops(whole) / batch * (1 if mesh is None else mesh.size)
     return {"size": size, "channels": channels, "iters": iters, "batch": batch, "decoder": decoder,
             "strategy": strategy, "repeats": repeats,
             "iter_img_per_s": round(batch * iters / dt, 2), "img_per_s": round(batch / dt, 4),
@@ -128,6 +146,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
             "scan_cost_analysis_gflop_per_img": round(scan_flops / 1e9, 4),
             "gflops": round(step_flops * batch * iters / dt / 1e9, 2),
             "matmul_gflops": round(matmul_gflops(), 2),
+            "devices": 1 if mesh is None else int(mesh.size),
             "platform": jax.devices()[0].platform, "cores": os.cpu_count(), "loadavg": round(load, 2),
             "cpu_util": round(cpu_util, 2), "jax": jax.__version__}
 
@@ -211,11 +230,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median reported)")
     p.add_argument("--profile", action="store_true",
                    help="per-convolution time of one step (first size/channels/batch/decoder), see `profile`")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="CPU devices to split the batch over (default: one per core, as train.py/project.py; "
+                        "1: the single-device program)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # run the single configuration here
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(measure(a.size[0], a.channels[0], a.iters[0], a.batch[0], a.decoder[0],
-                                 a.strategy[0], a.repeats)), flush=True)
+                                 a.strategy[0], a.repeats, a.cpu_devices)), flush=True)
         return 0
     if a.profile:
         for row in profile(a.size[0], a.channels[0], a.batch[0], a.decoder[0], max(a.repeats, 5)):
@@ -226,6 +248,8 @@ def main(argv=None) -> int:
     for size, ch, it, b, dec, st in itertools.product(a.size, a.channels, a.iters, a.batch, a.decoder, a.strategy):
         cmd = [sys.executable, __file__, "--one", "--size", str(size), "--channels", str(ch), "--iters", str(it),
                "--batch", str(b), "--decoder", dec, "--strategy", st, "--repeats", str(a.repeats)]
+        if a.cpu_devices is not None:
+            cmd += ["--cpu-devices", str(a.cpu_devices)]
         r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         if r.returncode:
             rc = r.returncode

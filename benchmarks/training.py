@@ -10,6 +10,9 @@ augmentation (TrainConfig(augment=False)). Each side runs in its own process: `-
 steps after `--warmup` untimed ones (JAX: the first compiles). PyTorch runs once per
 `--torch-env` setting (see compare_torch.py); the ratio is against the fastest one.
 Installs nothing: `--torch-python` must import torch (skipped with a note when it cannot).
+JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in train.py), the
+data-parallel step of `iepjax.sharding` (gradients averaged over the devices); PyTorch uses the
+cores through its intra-op threads.
 """
 from __future__ import annotations
 
@@ -29,26 +32,36 @@ TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread
 
 def jax_side(a) -> dict:
     import jax
+
+    from iepjax import distributed
+    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     import numpy as np
 
-    from iepjax import training
+    from iepjax import sharding, training
     from iepjax.config import ModelConfig, TrainConfig
 
     cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
                       batch_size=a.batch, augment=False)
     state = training.init_state(cfg, key=jax.random.key(0))
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
+    u8 = np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8)
+    mesh = sharding.make_mesh(divides=a.batch)
+    if mesh is None:
+        step, batch = training.train_step, jax.device_put(u8)
+    else:
+        step, batch = sharding.train_step_sharded(mesh), sharding.shard_batch(u8, mesh)
+        state = sharding.replicate(state, mesh)
     t0 = time.perf_counter()
     for _ in range(a.warmup):
-        state, terms = training.train_step(state, batch, cfg)
+        state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        state, terms = training.train_step(state, batch, cfg)
+        state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
-    return {"impl": "iepjax", "first_s": round(first, 3), "seconds": round(dt, 3),
+    return {"impl": "iepjax", "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
+            "seconds": round(dt, 3),
             "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total)}
 
 
@@ -97,6 +110,8 @@ def _run(python: str, a, side: str, extra_env: dict) -> dict:
     cmd = [python, __file__, side, "--size", str(a.size), "--channels", str(a.channels), "--batch", str(a.batch),
            "--decoder", a.decoder, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--torch-reference", str(a.torch_reference)]
+    if a.cpu_devices is not None:
+        cmd += ["--cpu-devices", str(a.cpu_devices)]
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode})")
@@ -111,7 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--decoder", default="upsample", choices=["upsample", "transposed"])
     p.add_argument("--steps", type=int, default=5, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles in the first)")
-    p.add_argument("--torch-env", nargs="+", default=["passive", "1thread"], choices=sorted(TORCH_ENVS))
+    p.add_argument("--torch-env", nargs="+", default=["default", "passive", "1thread"], choices=sorted(TORCH_ENVS))
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
     p.add_argument("--jax-side", action="store_true", help=argparse.SUPPRESS)
@@ -123,7 +140,7 @@ def main(argv=None) -> int:
     row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
            "loadavg": round(os.getloadavg()[0], 2)}
     j = _run(sys.executable, a, "--jax-side", {})
-    row["jax_img_per_s"] = j["img_per_s"]
+    row["jax_img_per_s"], row["jax_devices"] = j["img_per_s"], j["devices"]
     probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
     if probe.returncode or not a.torch_reference.exists():
         row["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"

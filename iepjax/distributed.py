@@ -28,6 +28,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("multi-process (jax.distributed; see docs/scaling.md)")
     g.add_argument("--devices", type=int, default=None,
                    help="devices to split each batch over, per process (default: all visible)")
+    g.add_argument("--cpu-devices", type=int, default=None,
+                   help="on CPU: split the cores into this many JAX devices (default: one per core in a "
+                        "single process, 1 per process with several; XLA:CPU runs each convolution on one "
+                        "core, so one device per core is what uses them all)")
     g.add_argument("--coordinator", default=None, help=f"host:port of process 0 (env {ENV_COORDINATOR})")
     g.add_argument("--num-processes", type=int, default=None, help=f"number of processes (env {ENV_NUM_PROCESSES})")
     g.add_argument("--process-id", type=int, default=None, help=f"this process, 0..N-1 (env {ENV_PROCESS_ID})")
@@ -58,8 +62,49 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
-    """`initialize` from the flags of `add_flags`."""
+    """`use_cpu_cores` and `initialize` from the flags of `add_flags`."""
+    multi = bool(args.distributed or args.coordinator or args.num_processes not in (None, 1)
+                 or os.environ.get(ENV_COORDINATOR) or os.environ.get(ENV_NUM_PROCESSES, "1") != "1")
+    if args.cpu_devices is not None or not multi:
+        use_cpu_cores(args.cpu_devices)
     return initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else `os.cpu_count()`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def use_cpu_cores(n: int | None = None) -> int:
+    """Make JAX's CPU backend `n` devices (default: one per core); return the count in effect.
+
+    XLA:CPU runs each convolution on a single thread, so a one-device CPU backend leaves all
+    cores but one idle during the projection and training; with one device per core and the
+    batch split over them (`iepjax.sharding`) every core works (2.0x on 2 cores, benchmarks/).
+    Only the CPU backend is affected (GPU/TPU devices are untouched). Must run before JAX
+    initialises its backends. With `n` None, a count already chosen wins: `jax_num_cpu_devices`
+    set by the caller (or $JAX_NUM_CPU_DEVICES), `--xla_force_host_platform_device_count` in
+    XLA_FLAGS, or backends already running; nothing is changed then.
+    """
+    if n is None:
+        from jax._src import xla_bridge  # no public query for "backends initialised"
+        if jax.config.jax_num_cpu_devices >= 0:
+            return jax.config.jax_num_cpu_devices
+        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
+                or xla_bridge.backends_are_initialized():
+            return len(jax.devices("cpu"))
+    n = cpu_cores() if n is None else n
+    if n < 1:
+        raise ValueError(f"--cpu-devices {n}: give 1 or more")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:
+        raise RuntimeError("use_cpu_cores must run before the first JAX computation "
+                           "(call it right after `import jax`)") from e
+    return n
 
 
 def is_main() -> bool:
@@ -130,5 +175,5 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["add_flags", "initialize", "initialize_from_args", "is_main", "process_rows", "gather_rows",
+__all__ = ["add_flags", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "is_main", "process_rows", "gather_rows",
            "broadcast_text", "main_first", "barrier"]

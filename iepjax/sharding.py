@@ -25,13 +25,14 @@ from iepjax.projection import ProjectionResult, project_image
 DATA = "data"
 
 
-def make_mesh(devices: int | None = None) -> Mesh | None:
+def make_mesh(devices: int | None = None, *, divides: int | None = None) -> Mesh | None:
     """A 1-D mesh ("data",) over the first `devices` devices of every process (all by default).
 
     In one process that is `jax.devices()[:devices]`; with several processes `devices` counts
-    devices per process and the mesh holds that many of each process's local devices.
-    Returns None when the mesh would hold a single device of a single process: the callers
-    then run their plain single-device path (the default on a machine with one device).
+    devices per process and the mesh holds that many of each process's local devices. With
+    `devices` None and `divides` given (a training batch size), the most devices per process
+    whose total divides it. Returns None when the mesh would hold a single device of a single
+    process: the callers then run their plain single-device path.
     """
     per_process = jax.local_device_count()
     if devices is not None:
@@ -39,6 +40,9 @@ def make_mesh(devices: int | None = None) -> Mesh | None:
             raise ValueError(f"--devices {devices}: this process sees {per_process} device(s) "
                              f"({jax.local_devices()[0].platform}); choose 1..{per_process}")
         per_process = devices
+    elif divides is not None:
+        per_process = max([k for k in range(1, per_process + 1) if divides % (k * jax.process_count()) == 0],
+                          default=1)
     if per_process == 1 and jax.process_count() == 1:
         return None
     chosen = [d for p in range(jax.process_count())

@@ -20,6 +20,10 @@ from iepjax import ModelConfig, init_params
 from iepjax.config import TrainConfig
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The suite's own process keeps one CPU device whatever the machine (the scripts' default is one per
+# core, `distributed.use_cpu_cores`, which leaves an explicit choice alone); multi-device tests run
+# subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+jax.config.update("jax_num_cpu_devices", 1)
 
 SIZE = 32
 _CACHE_ENV: dict[str, str] = {}

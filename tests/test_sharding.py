@@ -139,3 +139,28 @@ def _worker(devices: int, train: bool) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         print(json.dumps(_worker(int(sys.argv[2]), "--train" in sys.argv)))
+
+
+def _python(code: str, **env: str) -> str:
+    full = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(full, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_cpu_devices_one_per_core_and_batch_divisor():
+    """The scripts' default: one CPU device per core; an explicit count or XLA_FLAGS wins; the
+    training mesh takes the most devices that divide the batch."""
+    out = _python("import jax, json\n"
+                  "from iepjax import distributed, sharding\n"
+                  "n = distributed.use_cpu_cores(3)\n"
+                  "sizes = [None if m is None else m.size for m in (sharding.make_mesh(divides=b) for b in (6, 4, 7))]\n"
+                  "print(json.dumps([n, len(jax.devices()), sizes, distributed.use_cpu_cores()]))")
+    assert json.loads(out) == [3, 3, [3, 2, None], 3]  # after start-up the count in effect is kept
+    out = _python("import jax\nfrom iepjax import distributed\nprint(distributed.use_cpu_cores(), len(jax.devices()))",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert out == "4 4"
+    out = _python("import jax, os\nfrom iepjax import distributed\n"
+                  "print(distributed.use_cpu_cores() == distributed.cpu_cores() == len(jax.devices()))")
+    assert out == "True"
