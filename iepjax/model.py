@@ -91,13 +91,98 @@ def _dilated_conv_phases(x, w, padding, lhs_dilation):
     return y.reshape(y.shape[0], mh * dh, mw * dw, y.shape[-1])
 
 
+def _dilated_conv_merged(x, w, padding, lhs_dilation):
+    """`_dilated_conv_phases` as ONE stride-1 conv with d_h*d_w*O output channels (each phase's
+    taps placed in a common window, zeros elsewhere) followed by depth-to-space. More
+    multiply-adds (the window covers every phase's taps) but one wide convolution instead of
+    d_h*d_w narrow ones: faster when O is small (the decoder's last layer). None if the shapes do
+    not allow it."""
+    plans = [_phase_plan(n, k, lo, hi, d) for n, k, (lo, hi), d
+             in zip(x.shape[1:3], w.shape[:2], padding, lhs_dilation)]
+    if any(p is None for p in plans):
+        return None
+    dims = []  # per spatial dim: (offset of each phase in the window, taps of each phase, window, pads)
+    for (plan, m), n, k, d in zip(plans, x.shape[1:3], w.shape[:2], lhs_dilation):
+        c = [-pad[0] for _, pad in plan]  # phase r reads input rows i + j + c_r
+        kr = [len(range(k0, k, d)) for k0, _ in plan]
+        c_min = min(c)
+        u = max(ci + ki for ci, ki in zip(c, kr)) - c_min
+        dims.append(([ci - c_min for ci in c], kr, u, (-c_min, m + u - 1 - n + c_min), m))
+    (off_h, kr_h, u_h, pad_h, mh), (off_w, kr_w, u_w, pad_w, mw) = dims
+    dh, dw = lhs_dilation
+    phases = []
+    for a, (k0a, _) in enumerate(plans[0][0]):
+        for b, (k0b, _) in enumerate(plans[1][0]):
+            taps = w[k0a::dh, k0b::dw]  # (kr_h[a], kr_w[b], I, O)
+            phases.append(jnp.pad(taps, ((off_h[a], u_h - off_h[a] - kr_h[a]), (off_w[b], u_w - off_w[b] - kr_w[b]),
+                                         (0, 0), (0, 0))))
+    w_merged = jnp.concatenate(phases, axis=-1)  # (u_h, u_w, I, dh*dw*O), channel = (a, b, o)
+    pads = (pad_h, pad_w)
+    xx = x
+    if any(p < 0 for pp in pads for p in pp):
+        xx = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0) for lo, hi in pads]
+                     + [(0, 0, 0)])
+        pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads)
+    y = _lax_conv(xx, w_merged, (1, 1), pads, (1, 1))  # (B, mh, mw, dh*dw*O)
+    o = w.shape[-1]
+    y = y.reshape(y.shape[0], mh, mw, dh, dw, o).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(y.shape[0], mh * dh, mw * dw, o)
+
+
+def _strided_conv_space_to_depth(x, w, strides, padding):
+    """A stride-s conv whose kernel size is a multiple of s, as space-to-depth of the padded input
+    (s_h*s_w*I channels) and a stride-1 conv with a k/s kernel: the same multiply-adds as one
+    canonical convolution with s^2 more input channels, which XLA:CPU runs far better when I is
+    small (the encoder's first layer). None if the shapes do not allow it."""
+    (kh, kw), (sh, sw) = w.shape[:2], strides
+    if kh % sh or kw % sw:
+        return None
+    b, h, wd, i = x.shape
+    outs = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip((h, wd), (kh, kw), strides, padding)]
+    lens = [(o - 1) * s + k for o, s, k in zip(outs, strides, (kh, kw))]  # padded extent actually read
+    pads = [(lo, ln - n - lo) for (lo, _), ln, n in zip(padding, lens, (h, wd))]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    xs = xp.reshape(b, lens[0] // sh, sh, lens[1] // sw, sw, i).transpose(0, 1, 3, 2, 4, 5)
+    xs = xs.reshape(b, lens[0] // sh, lens[1] // sw, sh * sw * i)
+    ws = w.reshape(kh // sh, sh, kw // sw, sw, i, -1).transpose(0, 2, 1, 3, 4, 5)
+    ws = ws.reshape(kh // sh, kw // sw, sh * sw * i, -1)
+    return _lax_conv(xs, ws, (1, 1), ((0, 0), (0, 0)), (1, 1))
+
+
+def _as_dense(x, w, strides, padding, lhs_dilation):
+    """Convolutions that are matrix products: a kernel covering the whole input with no padding
+    (H x W -> 1 x 1, the encoder's last conv) and a 1 x 1 input padded by k-1 (1 x 1 -> k x k, the
+    transposed decoder's first layer). One `dot` instead of a convolution that XLA:CPU runs at a
+    fraction of the matmul rate. None for any other convolution."""
+    if any(s != 1 for s in strides) or any(d != 1 for d in lhs_dilation):
+        return None
+    b, h, wd, i = x.shape
+    kh, kw, _, o = w.shape
+    if (h, wd) == (kh, kw) and all(p == (0, 0) for p in padding):
+        return jnp.dot(x.reshape(b, h * wd * i), w.reshape(kh * kw * i, o)).reshape(b, 1, 1, o)
+    if (h, wd) == (1, 1) and tuple(padding) == ((kh - 1, kh - 1), (kw - 1, kw - 1)):
+        wf = jnp.flip(w, (0, 1)).transpose(2, 0, 1, 3).reshape(i, kh * kw * o)  # y[p, q] = x . w[k-1-p, k-1-q]
+        return jnp.dot(x.reshape(b, i), wf).reshape(b, kh, kw, o)
+    return None
+
+
+SMALL_CHANNELS = 8  # below this many image channels, the merged / space-to-depth forms are used
+
+
 def _conv_raw(x, w, strides, padding, lhs_dilation):
-    """The convolution maths, formulated for XLA:CPU: input dilation as sub-pixel phases."""
-    if any(d > 1 for d in lhs_dilation) and all(s == 1 for s in strides):
-        y = _dilated_conv_phases(x, w, padding, lhs_dilation)
-        if y is not None:
-            return y
-    return _lax_conv(x, w, strides, padding, lhs_dilation)
+    """The convolution maths, formulated for XLA:CPU (benchmarks/README.md, "What was tried"):
+    matrix products where the conv is one; input dilation as sub-pixel phases (or one merged conv
+    when the output has few channels); strided convs on few input channels as space-to-depth."""
+    y = _as_dense(x, w, strides, padding, lhs_dilation)
+    if y is None and any(d > 1 for d in lhs_dilation) and all(s == 1 for s in strides):
+        if w.shape[-1] < SMALL_CHANNELS:
+            y = _dilated_conv_merged(x, w, padding, lhs_dilation)
+        if y is None:
+            y = _dilated_conv_phases(x, w, padding, lhs_dilation)
+    if y is None and any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation) \
+            and x.shape[-1] < SMALL_CHANNELS:
+        y = _strided_conv_space_to_depth(x, w, strides, padding)
+    return _lax_conv(x, w, strides, padding, lhs_dilation) if y is None else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

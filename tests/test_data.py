@@ -3,7 +3,7 @@
 Builds use small split sizes (config overrides) and tmp dirs, so the module runs in seconds.
 
 Train/test disjointness is checked twice: the crop origins from `plan_split` lie inside the
-split's row range (train rows [0, 320), test rows [320, 512), crops never straddle), and every
+split's region (train: columns [0, 320), test: columns [320, 512), all rows; crops never straddle), and every
 stored image really is the photo at that origin (exactly for good crops, outside the mask for
 defect crops), so the origins cannot lie.
 """
@@ -112,12 +112,12 @@ def test_regions_disjoint_and_masks_exact(built, seed):
         s = built[key][split]
         specs = {sp.id: sp for sp in T.plan_split(cfg, split)}
         assert sorted(specs) == s.ids
-        r0, r1 = cfg.rows(split)
-        rows = np.zeros(photo.shape[0], bool)
+        r0, r1, c0, c1 = cfg.region(split)
+        pixels = np.zeros(photo.shape, bool)
         for img, mask, i in zip(s.images, s.masks, s.ids):
             sp = specs[i]
-            assert r0 <= sp.row and sp.row + 128 <= r1
-            rows[sp.row : sp.row + 128] = True
+            assert r0 <= sp.row and sp.row + 128 <= r1 and c0 <= sp.col and sp.col + 128 <= c1
+            pixels[sp.row : sp.row + 128, sp.col : sp.col + 128] = True
             clean = T.clean_crop(cfg, sp)
             np.testing.assert_array_equal(clean[..., 0], photo[sp.row : sp.row + 128, sp.col : sp.col + 128])
             # Exact masks: outside the mask the stored image is the clean crop, bit for bit;
@@ -125,9 +125,11 @@ def test_regions_disjoint_and_masks_exact(built, seed):
             np.testing.assert_array_equal(img[~mask], clean[~mask])
             if mask.any():
                 assert (img[mask] != clean[mask]).mean() > 0.5
-        covered[split] = rows
-    assert cfg.train_rows[1] <= cfg.test_rows[0]
+        covered[split] = pixels
+    assert cfg.train_region[3] <= cfg.test_region[2]  # side by side
     assert not (covered["train"] & covered["test"]).any()
+    with pytest.raises(ValueError, match="overlap"):
+        T.plan_split(T.make_config("brick", train_region=(0, 512, 0, 320), test_region=(0, 512, 300, 512)), "test")
 
 
 def test_defects_subtle_not_saturated(built):

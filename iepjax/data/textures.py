@@ -5,10 +5,16 @@ grayscale photographs).  Records follow the MVTec AD layout used by this project
 ``image`` (uint8 HxWx1), ``mask`` (uint8 HxW, 0/255), ``label`` (good/defect),
 ``defect_type`` and ``id`` (``"<defect_type>/<NNN>"``).
 
-* ``train``: ``num_train`` good crops whose rows lie in ``train_rows`` (default 0..319).
-* ``test``: ``num_test`` crops whose rows lie in ``test_rows`` (default 320..511), so
+* ``train``: ``num_train`` good crops inside ``train_region`` (default: all rows, columns 0..319).
+* ``test``: ``num_test`` crops inside ``test_region`` (default: all rows, columns 320..511), so
   train and test never share a pixel; ``defect_fraction`` of them get one defect each,
   kinds balanced over :data:`iepjax.data.defects.DEFECT_KINDS`.
+
+The regions are side by side (columns), not one above the other: the brick photo is taken at
+an angle, its bricks grow from the top to the bottom of the photo, so a split by rows gave test
+crops of another scale than every training crop (and heat maps of good test crops that light up
+on the mortar joints). Split by columns, both regions hold every scale; the bricks lean one way
+on the left and the other on the right, which the training's horizontal flips cover.
 
 Everything is a deterministic function of the config (``seed`` included):
 :func:`plan_split` gives the crop origins/kinds/ids, :func:`clean_crop` the crop before any
@@ -37,28 +43,32 @@ _DEFAULTS = dict(
     num_train=400,
     num_test=48,
     crop_size=128,
-    train_rows=(0, 320),
-    test_rows=(320, 512),
+    train_region=(0, 512, 0, 320),
+    test_region=(0, 512, 320, 512),
     defect_fraction=0.5,
 )
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class TexturesConfig(tfds.core.BuilderConfig):
-    """Which photo, the seed, split sizes and the (half-open) row ranges of each split."""
+    """Which photo, the seed, split sizes and the region of the photo of each split.
+
+    A region is (row_start, row_stop, col_start, col_stop), half-open: the split's crops lie
+    inside it. The two regions must not overlap.
+    """
 
     photo: str = "brick"
     seed: int = 0
     num_train: int = 400
     num_test: int = 48
     crop_size: int = 128
-    train_rows: tuple[int, int] = (0, 320)
-    test_rows: tuple[int, int] = (320, 512)
+    train_region: tuple[int, int, int, int] = (0, 512, 0, 320)
+    test_region: tuple[int, int, int, int] = (0, 512, 320, 512)
     defect_fraction: float = 0.5
 
-    def rows(self, split: str) -> tuple[int, int]:
-        """Half-open row range [start, stop) of the photo that `split` crops may cover."""
-        return {"train": self.train_rows, "test": self.test_rows}[split]
+    def region(self, split: str) -> tuple[int, int, int, int]:
+        """(row_start, row_stop, col_start, col_stop), half-open, that `split` crops lie inside."""
+        return {"train": self.train_region, "test": self.test_region}[split]
 
     def num(self, split: str) -> int:
         """Number of records of `split`."""
@@ -73,8 +83,8 @@ def make_config(photo: str, **overrides) -> TexturesConfig:
     if unknown:
         raise ValueError(f"unknown textures config fields {sorted(unknown)}; valid: {sorted(_DEFAULTS)}")
     params = {**_DEFAULTS, **overrides}
-    params["train_rows"] = tuple(int(v) for v in params["train_rows"])
-    params["test_rows"] = tuple(int(v) for v in params["test_rows"])
+    params["train_region"] = tuple(int(v) for v in params["train_region"])
+    params["test_region"] = tuple(int(v) for v in params["test_region"])
     changed = {k: v for k, v in params.items() if v != _DEFAULTS[k]}
     if not changed:
         name = photo
@@ -115,13 +125,18 @@ def photo(name: str) -> np.ndarray:
 
 
 def _check(config: TexturesConfig, split: str) -> None:
-    """Validate the split name and that the split's row range can hold a crop."""
+    """Validate the split name, that the split's region can hold a crop, and that the regions are disjoint."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    r0, r1 = config.rows(split)
+    r0, r1, c0, c1 = config.region(split)
     h, w = photo(config.photo).shape
-    if not (0 <= r0 and r1 <= h and r1 - r0 >= config.crop_size and w >= config.crop_size):
-        raise ValueError(f"rows {config.rows(split)} cannot hold a {config.crop_size}px crop")
+    s = config.crop_size
+    if not (0 <= r0 and r1 <= h and r1 - r0 >= s and 0 <= c0 and c1 <= w and c1 - c0 >= s):
+        raise ValueError(f"{split} region {config.region(split)} (rows, cols) of the {h}x{w} photo "
+                         f"cannot hold a {s}px crop")
+    a, b = config.train_region, config.test_region
+    if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
+        raise ValueError(f"train region {a} and test region {b} overlap: choose disjoint ones")
 
 
 def plan_split(config: TexturesConfig, split: str) -> list[CropSpec]:
@@ -129,10 +144,9 @@ def plan_split(config: TexturesConfig, split: str) -> list[CropSpec]:
     _check(config, split)
     n = config.num(split)
     rng = np.random.default_rng([config.seed, _PHOTO_CODE[config.photo], _SPLIT_CODE[split]])
-    r0, r1 = config.rows(split)
-    w = photo(config.photo).shape[1]
+    r0, r1, c0, c1 = config.region(split)
     rows = rng.integers(r0, r1 - config.crop_size + 1, size=n)
-    cols = rng.integers(0, w - config.crop_size + 1, size=n)
+    cols = rng.integers(c0, c1 - config.crop_size + 1, size=n)
     if split == "train":
         kinds = ["good"] * n
     else:
@@ -188,8 +202,9 @@ def render(config: TexturesConfig, split: str, spec: CropSpec) -> dict[str, obje
 class Textures(tfds.core.GeneratorBasedBuilder):
     """Crops of skimage brick/grass photos; test crops carry subtle drawn defects."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Train and test regions side by side (columns) instead of one above the other."}
     BUILDER_CONFIGS = [make_config(p) for p in PHOTOS]
     DEFAULT_BUILDER_CONFIG_NAME = "brick"
 
