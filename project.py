@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--lam", type=float, help="weight of the L1 prior ||x - x0||_1")
     p.add_argument("--sigma", type=float, help="Gaussian smoothing of the maps, pixels")
     p.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
+    p.add_argument("--no-backtrack", action="store_true",
+                   help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
     p.add_argument("--no-kl", action="store_true", help="leave the KL term out of the energy")
     p.add_argument("--threshold", type=float, help="pixel threshold (default: stored, from held-out normal images)")
     p.add_argument("--image-threshold", type=float, help="image threshold (default: stored)")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
                               alpha=pre["alpha"] if a.alpha is None else a.alpha,
                               lam=pre["lam"] if a.lam is None else a.lam,
                               smoothing_sigma=pre["smoothing_sigma"] if a.sigma is None else a.sigma,
-                              weighting=not a.no_weighting, use_kl=not a.no_kl)
+                              weighting=not a.no_weighting, use_kl=not a.no_kl, backtrack=not a.no_backtrack)
     if a.input_dir is not None:  # issue 3: plain-folder inference
         from pathlib import Path
 

@@ -19,7 +19,7 @@ from iepjax import metrics
 from iepjax.anomaly_maps import recon_map
 from iepjax.config import ProjectionConfig, to_dict
 from iepjax.energy import reconstruct
-from iepjax.projection import check_images, project_fn, projection_step
+from iepjax.projection import check_images, project_fn, scan_parts
 from iepjax.runs import atomic_write_bytes, atomic_write_text
 
 
@@ -298,10 +298,12 @@ def _trajectory(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, f
     every = max(config.steps // max(frames - 1, 1), 1)
 
     def one(x0):
-        def body(x, _):
-            x1, _ = projection_step(params, x, x0, config)
-            return x1, x1
-        _, xs = jax.lax.scan(body, x0, None, length=config.steps)
+        init, step = scan_parts(params, x0, config)
+
+        def body(c, _):
+            c, _ = step(c)
+            return c, c.x
+        _, xs = jax.lax.scan(body, init, None, length=config.steps)
         return jnp.concatenate([x0[None], xs[every - 1::every]])[:frames]
 
     return jax.vmap(one)(x0_BxHxWxC)
@@ -310,7 +312,7 @@ def _trajectory(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, f
 def trajectory(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig, frames: int = 6) -> np.ndarray:
     """x_t at `frames` evenly spaced iterations (t = 0 first) for a few images: (B, frames, H, W, C).
 
-    The same `projection_step` as `project_fn`, so the last frame is (up to the spacing) x_T.
+    The same scan body as `project_fn` (`projection.scan_parts`), so the last frame is (up to the spacing) x_T.
     """
     if config.steps == 0 or len(x0_BxHxWxC) == 0:
         return np.asarray(x0_BxHxWxC)[:, None]

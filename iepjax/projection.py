@@ -32,29 +32,71 @@ class ProjectionResult(NamedTuple):
     energies: jax.Array
 
 
-def projection_step(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
-                    config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
-    """One update of one image (paper eq. 4): returns (x_{t+1} (H, W, C), E(x_t) scalar).
+def descent_direction(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
+                      config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
+    """(E(x), d) for one image: d = grad_x E(x) * (x - f(x))^2 (paper eq. 4), or the plain gradient
+    without `config.weighting`; d has the image's shape (H, W, C).
 
-    The gradient of E flows through the network (f depends on x); the weighting
-    (x - f(x))^2 uses the same forward pass and is not differentiated.
+    The gradient of E flows through the network (f depends on x); the weighting uses the same
+    forward pass and is not differentiated.
     """
     (e, aux), g = jax.value_and_grad(energy, argnums=1, has_aux=True)(params, x_HxWxC, x0_HxWxC, config)
     if config.weighting:
         g = g * jnp.square(x_HxWxC - aux.recon_image)
-    return jnp.clip(x_HxWxC - config.alpha * g, 0.0, 1.0), e
+    return e, g
+
+
+def projection_step(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
+                    config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
+    """One update of one image (paper eq. 4): returns (x_{t+1} (H, W, C), E(x_t) scalar).
+
+    x_{t+1} = clip(x_t - alpha * grad_x E(x_t) * (x_t - f(x_t))^2, 0, 1), without the
+    backtracking safeguard of `project_image`.
+    """
+    e, d = descent_direction(params, x_HxWxC, x0_HxWxC, config)
+    return jnp.clip(x_HxWxC - config.alpha * d, 0.0, 1.0), e
+
+
+class _Carry(NamedTuple):
+    x: jax.Array       # the point evaluated at this step
+    x_acc: jax.Array   # the last accepted point (whose energy did not rise) and its
+    d_acc: jax.Array   # descent direction and
+    e_acc: jax.Array   # energy
+    alpha: jax.Array   # this image's step size (halved at each rejected step)
 
 
 def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
-    """Project one image (H, W, C): `config.steps` steps of `projection_step` in one `lax.scan`.
+    """Project one image (H, W, C): `config.steps` updates (paper eq. 4) in one `lax.scan`.
 
-    Returns ProjectionResult with unbatched fields: x_T (H, W, C), map (H, W), energies (T,).
+    Each step evaluates E and its descent direction at x_t once. With `config.backtrack`, a step
+    whose energy rose above the last accepted one is undone: the update is retaken from the last
+    accepted point with half the step size (no extra network evaluation: its direction is kept
+    in the scan's carry). Returns ProjectionResult with unbatched fields: x_T (H, W, C),
+    map (H, W), energies (T,) (E at each evaluated point, rejected ones included).
     """
-    def body(x, _):
-        return projection_step(params, x, x0_HxWxC, config)
-
-    x_T, energies = jax.lax.scan(body, x0_HxWxC, None, length=config.steps)
+    init, body = scan_parts(params, x0_HxWxC, config)
+    last, energies = jax.lax.scan(lambda c, _: body(c), init, None, length=config.steps)
+    x_T = last.x
     return ProjectionResult(x_T, difference_map(x_T, x0_HxWxC, config.smoothing_sigma), energies)
+
+
+def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
+    """(initial carry, body) of `project_image`'s scan for one image: body(carry) -> (carry, E(x_t)),
+    carry.x = x_{t+1}. Shared with `evaluation.trajectory`, which also records the x_t."""
+    def body(c: _Carry):
+        e, d = descent_direction(params, c.x, x0_HxWxC, config)
+        if not config.backtrack:
+            return c._replace(x=jnp.clip(c.x - c.alpha * d, 0.0, 1.0)), e
+        rejected = e > c.e_acc
+        alpha = jnp.where(rejected, 0.5 * c.alpha, c.alpha)
+        x_acc = jnp.where(rejected, c.x_acc, c.x)
+        d_acc = jnp.where(rejected, c.d_acc, d)
+        e_acc = jnp.where(rejected, c.e_acc, e)
+        return _Carry(jnp.clip(x_acc - alpha * d_acc, 0.0, 1.0), x_acc, d_acc, e_acc, alpha), e
+
+    init = _Carry(x0_HxWxC, x0_HxWxC, jnp.zeros_like(x0_HxWxC), jnp.array(jnp.inf, jnp.float32),
+                  jnp.asarray(config.alpha, jnp.float32))
+    return init, body
 
 
 @functools.partial(jax.jit, static_argnames="config")

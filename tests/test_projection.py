@@ -131,6 +131,30 @@ def test_energy_falls_at_the_texture_preset(trained_preset):
     assert e[:, -1].mean() < e[:, 0].mean() - 1.0, e  # by a margin, not rounding
 
 
+BIG_ALPHA = 2.0  # 100x the texture preset's
+
+
+def test_backtracking_only_acts_when_the_energy_rises(trained_preset):
+    """At the preset's alpha (E falls at every step) the safeguard changes nothing, bit for bit; at
+    100x that alpha the plain update runs away (E ends far above E(x0): measured +1000..+2200 from
+    about -300), while with backtracking the accepted energy ends below E(x0) for every image."""
+    params, model_cfg = trained_preset
+    pre = preset("textures", "brick")
+    x0 = pattern_images(3, phase=0.5, seed=3)
+    small = ProjectionConfig(model=model_cfg, steps=5, alpha=pre["alpha"], lam=pre["lam"])
+    a, b = project_fn(params, x0, small), project_fn(params, x0, dataclasses.replace(small, backtrack=False))
+    np.testing.assert_array_equal(np.asarray(a.x_T), np.asarray(b.x_T))
+    big = dataclasses.replace(small, steps=20, alpha=BIG_ALPHA)
+    plain = project_fn(params, x0, dataclasses.replace(big, backtrack=False))
+    safe = project_fn(params, x0, big)
+    e_plain, e_safe = np.asarray(plain.energies), np.asarray(safe.energies)
+    assert (e_plain[:, -1] > e_plain[:, 0]).all(), e_plain  # the plain update runs away
+    accepted = np.minimum.accumulate(e_safe, axis=1)  # the running minimum is what the carry keeps
+    assert np.all(accepted[:, -1] < e_safe[:, 0]), e_safe
+    assert np.isfinite(np.asarray(safe.x_T)).all()
+    assert np.abs(np.asarray(safe.x_T) - x0).mean() <= np.abs(np.asarray(plain.x_T) - x0).mean()
+
+
 def test_jit_equals_no_jit(trained, model_cfg):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
