@@ -88,7 +88,8 @@ def _jax_side(a, dec: str, npz: str) -> None:
     from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
 
     model = ModelConfig(size=a.size, channels=a.channels, decoder=dec)
-    cfg = ProjectionConfig(model=model, steps=a.check_steps, lam=a.check_lam, alpha=a.check_alpha)
+    # the reference is the paper's plain loop: no backtracking safeguard (ProjectionConfig.backtrack)
+    cfg = ProjectionConfig(model=model, steps=a.check_steps, lam=a.check_lam, alpha=a.check_alpha, backtrack=False)
     params = init_params(model, key=jax.random.key(1))
     x0 = np.random.default_rng(0).random((2, a.size, a.size, a.channels), np.float32)
     res = project_fn(params, x0, cfg)

@@ -7,8 +7,9 @@ Each device count runs in its own subprocess, because the number of CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) must be set before JAX is imported.
 On a real multi-accelerator machine pass --platform gpu (or tpu): the device count is then a
 limit on the visible devices (`iepjax.sharding.make_mesh(n)`), no flag is set.
-Fake CPU devices share the machine's cores, so on a 2-core machine expect no speed-up: the
-numbers show the cost of the sharded program, not a gain.
+CPU devices share the machine's cores: up to one device per core they put more cores to work
+(XLA:CPU runs each convolution on one core); beyond that they only show the cost of the sharded
+program.
 """
 from __future__ import annotations
 

@@ -11,11 +11,12 @@ from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
 from iepjax.energy import energy, reconstruct
 from iepjax.losses import kl_divergence, model_loss
 from iepjax.model import VAE, init_params
-from iepjax.projection import ProjectionResult, project_fn, project_image, projection_step
+from iepjax.projection import ProjectionResult, descent_direction, project_fn, project_image, projection_step
 
 __all__ = [
     "ModelConfig", "ProjectionConfig", "TrainConfig", "VAE", "init_params", "energy", "reconstruct",
-    "model_loss", "kl_divergence", "project_fn", "project_image", "projection_step", "ProjectionResult",
+    "model_loss", "kl_divergence", "project_fn", "project_image", "projection_step", "descent_direction",
+    "ProjectionResult",
     "difference_map", "gaussian_smooth", "recon_map",
 ]
 __version__ = "0.1.0"
