@@ -83,7 +83,7 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
 
 def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict:
     """Train (or resume) and evaluate one category; returns its table row."""
-    from iepjax import evaluation, training
+    from iepjax import evaluation, sharding, training
     from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
     from iepjax.data.preprocess import from_preset
     from iepjax.presets import preset
@@ -95,14 +95,15 @@ def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict
     model = ModelConfig(size=size, channels=pre["channels"], likelihood=pre["likelihood"], decoder=pre["decoder"])
     tcfg = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
                        learning_rate=pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
+    mesh = sharding.make_mesh(divides=tcfg.batch_size)  # one CPU device per core (see main), None on one device
     run_dir, summary = training.train_run(tcfg, dataset, category, results=a.results, data_dir=a.tfds_dir,
                                           holdout=a.holdout, progress=not a.no_progress, source_dir=source_dir,
-                                          prep=prep)
+                                          prep=prep, mesh=mesh)
     pcfg = ProjectionConfig(model=summary.config.model, steps=pre["proj_steps"] if a.proj_steps is None else a.proj_steps,
                             alpha=pre["alpha"], lam=pre["lam"], smoothing_sigma=pre["smoothing_sigma"])
     proj_dir, res = evaluation.project_run(run_dir, dataset, category, pcfg, data_dir=a.tfds_dir,
                                            batch_size=a.proj_batch_size, overlays=not a.no_overlays,
-                                           progress=not a.no_progress, source_dir=source_dir)
+                                           progress=not a.no_progress, source_dir=source_dir, mesh=mesh)
     row = {"category": category, "kind": prep.kind, "status": "ok", "train_steps": tcfg.steps,
            "collapsed": bool(summary.collapse.collapsed), "n_test": res.get("protocol", {}).get("n_images"),
            "skipped_pixel_images": len(res.get("protocol", {}).get("skipped_pixel_metrics", [])),
@@ -135,7 +136,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="continue with the next category after an error")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="on CPU: JAX devices to split the cores into (default: one per core, as train.py)")
     a = p.parse_args(argv)
+    from iepjax import distributed
+    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     dataset = "folder" if a.data_dir else "mvtec_ad"
     source_dir = a.data_dir or a.manual_dir
     categories = [c.strip() for c in a.categories.split(",") if c.strip()]

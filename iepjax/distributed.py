@@ -48,23 +48,34 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     done. Otherwise `jax.distributed.initialize`, which fills in what is missing on SLURM, Open MPI
     and Cloud TPU. Must run before anything else touches JAX devices.
     """
+    settings = _requested(coordinator, num_processes, process_id, auto)
+    if settings is None:
+        return False
+    jax.distributed.initialize(*settings)
+    return jax.process_count() > 1
+
+
+def _requested(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               auto: bool) -> tuple[str | None, int | None, int | None] | None:
+    """The (coordinator, num_processes, process_id) `initialize` will use, each from the argument
+    or else the environment; None when no process group is asked for."""
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
         num_processes = int(os.environ[ENV_NUM_PROCESSES])
     if process_id is None and os.environ.get(ENV_PROCESS_ID):
         process_id = int(os.environ[ENV_PROCESS_ID])
-    if not auto and coordinator is None and num_processes is None and process_id is None:
-        return False
-    if num_processes == 1 and not auto:
-        return False
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-    return jax.process_count() > 1
+    if not auto and (num_processes == 1 or (coordinator is None and num_processes is None and process_id is None)):
+        return None
+    return coordinator, num_processes, process_id
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
-    """`use_cpu_cores` and `initialize` from the flags of `add_flags`."""
-    multi = bool(args.distributed or args.coordinator or args.num_processes not in (None, 1)
-                 or os.environ.get(ENV_COORDINATOR) or os.environ.get(ENV_NUM_PROCESSES, "1") != "1")
+    """`use_cpu_cores` and `initialize` from the flags of `add_flags`.
+
+    One process: one CPU device per core (or `--cpu-devices`). Several: one CPU device per process
+    unless `--cpu-devices` says otherwise (the processes already share the cores).
+    """
+    multi = _requested(args.coordinator, args.num_processes, args.process_id, args.distributed) is not None
     if args.cpu_devices is not None or not multi:
         use_cpu_cores(args.cpu_devices)
     return initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)

@@ -65,13 +65,29 @@ def _phase_plan(n: int, k: int, lo: int, hi: int, d: int):
     return plan, m
 
 
+def _phase_plans(x, w, padding, lhs_dilation):
+    """`_phase_plan` of both spatial dims of conv(x dilated by lhs_dilation, w); None if either has none."""
+    plans = [_phase_plan(n, k, lo, hi, d) for n, k, (lo, hi), d
+             in zip(x.shape[1:3], w.shape[:2], padding, lhs_dilation)]
+    return None if any(p is None for p in plans) else plans
+
+
+def _crop_negative_pads(x, pads):
+    """Apply the negative entries of spatial `pads` ((lo, hi), (lo, hi)) to x as crops; return
+    (x, the non-negative pads left for the convolution)."""
+    if not any(p < 0 for pp in pads for p in pp):
+        return x, tuple(pads)
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0) for lo, hi in pads]
+                + [(0, 0, 0)])
+    return x, tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads)
+
+
 def _dilated_conv_phases(x, w, padding, lhs_dilation):
     """conv(x dilated by lhs_dilation, w), window stride 1, as d_h*d_w dense stride-1 convs on the
     undilated x (sub-pixel / phase decomposition) interleaved: the multiplications by the
     inserted zeros (3/4 of the work for d = 2) are skipped. None if the shapes do not allow it."""
-    plans = [_phase_plan(n, k, lo, hi, d) for n, k, (lo, hi), d
-             in zip(x.shape[1:3], w.shape[:2], padding, lhs_dilation)]
-    if any(p is None for p in plans):
+    plans = _phase_plans(x, w, padding, lhs_dilation)
+    if plans is None:
         return None
     (ph, mh), (pw, mw) = plans
     dh, dw = lhs_dilation
@@ -79,12 +95,7 @@ def _dilated_conv_phases(x, w, padding, lhs_dilation):
     for k0h, pad_h in ph:
         cols = []
         for k0w, pad_w in pw:
-            pads = (pad_h, pad_w)
-            xx = x
-            if any(p < 0 for pp in pads for p in pp):  # crop where the phase starts/ends inside x
-                xx = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(min(a, 0), min(b, 0), 0) for a, b in pads]
-                             + [(0, 0, 0)])
-                pads = tuple((max(a, 0), max(b, 0)) for a, b in pads)
+            xx, pads = _crop_negative_pads(x, (pad_h, pad_w))
             cols.append(_lax_conv(xx, w[k0h::dh, k0w::dw], (1, 1), pads, (1, 1)))
         rows.append(jnp.stack(cols, axis=3))  # (B, mh, mw, dw, O)
     y = jnp.stack(rows, axis=2)  # (B, mh, dh, mw, dw, O)
@@ -97,9 +108,8 @@ def _dilated_conv_merged(x, w, padding, lhs_dilation):
     multiply-adds (the window covers every phase's taps) but one wide convolution instead of
     d_h*d_w narrow ones: faster when O is small (the decoder's last layer). None if the shapes do
     not allow it."""
-    plans = [_phase_plan(n, k, lo, hi, d) for n, k, (lo, hi), d
-             in zip(x.shape[1:3], w.shape[:2], padding, lhs_dilation)]
-    if any(p is None for p in plans):
+    plans = _phase_plans(x, w, padding, lhs_dilation)
+    if plans is None:
         return None
     dims = []  # per spatial dim: (offset of each phase in the window, taps of each phase, window, pads)
     for (plan, m), n, k, d in zip(plans, x.shape[1:3], w.shape[:2], lhs_dilation):
@@ -117,12 +127,7 @@ def _dilated_conv_merged(x, w, padding, lhs_dilation):
             phases.append(jnp.pad(taps, ((off_h[a], u_h - off_h[a] - kr_h[a]), (off_w[b], u_w - off_w[b] - kr_w[b]),
                                          (0, 0), (0, 0))))
     w_merged = jnp.concatenate(phases, axis=-1)  # (u_h, u_w, I, dh*dw*O), channel = (a, b, o)
-    pads = (pad_h, pad_w)
-    xx = x
-    if any(p < 0 for pp in pads for p in pp):
-        xx = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0) for lo, hi in pads]
-                     + [(0, 0, 0)])
-        pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads)
+    xx, pads = _crop_negative_pads(x, (pad_h, pad_w))
     y = _lax_conv(xx, w_merged, (1, 1), pads, (1, 1))  # (B, mh, mw, dh*dw*O)
     o = w.shape[-1]
     y = y.reshape(y.shape[0], mh, mw, dh, dw, o).transpose(0, 1, 3, 2, 4, 5)
