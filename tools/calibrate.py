@@ -30,9 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--data-seed", type=int, default=1, help="seed of the calibration split (0 is the reported one)")
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID, help="T,alpha,lam,sigma,weighting,use_kl entries")
+    p.add_argument("--cpu-devices", type=int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
-    from iepjax import data, evaluation, protocol, runs
+    from iepjax import distributed
+    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
+    from iepjax import data, evaluation, protocol, runs, sharding
     from iepjax.config import ProjectionConfig
     from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
     from iepjax.training import load_params
@@ -42,17 +45,18 @@ def main(argv=None) -> int:
     prep = Preprocess.load(run_dir)  # the run's preprocessing (resize or tiling), as project.py uses it
     test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, progress=False,
                            **({"seed": a.data_seed} if a.data_seed else {}))
+    mesh = sharding.make_mesh()  # the batch split over the devices; None on one
     for spec in a.grid:
         t, alpha, lam, sigma, weighting, use_kl = spec.split(",")
         cfg = ProjectionConfig(model=tcfg.model, steps=int(t), alpha=float(alpha), lam=float(lam),
                                smoothing_sigma=float(sigma), weighting=weighting == "1", use_kl=use_kl == "1")
         t0 = time.perf_counter()
         if prep is not None:  # maps at the original image sizes (the official protocol)
-            res = protocol.localize_images(params, cfg, test.images, prep, progress=False)
+            res = protocol.localize_images(params, cfg, test.images, prep, progress=False, mesh=mesh)
             scores, e = protocol.official_metrics(res.maps, test), res.loc.energies.mean(axis=0)
         else:
             size = tcfg.model.size
-            loc = evaluation.localize(params, resize_images(test.images, size), cfg, progress=False)
+            loc = evaluation.localize(params, resize_images(test.images, size), cfg, progress=False, mesh=mesh)
             masks = resize_masks(test.masks, size)
             scores = {"recon": evaluation.score(loc.recon_maps, masks, test.labels),
                       "grad": evaluation.score(loc.grad_maps, masks, test.labels)}
