@@ -256,6 +256,7 @@ def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out
         for row in ("recon", "grad"):
             result[row].update(official[row])
         result["protocol"] = official["protocol"]
+        result["per_kind"] = official["per_kind"]
     for row, maps in (("grad", loc.grad_maps), ("recon", loc.recon_maps)):
         st = thresholds[row]
         result[row].update(_rates(maps, test.masks, test.labels, st.pixel_threshold, st.image_threshold))
@@ -433,4 +434,8 @@ def format_table(result: dict) -> str:
     for row in ("recon", "grad"):
         r = result[row]
         lines.append(f"{row:<6} {r['pixel_auroc']:>12.4f} {r['image_auroc']:>12.4f} {r['pixel_aupro']:>11.4f}")
+    if result.get("per_kind"):
+        lines.append("pixel AUROC by defect kind (with the good images), recon -> grad: " + ", ".join(
+            f"{kind} {k['recon']['pixel_auroc']:.3f} -> {k['grad']['pixel_auroc']:.3f}"
+            for kind, k in result["per_kind"].items()))
     return "\n".join(lines)

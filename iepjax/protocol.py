@@ -76,6 +76,7 @@ def official_metrics(maps: dict, test) -> dict:
     masks = test.mask_or_none()
     skipped = [i for i, (m, y) in zip(test.ids, zip(masks, test.labels)) if m is None and y == 1]
     out = {row: metrics.evaluate(maps[row], masks, test.labels) for row in ROWS}
+    out["per_kind"] = per_kind_metrics(maps, masks, test.labels, test.defect_types)
     sizes = sorted({tuple(np.shape(m)) for m in maps["grad"]})
     out["protocol"] = {
         "maps": "original image size (bilinear upsampling of the model-size / stitched maps)",
@@ -90,6 +91,21 @@ def official_metrics(maps: dict, test) -> dict:
         kinds = sorted({i.split("/")[0] for i in skipped})
         out["protocol"]["note"] = (f"{len(skipped)} defect image(s) of kind(s) {', '.join(kinds)} have no ground-truth "
                                    "mask: left out of pixel AUROC and AU-PRO, kept for image AUROC")
+    return out
+
+
+def per_kind_metrics(maps: dict, masks: Sequence, labels, kinds: Sequence[str]) -> dict:
+    """{kind: {"n_images", "recon": {...}, "grad": {...}}}: `metrics.evaluate` on the good images
+    together with the images of one defect kind, for each kind (MVTec AD's per-defect-type view)."""
+    from iepjax import metrics
+
+    labels = np.asarray(labels)
+    out = {}
+    for kind in sorted({k for k, y in zip(kinds, labels) if y == 1}):
+        idx = [i for i, k in enumerate(kinds) if labels[i] == 0 or k == kind]
+        out[kind] = {"n_images": int(sum(k == kind for k in kinds))}
+        for row in ROWS:
+            out[kind][row] = metrics.evaluate([maps[row][i] for i in idx], [masks[i] for i in idx], labels[idx])
     return out
 
 

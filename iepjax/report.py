@@ -61,6 +61,15 @@ def write_html(out_dir: Path, result: dict, ids: list[str], defect_types: list[s
                     f"<td>{r['pixel_aupro']:.4f}</td><td>{r.get('pixel_f1', float('nan')):.4f}</td>"
                     f"<td>{r.get('image_f1', float('nan')):.4f}</td><td>{r.get('pixel_threshold', float('nan')):.4g}</td>"
                     f"<td>{r.get('image_threshold', float('nan')):.4g}</td></tr>")
+    kind_rows = []
+    for kind, k in result.get("per_kind", {}).items():
+        kind_rows.append(f"<tr><td>{e(kind)}</td><td>{k['n_images']}</td>"
+                         + "".join(f"<td>{k[row][m]:.4f}</td>" for row in ("recon", "grad")
+                                   for m in ("pixel_auroc", "image_auroc", "pixel_aupro")) + "</tr>")
+    per_kind = ("" if not kind_rows else
+                "<h2>By defect kind</h2><p>Each kind with the good images.</p><table><tr><th>kind</th><th>images</th>"
+                "<th>recon pixel AUROC</th><th>recon image AUROC</th><th>recon AU-PRO</th><th>grad pixel AUROC</th>"
+                "<th>grad image AUROC</th><th>grad AU-PRO</th></tr>" + "".join(kind_rows) + "</table>")
     th = result.get("thresholds", {})
     t = result.get("timing", {})
 
@@ -80,6 +89,7 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 <h1>Anomaly localisation report</h1>
 <table><tr><th>map</th><th>pixel AUROC</th><th>image AUROC</th><th>AU-PRO@0.3</th><th>pixel F1</th>
 <th>image F1</th><th>pixel threshold</th><th>image threshold</th></tr>{''.join(rows)}</table>
+{per_kind}
 <p>Thresholds: {e(str(th.get('source', '')))}; pixel quantile {th.get('pixel_quantile')}, image quantile
 {th.get('image_quantile')}, {th.get('n_normal_images')} normal images. Test labels were not used to choose them.</p>
 <p>Timing: compile {t.get('compile_s')} s, total {t.get('total_s')} s, steady state {t.get('steady_img_per_s')} images/s.</p>

@@ -199,6 +199,17 @@ def test_official_metrics_skip_images_without_masks_and_tiffs(tmp_path, splits):
     assert out["grad"]["pixel_auroc"] > 0.99 and out["grad"]["pixel_aupro"] > 0.99
     assert sorted(out["protocol"]["skipped_pixel_metrics"]) == ["nomask/000", "nomask/001"]
     assert "nomask" in out["protocol"]["note"]
+    # per defect kind: the good images with that kind's, each kind against metrics.evaluate on the subset
+    from iepjax import metrics
+    kinds = sorted({k for k, y in zip(test.defect_types, test.labels) if y == 1})
+    assert sorted(out["per_kind"]) == kinds and len(kinds) >= 2
+    masks = test.mask_or_none()
+    for kind in kinds:
+        idx = [i for i, k in enumerate(test.defect_types) if k in ("good", kind)]
+        assert out["per_kind"][kind]["n_images"] == sum(k == kind for k in test.defect_types)
+        want = metrics.evaluate([maps["grad"][i] for i in idx], [masks[i] for i in idx], np.asarray(test.labels)[idx])
+        for m, v in want.items():
+            assert out["per_kind"][kind]["grad"][m] == pytest.approx(v, nan_ok=True), (kind, m)
     paths = protocol.write_tiffs(tmp_path, "grid", test.ids, maps["grad"])
     import tifffile
     for p, id_, m in zip(paths, test.ids, maps["grad"]):

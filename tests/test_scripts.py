@@ -182,6 +182,11 @@ def test_every_output_of_issue_4_exists_and_is_well_formed(e2e):
         r = result[row]
         for key in ("pixel_auroc", "image_auroc", "pixel_aupro", "pixel_f1", "image_f1"):
             assert 0.0 <= r[key] <= 1.0, (row, key, r)
+    kinds = {line.split(",")[1] for line in (out_dir / "scores.csv").read_text().splitlines()[1:]} - {"good"}
+    assert set(result["per_kind"]) == kinds and kinds, result.get("per_kind")  # one entry per defect kind
+    for kind, k in result["per_kind"].items():
+        assert k["n_images"] >= 1 and all(0.0 <= k[row]["pixel_auroc"] <= 1.0 for row in ("recon", "grad")), kind
+    assert "By defect kind" in (out_dir / "index.html").read_text()
     # F1 "at the stored threshold": the thresholds fitted on the held-out normal images for this projection's
     # settings, kept in the projection folder (the run's thresholds.json was refitted for the preset's settings
     # by the re-run of train.py in the fixture)
