@@ -27,7 +27,6 @@ XLA:CPU runs each convolution on one core, PyTorch uses the cores through its in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -35,15 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
-TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.update(extra or {})
-    return env
+from common import DEFAULT_REFERENCE, ROOT, TORCH_ENVS, load_torch_reference
+from common import env as _env
 
 
 def _last_json(cmd: list[str], env: dict) -> dict:
@@ -118,9 +110,7 @@ def _torch_side(a, dec: str, npz: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    spec = importlib.util.spec_from_file_location("torch_reference", a.torch_reference)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = load_torch_reference(a.torch_reference)
     d = np.load(npz)
     model = ref.VAE(a.channels, size=a.size, decoder=dec).eval()
     for part in ("encoder", "decoder"):

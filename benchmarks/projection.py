@@ -44,9 +44,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
         for row in profile(a.size[0], a.channels[0], a.batch[0], a.decoder[0], max(a.repeats, 5)):
             print(json.dumps(row), flush=True)
         return 0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = common.env()
     rc = 0
     for size, ch, it, b, dec, st in itertools.product(a.size, a.channels, a.iters, a.batch, a.decoder, a.strategy):
         cmd = [sys.executable, __file__, "--one", "--size", str(size), "--channels", str(ch), "--iters", str(it),

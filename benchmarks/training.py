@@ -17,7 +17,6 @@ cores through its intra-op threads.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
-TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
+from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference
 
 
 def jax_side(a) -> dict:
@@ -70,9 +67,7 @@ def torch_side(a) -> dict:
     import torch
     import torch.nn.functional as F
 
-    spec = importlib.util.spec_from_file_location("torch_reference", a.torch_reference)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = load_torch_reference(a.torch_reference)
     torch.manual_seed(0)
     model = ref.VAE(a.channels, size=a.size, decoder=a.decoder).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -105,14 +100,12 @@ def torch_side(a) -> dict:
 
 
 def _run(python: str, a, side: str, extra_env: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.update(extra_env)
     cmd = [python, __file__, side, "--size", str(a.size), "--channels", str(a.channels), "--batch", str(a.batch),
            "--decoder", a.decoder, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--torch-reference", str(a.torch_reference)]
     if a.cpu_devices is not None:
         cmd += ["--cpu-devices", str(a.cpu_devices)]
-    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, env=env(extra_env), stdout=subprocess.PIPE, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode})")
     return json.loads(r.stdout.strip().splitlines()[-1])

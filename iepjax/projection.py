@@ -84,9 +84,10 @@ def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
     """(initial carry, body) of `project_image`'s scan for one image: body(carry) -> (carry, E(x_t)),
     carry.x = x_{t+1}. Shared with `evaluation.trajectory`, which also records the x_t."""
     def body(c: _Carry):
+        if not config.backtrack:  # the paper's loop: alpha never changes
+            x_next, e = projection_step(params, c.x, x0_HxWxC, config)
+            return c._replace(x=x_next), e
         e, d = descent_direction(params, c.x, x0_HxWxC, config)
-        if not config.backtrack:
-            return c._replace(x=jnp.clip(c.x - c.alpha * d, 0.0, 1.0)), e
         rejected = e > c.e_acc
         alpha = jnp.where(rejected, 0.5 * c.alpha, c.alpha)
         x_acc = jnp.where(rejected, c.x_acc, c.x)
