@@ -118,6 +118,8 @@ def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict
 def main(argv=None) -> int:
     from iepjax.data.layout import MVTEC_CATEGORIES
 
+    from iepjax.distributed import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--categories", default=",".join(MVTEC_CATEGORIES), help="comma-separated (default: all 15)")
     p.add_argument("--manual-dir", default=None,
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="continue with the next category after an error")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="on CPU: JAX devices to split the cores into (default: one per core, as train.py)")
     a = p.parse_args(argv)
     from iepjax import distributed

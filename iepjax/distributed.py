@@ -23,12 +23,23 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --cpu-devices: an int >= 1, else a usage error naming the value."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `initialize_from_args` (for train.py and project.py)."""
     g = parser.add_argument_group("multi-process (jax.distributed; see docs/scaling.md)")
     g.add_argument("--devices", type=int, default=None,
                    help="devices to split each batch over, per process (default: all visible)")
-    g.add_argument("--cpu-devices", type=int, default=None,
+    g.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="on CPU: split the cores into this many JAX devices (default: one per core in a "
                         "single process, 1 per process with several; XLA:CPU runs each convolution on one "
                         "core, so one device per core is what uses them all)")
@@ -186,5 +197,5 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["add_flags", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "is_main", "process_rows", "gather_rows",
+__all__ = ["add_flags", "positive_int", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "is_main", "process_rows", "gather_rows",
            "broadcast_text", "main_first", "barrier"]

@@ -352,3 +352,11 @@ def test_train_unknown_category_fails_clearly(tmp_path, capsys):
     assert code not in (0, None)
     assert "nope" in err and "brick" in err, err
     assert not (tmp_path / "results").exists() and not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("script,value,says", [("train.py", "0", "give 1 or more"), ("project.py", "two", "not a whole number")])
+def test_bad_cpu_devices_is_a_usage_error(tmp_path, capsys, script, value, says):
+    code, err = _main(script, ["--category", "brick", "--results", str(tmp_path), "--cpu-devices", value], capsys)
+    assert code == 2
+    assert "--cpu-devices" in err and says in err, err
+    assert not any(tmp_path.iterdir())

@@ -22,6 +22,8 @@ DEFAULT_GRID = ["100,0.02,0.05,1,1,1", "100,0.02,0.05,2,1,1", "100,0.01,0.05,1,1
 
 
 def main(argv=None) -> int:
+    from iepjax.distributed import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="textures")
     p.add_argument("--category", default="brick")
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--data-seed", type=int, default=1, help="seed of the calibration split (0 is the reported one)")
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID, help="T,alpha,lam,sigma,weighting,use_kl entries")
-    p.add_argument("--cpu-devices", type=int, default=None, help="on CPU: JAX devices (default: one per core)")
+    p.add_argument("--cpu-devices", type=positive_int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
     from iepjax import distributed
