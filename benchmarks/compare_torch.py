@@ -168,7 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
     p.add_argument("--check", action="store_true", help="compare the maths instead of timing")
     p.add_argument("--check-steps", type=int, default=5)
-    p.add_argument("--check-lam", type=float, default=0.05, help="lam of the check (0: no L1 prior)")
+    p.add_argument("--check-lam", type=float, default=0.0,
+                   help="lam of the check (default 0: no L1 prior; with lam > 0 the first step differs by design "
+                        "where |grad L_r| <= lam: iepjax keeps those pixels at x0, the reference's sign(0) = 0 moves them)")
     p.add_argument("--check-alpha", type=float, default=0.5, help="step size of the check (the reference's default)")
     p.add_argument("--jax-side", help=argparse.SUPPRESS)
     p.add_argument("--torch-side", help=argparse.SUPPRESS)

@@ -46,6 +46,7 @@ def energy(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
                        log_gamma, config.model, use_kl=config.use_kl)
     # |d| with the subgradient sign(d), 0 at d = 0 (as PyTorch's abs): jax.grad(jnp.abs)(0.) is 1,
     # which on the first step (x = x0) would push every pixel down by alpha * lam * (x - f)^2.
+    # `projection.descent_direction` replaces the 0 at d = 0 by the least-magnitude subgradient.
     d = x_HxWxC - x0_HxWxC
     prior = config.lam * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)))
     aux = EnergyAux(jax.nn.sigmoid(out.logits[0]), terms.recon, terms.kl, prior)

@@ -38,9 +38,17 @@ def descent_direction(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
     without `config.weighting`; d has the image's shape (H, W, C).
 
     The gradient of E flows through the network (f depends on x); the weighting uses the same
-    forward pass and is not differentiated.
+    forward pass and is not differentiated. Where a pixel is still at x0, E is not differentiable
+    (the kink of lam |x - x0|); there grad_x E is its subgradient of least magnitude,
+    g_r - clip(g_r, -lam, lam) with g_r = grad_x L_r: the pixel stays at x0 while |g_r| <= lam,
+    and leaves it in the direction of g_r, slowed by lam, once the model's loss pulls harder.
+    (PyTorch's abs takes 0 at the kink: every pixel moves at the first step, and those with
+    |g_r| < lam are pushed back and forth across x0 afterwards, raising E.) With lam = 0 the two
+    are the same.
     """
     (e, aux), g = jax.value_and_grad(energy, argnums=1, has_aux=True)(params, x_HxWxC, x0_HxWxC, config)
+    # At x = x0 the prior contributes 0 to g (energy.py), so g is grad L_r there: soft-threshold it.
+    g = jnp.where(x_HxWxC == x0_HxWxC, g - jnp.clip(g, -config.lam, config.lam), g)
     if config.weighting:
         g = g * jnp.square(x_HxWxC - aux.recon_image)
     return e, g

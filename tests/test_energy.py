@@ -143,6 +143,28 @@ def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images):
     np.testing.assert_allclose(diff, 0.37 * np.sign(x - x0), rtol=1e-4, atol=1e-4)
 
 
+def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, images):
+    """Where x = x0 the update uses g_r - clip(g_r, -lam, lam) (g_r = grad of the model loss), the
+    subgradient of E of least magnitude: pixels whose |g_r| <= lam stay at x0 (exactly 0), the others
+    move by g_r shrunk by lam; where x != x0 it is grad E itself. Checked pixel by pixel against
+    jax.grad of the energy without the prior."""
+    from iepjax.projection import descent_direction
+
+    x0, x = images
+    lam = 0.37
+    cfg = ProjectionConfig(model=model_cfg, lam=lam, weighting=False)
+    g_r = np.asarray(jax.grad(lambda x: energy(params, x, x0, dataclasses.replace(cfg, lam=0.0))[0])(jnp.asarray(x0)))
+    assert (np.abs(g_r) <= lam).any() and (np.abs(g_r) > lam).any()  # both cases occur
+    _, d0 = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x0), jnp.asarray(x0), cfg)
+    expected = np.sign(g_r) * np.maximum(np.abs(g_r) - lam, 0.0)
+    np.testing.assert_allclose(np.asarray(d0), expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(d0)[np.abs(g_r) <= lam] == 0.0)
+    # away from x0 (every pixel of x differs from x0): the plain gradient of E
+    _, d = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x), jnp.asarray(x0), cfg)
+    g = np.asarray(jax.grad(lambda x: energy(params, x, x0, cfg)[0])(jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(d), g, rtol=1e-5, atol=1e-6)
+
+
 def test_energy_is_the_model_loss_at_the_posterior_mean_plus_prior(params, model_cfg, energy_jit, images):
     x0, x = images
     cfg = ProjectionConfig(model=model_cfg, lam=0.05, use_kl=True)
