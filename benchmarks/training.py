@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles in the first)")
     p.add_argument("--torch-env", nargs="+", default=["default", "passive", "1thread"], choices=sorted(TORCH_ENVS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the JAX and PyTorch runs this many times; with > 1 a last line gives the median "
+                        "ratio (this machine's timings scatter by about 10 %% from run to run)")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
@@ -130,19 +134,26 @@ def main(argv=None) -> int:
     if a.jax_side or a.torch_side:
         print(json.dumps(jax_side(a) if a.jax_side else torch_side(a)), flush=True)
         return 0
-    row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
-           "loadavg": round(os.getloadavg()[0], 2)}
-    j = _run(sys.executable, a, "--jax-side", {})
-    row["jax_img_per_s"], row["jax_devices"] = j["img_per_s"], j["devices"]
     probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
-    if probe.returncode or not a.torch_reference.exists():
-        row["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"
-    else:
-        t = {name: _run(a.torch_python, a, "--torch-side", TORCH_ENVS[name]) for name in a.torch_env}
-        best = max(t, key=lambda k: t[k]["img_per_s"])
-        row.update(torch_img_per_s={k: v["img_per_s"] for k, v in t.items()}, torch_best=best,
-                   ratio=round(j["img_per_s"] / t[best]["img_per_s"], 3))
-    print(json.dumps(row), flush=True)
+    have_torch = not probe.returncode and a.torch_reference.exists()
+    ratios = []
+    for r in range(a.rounds):  # JAX and PyTorch alternate, so both sides see the same machine state
+        row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
+               "round": r + 1, "loadavg": round(os.getloadavg()[0], 2)}
+        j = _run(sys.executable, a, "--jax-side", {})
+        row["jax_img_per_s"], row["jax_devices"] = j["img_per_s"], j["devices"]
+        if not have_torch:
+            row["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"
+        else:
+            t = {name: _run(a.torch_python, a, "--torch-side", TORCH_ENVS[name]) for name in a.torch_env}
+            best = max(t, key=lambda k: t[k]["img_per_s"])
+            row.update(torch_img_per_s={k: v["img_per_s"] for k, v in t.items()}, torch_best=best,
+                       ratio=round(j["img_per_s"] / t[best]["img_per_s"], 3))
+            ratios.append(row["ratio"])
+        print(json.dumps(row), flush=True)
+    if len(ratios) > 1:
+        print(json.dumps({"decoder": a.decoder, "batch": a.batch, "rounds": len(ratios), "ratios": ratios,
+                          "median_ratio": round(statistics.median(ratios), 3)}), flush=True)
     return 0
 
 
