@@ -58,10 +58,12 @@ def main(argv=None) -> int:
     from iepjax import evaluation, runs, sharding
     from iepjax.data import DataError
     mesh = sharding.make_mesh(a.devices)  # issue 6: None on one device (the single-device path)
-    from iepjax.presets import preset
+    from iepjax.presets import preset, projection_preset
     try:
-        pre = preset(a.dataset, a.category)
+        preset(a.dataset, a.category)  # an unknown category is named before a missing run
         run_dir = runs.find_run(a.results, "vae", a.dataset, a.category, a.run)
+        # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
+        pre = projection_preset(a.dataset, a.category, runs.model_config(run_dir).get("likelihood"))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ class ProjectionConfig:
       steps: T, number of gradient steps.
       alpha: step size. Its scale depends on the likelihood and the 'sum' reduction of L_r: the
         defaults (T 100, alpha 0.02, lam 10, sigma 1) are those calibrated for the Gaussian
-        likelihood on the built-in textures (README, "Calibration"); BCE models want ~0.5.
+        likelihood on the built-in textures (README, "Calibration"); BCE models want ~0.5
+        (`presets.projection_preset` gives a BCE run the ports' alpha 0.5 and lam 0.05).
       lam: weight of the L1 proximity prior ||x - x0||_1. Like alpha, its scale follows the
         likelihood: with the Gaussian 'sum' loss dL_r/dx = (x - f) / gamma^2, so a pixel leaves x0
         only where |x - f| > lam * gamma^2 (~0.01 for lam 10 on brick, gamma^2 ~ 1e-3); the

@@ -390,9 +390,9 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
 
 
 def default_projection_config(dataset: str, category: str, model) -> ProjectionConfig:
-    """The category preset's projection settings for a model."""
-    from iepjax.presets import preset
-    pre = preset(dataset, category)
+    """The category preset's projection settings for a model (alpha and lam for its likelihood)."""
+    from iepjax.presets import projection_preset
+    pre = projection_preset(dataset, category, model.likelihood)
     return ProjectionConfig(model=model, steps=pre["proj_steps"], alpha=pre["alpha"], lam=pre["lam"],
                             smoothing_sigma=pre["smoothing_sigma"])
 

@@ -62,3 +62,20 @@ def preset(dataset: str, category: str) -> dict:
     except KeyError:
         known = ", ".join(f"{d}/{c}" for d, c in PRESETS)
         raise ValueError(f"unknown dataset/category {dataset}/{category}: known are {known}") from None
+
+
+# alpha and lam follow the scale of the model's loss (README, "Projection"): the values above are
+# for the Gaussian likelihood the presets train with. A model trained with `--likelihood bce` gets
+# the public ports' BCE values (method.md: alpha 0.5, lam 0.05), not calibrated here.
+LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05)}
+
+
+def projection_preset(dataset: str, category: str, likelihood: str | None = None) -> dict:
+    """The projection defaults (proj_steps, alpha, lam, smoothing_sigma) for a model of this
+    dataset/category trained with `likelihood`: the category preset's, with alpha and lam for
+    that likelihood where the preset was calibrated for another one."""
+    pre = preset(dataset, category)
+    out = {k: pre[k] for k in ("proj_steps", "alpha", "lam", "smoothing_sigma")}
+    if likelihood is not None and likelihood != pre["likelihood"]:
+        out.update(LIKELIHOOD_PROJECTION.get(likelihood, {}))
+    return out

@@ -5,6 +5,7 @@ sub-folder per projection run under projections/.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -68,6 +69,12 @@ def find_run(root: str | os.PathLike, model: str, dataset: str, category: str, r
         raise FileNotFoundError(f"no trained run for {dataset}/{category} under {cat_dir}: "
                                 f"train one first with `python train.py --category {category}`")
     return found
+
+
+def model_config(run_dir: str | os.PathLike) -> dict:
+    """The model settings a run was trained with (the "model" entry of its config.json), {} if it has none."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()).get("model", {}) if path.exists() else {}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

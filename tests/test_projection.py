@@ -217,3 +217,24 @@ def test_x_T_stays_in_unit_interval(trained, model_cfg):
 def test_clear_errors(params, model_cfg, make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         project_fn(params, make(), ProjectionConfig(model=model_cfg, steps=1))
+
+
+def test_projection_defaults_follow_the_likelihood(tmp_path):
+    """alpha and lam scale with the model's loss: the texture preset's (calibrated for its Gaussian
+    likelihood) for a Gaussian model, the ports' BCE values for a `--likelihood bce` run; project.py
+    reads the likelihood from the run's config.json."""
+    from iepjax import evaluation, runs
+    from iepjax.config import ModelConfig
+    from iepjax.presets import LIKELIHOOD_PROJECTION, projection_preset
+
+    pre = preset("textures", "brick")
+    assert pre["likelihood"] == "gaussian"
+    gauss = evaluation.default_projection_config("textures", "brick", ModelConfig(likelihood="gaussian"))
+    bce = evaluation.default_projection_config("textures", "brick", ModelConfig(likelihood="bce"))
+    assert (gauss.alpha, gauss.lam) == (pre["alpha"], pre["lam"])
+    assert (bce.alpha, bce.lam) == (LIKELIHOOD_PROJECTION["bce"]["alpha"], LIKELIHOOD_PROJECTION["bce"]["lam"])
+    assert bce.steps == gauss.steps and bce.smoothing_sigma == gauss.smoothing_sigma
+    assert projection_preset("textures", "brick", None) == projection_preset("textures", "brick", "gaussian")
+    (tmp_path / "config.json").write_text('{"model": {"likelihood": "bce", "size": 64}}')
+    assert runs.model_config(tmp_path)["likelihood"] == "bce"
+    assert runs.model_config(tmp_path / "missing") == {}
