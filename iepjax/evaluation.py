@@ -20,7 +20,7 @@ from iepjax.anomaly_maps import recon_map
 from iepjax.config import ProjectionConfig, to_dict
 from iepjax.energy import reconstruct
 from iepjax.projection import check_images, project_fn, scan_parts
-from iepjax.runs import atomic_write_bytes, atomic_write_text
+from iepjax.runs import atomic_write_bytes, atomic_write_text, model_config
 
 
 class Localization(NamedTuple):
@@ -416,8 +416,7 @@ def held_out_images(run_dir: Path, dataset: str, category: str, data_dir: str | 
     picked = [train.images[index[i]] for i in ids]
     if Preprocess.load(run_dir) is not None:
         return np.stack(picked) if all(p.shape == picked[0].shape for p in picked) else picked
-    size = json.loads((Path(run_dir) / "config.json").read_text())["model"]["size"]
-    return resize_images(picked, size)
+    return resize_images(picked, model_config(run_dir)["size"])
 
 
 def _run_source(run_dir: Path, source_dir: str | None) -> str | None:
