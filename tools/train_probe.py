@@ -7,7 +7,9 @@ The probe behind README "How the defaults were chosen": likelihood (BCE vs Gauss
 (--no-kl), learning rate and batch size, without run folders, thresholds or the preset's patches.
 Prints the loss every 50 steps and, at the end, `training.CollapseReport` on the first 64 crops
 (ratio = the model's per-pixel error / the mean predictor's). The initialisation comparison of the
-README used this probe at commit b99c686 (flax's LeCun-normal init) and at 0a4745c (He init).
+README used this probe at commit b99c686 (flax's LeCun-normal init) and at 0a4745c (He init), on
+one CPU device (`--cpu-devices 1` runs it that way; by default the batch is split over one device
+per core, as train.py does).
 """
 from __future__ import annotations
 
@@ -27,12 +29,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--b1", type=float, default=0.5)
+    from iepjax.distributed import positive_int
+    p.add_argument("--cpu-devices", type=positive_int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
+    from iepjax import distributed
+    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     import jax
     import jax.numpy as jnp
 
-    from iepjax import data, training
+    from iepjax import data, sharding, training
     from iepjax.config import ModelConfig, TrainConfig
     from iepjax.data.preprocess import resize_images
 
@@ -40,10 +46,16 @@ def main(argv=None) -> int:
     model = ModelConfig(size=a.size, channels=1, decoder=a.decoder, likelihood=a.likelihood, use_kl=not a.no_kl)
     cfg = TrainConfig(model=model, steps=a.steps, batch_size=a.batch, learning_rate=a.lr, b1=a.b1)
     state = training.init_state(cfg, key=jax.random.key(cfg.seed))
+    mesh = sharding.make_mesh(divides=a.batch)  # the batch split over the devices, as train.py; None on one
+    if mesh is None:
+        step_fn, put = training.train_step, jnp.asarray
+    else:
+        step_fn, put = sharding.train_step_sharded(mesh), lambda b: sharding.shard_batch(b, mesh)
+        state = sharding.replicate(state, mesh)
     t0 = time.perf_counter()
     for step in range(a.steps):
         idx = training.batch_indices(len(images), a.batch, cfg.seed, step)
-        state, terms = training.train_step(state, jnp.asarray(images[idx]), cfg)
+        state, terms = step_fn(state, put(images[idx]), cfg)
         if (step + 1) % 50 == 0 or step == 0:
             t = jax.device_get(terms)
             print(f"step {step + 1} {time.perf_counter() - t0:.0f}s recon/px {float(t.recon) / images[0].size:.4f} "
