@@ -43,11 +43,8 @@ def jax_side(a) -> dict:
     state = training.init_state(cfg, key=jax.random.key(0))
     u8 = np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8)
     mesh = sharding.make_mesh(divides=a.batch)
-    if mesh is None:
-        step, batch = training.train_step, jax.device_put(u8)
-    else:
-        step, batch = sharding.train_step_sharded(mesh), sharding.shard_batch(u8, mesh)
-        state = sharding.replicate(state, mesh)
+    state, step, put = sharding.training_on(mesh, state)
+    batch = put(u8)
     t0 = time.perf_counter()
     for _ in range(a.warmup):
         state, terms = step(state, batch, cfg)

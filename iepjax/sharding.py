@@ -178,6 +178,19 @@ def train_step_sharded(mesh: Mesh) -> Callable:
     return _train_step_sharded(mesh)
 
 
+def training_on(mesh: Mesh | None, state: Any) -> tuple[Any, Callable, Callable]:
+    """(state, step, put) to train on `mesh`, or on one device when it is None.
+
+    `put(batch_BxHxWxC)` makes a host batch the step's input (split over the mesh, or one array);
+    `step(state, batch, config) -> (state, terms)` is `train_step_sharded(mesh)` on the replicated
+    state, or `training.train_step` itself.
+    """
+    if mesh is None:
+        from iepjax.training import train_step
+        return state, train_step, jax.numpy.asarray
+    return replicate(state, mesh), train_step_sharded(mesh), functools.partial(shard_batch, mesh=mesh)
+
+
 @functools.lru_cache(maxsize=8)
 def _train_step_sharded(mesh: Mesh) -> Callable:
     from iepjax.training import train_step
@@ -187,4 +200,4 @@ def _train_step_sharded(mesh: Mesh) -> Callable:
 
 __all__ = ["DATA", "make_mesh", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
            "local_rows", "pad_to", "data_parallel", "run_batched", "project_sharded",
-           "train_step_sharded"]
+           "train_step_sharded", "training_on"]

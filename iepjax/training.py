@@ -232,18 +232,19 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
                              "train into a new run folder")
     state = init_state(config, key=jax.random.key(config.seed))
     # --- issue 6: data-parallel step over a mesh (state replicated, batch split)
-    step_fn, share, main = train_step, slice(None), True
+    from iepjax import distributed, sharding
+    share, main = slice(None), True
     if mesh is not None:
-        from iepjax import distributed, sharding
         if config.batch_size % mesh.size:
             checkpointing.close(mngr)
             raise ValueError(f"batch size {config.batch_size} does not split over {mesh.size} devices: "
                              f"choose a multiple of {mesh.size} (or fewer --devices)")
-        state, step_fn, main = sharding.replicate(state, mesh), sharding.train_step_sharded(mesh), distributed.is_main()
+        main = distributed.is_main()
         per = config.batch_size // jax.process_count()
         share = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
         progress = progress and main
     # --- end issue 6
+    state, step_fn, put = sharding.training_on(mesh, state)
     if start:
         state, _ = checkpointing.restore(mngr, state)
     log_path = run_dir / "train_log.csv"
@@ -256,8 +257,7 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     try:
         for step in range(start, config.steps):
             idx = batch_indices(len(images), config.batch_size, config.seed, step)[share]
-            batch = jnp.asarray(images[idx]) if mesh is None else sharding.shard_batch(images[idx], mesh)
-            state, terms = step_fn(state, batch, config)
+            state, terms = step_fn(state, put(images[idx]), config)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 t = jax.device_get(terms) if mesh is None else sharding.local_rows(terms)

@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     from iepjax import distributed
     distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     import jax
-    import jax.numpy as jnp
 
     from iepjax import data, sharding, training
     from iepjax.config import ModelConfig, TrainConfig
@@ -46,12 +45,8 @@ def main(argv=None) -> int:
     model = ModelConfig(size=a.size, channels=1, decoder=a.decoder, likelihood=a.likelihood, use_kl=not a.no_kl)
     cfg = TrainConfig(model=model, steps=a.steps, batch_size=a.batch, learning_rate=a.lr, b1=a.b1)
     state = training.init_state(cfg, key=jax.random.key(cfg.seed))
-    mesh = sharding.make_mesh(divides=a.batch)  # the batch split over the devices, as train.py; None on one
-    if mesh is None:
-        step_fn, put = training.train_step, jnp.asarray
-    else:
-        step_fn, put = sharding.train_step_sharded(mesh), lambda b: sharding.shard_batch(b, mesh)
-        state = sharding.replicate(state, mesh)
+    # the batch split over the devices, as train.py; one device when make_mesh gives None
+    state, step_fn, put = sharding.training_on(sharding.make_mesh(divides=a.batch), state)
     t0 = time.perf_counter()
     for step in range(a.steps):
         idx = training.batch_indices(len(images), a.batch, cfg.seed, step)
