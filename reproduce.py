@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -84,7 +85,7 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
 def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict:
     """Train (or resume) and evaluate one category; returns its table row."""
     from iepjax import evaluation, sharding, training
-    from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
+    from iepjax.config import ModelConfig, TrainConfig
     from iepjax.data.preprocess import from_preset
     from iepjax.presets import preset
 
@@ -99,8 +100,9 @@ def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict
     run_dir, summary = training.train_run(tcfg, dataset, category, results=a.results, data_dir=a.tfds_dir,
                                           holdout=a.holdout, progress=not a.no_progress, source_dir=source_dir,
                                           prep=prep, mesh=mesh)
-    pcfg = ProjectionConfig(model=summary.config.model, steps=pre["proj_steps"] if a.proj_steps is None else a.proj_steps,
-                            alpha=pre["alpha"], lam=pre["lam"], smoothing_sigma=pre["smoothing_sigma"])
+    pcfg = evaluation.default_projection_config(dataset, category, summary.config.model)
+    if a.proj_steps is not None:
+        pcfg = dataclasses.replace(pcfg, steps=a.proj_steps)
     proj_dir, res = evaluation.project_run(run_dir, dataset, category, pcfg, data_dir=a.tfds_dir,
                                            batch_size=a.proj_batch_size, overlays=not a.no_overlays,
                                            progress=not a.no_progress, source_dir=source_dir, mesh=mesh)
