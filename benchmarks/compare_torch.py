@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, ROOT, TORCH_ENVS, load_torch_reference
+from common import DEFAULT_REFERENCE, ROOT, TORCH_ENVS, load_torch_reference, positive_int
 from common import env as _env
 
 
@@ -153,21 +153,21 @@ def check(a) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--iters", type=int, default=100, help="projection steps (both sides)")
-    p.add_argument("--batch", type=int, default=16, help="JAX batch (the reference always uses 1)")
+    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--channels", type=positive_int, default=3)
+    p.add_argument("--iters", type=positive_int, default=100, help="projection steps (both sides)")
+    p.add_argument("--batch", type=positive_int, default=16, help="JAX batch (the reference always uses 1)")
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
-    p.add_argument("--repeats", type=int, default=3, help="JAX timed calls (median)")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=3, help="JAX timed calls (median)")
+    p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, like the scripts; PyTorch "
                         "uses the cores through its own threads)")
-    p.add_argument("--torch-images", type=int, default=4, help="images the reference projects (timed)")
+    p.add_argument("--torch-images", type=positive_int, default=4, help="images the reference projects (timed)")
     p.add_argument("--torch-env", nargs="+", default=["default", "passive"], choices=sorted(TORCH_ENVS))
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
     p.add_argument("--check", action="store_true", help="compare the maths instead of timing")
-    p.add_argument("--check-steps", type=int, default=5)
+    p.add_argument("--check-steps", type=positive_int, default=5)
     p.add_argument("--check-lam", type=float, default=0.0,
                    help="lam of the check (default 0: no L1 prior; with lam > 0 the first step differs by design "
                         "where |grad L_r| <= lam: iepjax keeps those pixels at x0, the reference's sign(0) = 0 moves them)")

@@ -46,6 +46,7 @@ import sys
 import time
 
 import common
+from common import positive_int
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
@@ -219,17 +220,17 @@ def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, nargs="+", default=[128])
-    p.add_argument("--channels", type=int, nargs="+", default=[3])
-    p.add_argument("--iters", type=int, nargs="+", default=[100])
-    p.add_argument("--batch", type=int, nargs="+", default=[16])
+    p.add_argument("--size", type=positive_int, nargs="+", default=[128])
+    p.add_argument("--channels", type=positive_int, nargs="+", default=[3])
+    p.add_argument("--iters", type=positive_int, nargs="+", default=[100])
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[16])
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
     # `project_fn` has one strategy, the scan (measured faster than a host loop on CPU too).
     p.add_argument("--strategy", nargs="+", default=["scan"], choices=["scan", "hostloop"])
-    p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after the first (median reported)")
     p.add_argument("--profile", action="store_true",
                    help="per-convolution time of one step (first size/channels/batch/decoder), see `profile`")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="CPU devices to split the batch over (default: one per core, as train.py/project.py; "
                         "1: the single-device program)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # run the single configuration here

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,11 +58,11 @@ def measure(devices: int, size: int, steps: int, batch: int, repeats: int) -> di
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=8, help="images per call (padded to a multiple of the devices)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--devices", type=positive_int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--size", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--batch", type=positive_int, default=8, help="images per call (padded to a multiple of the devices)")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--platform", default="cpu", help="cpu: fake devices via XLA_FLAGS; gpu/tpu: real ones")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference
+from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference, positive_int
 
 
 def jax_side(a) -> dict:
@@ -111,17 +111,17 @@ def _run(python: str, a, side: str, extra_env: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--channels", type=positive_int, default=3)
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--decoder", default="upsample", choices=["upsample", "transposed"])
-    p.add_argument("--steps", type=int, default=5, help="timed train steps")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles in the first)")
     p.add_argument("--torch-env", nargs="+", default=["default", "passive", "1thread"], choices=sorted(TORCH_ENVS))
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="alternate the JAX and PyTorch runs this many times; with > 1 a last line gives the median "
                         "ratio (this machine's timings scatter by about 10 %% from run to run)")
-    p.add_argument("--cpu-devices", type=int, default=None,
+    p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
