@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from iepjax.config import ModelConfig, TrainConfig, LIKELIHOODS, DECODERS
+from iepjax.distributed import positive_int
 from iepjax.presets import preset
 
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
                         "needed the first time a category is prepared")
     p.add_argument("--kind", choices=("texture", "object"),
                    help="texture: random crops at a working scale, tiled at test; object: resized (default: preset)")
+    p.add_argument("--tile-stride", type=positive_int,
+                   help="textures: stride of the test tiles in pixels at the model size; overlaps are blended "
+                        "(default: the preset, half a tile for the built-in textures; --size for no overlap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
         pre = preset(a.dataset, a.category)
         if a.kind is not None:
             pre["augment"] = a.kind == "texture"
-        prep = from_preset(a.dataset, a.category, size=a.size, kind=a.kind)
+        prep = from_preset(a.dataset, a.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride)
     except ValueError as e:
         p.error(str(e))
     model = ModelConfig(size=a.size or pre["size"], channels=pre["channels"],

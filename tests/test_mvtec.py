@@ -181,6 +181,35 @@ def test_tiles_cover_and_stitch_back():
     assert obj.shape == (1, 32, 32, 3) and lay_o[0].orig_hw == (100, 130)
 
 
+def test_stitch_blends_overlaps_by_distance_from_the_tile_border():
+    from iepjax.data.preprocess import ImageLayout, tile_weights
+    # two 8 px tiles over a 12 px row band: columns 4..7 are covered by both
+    lay = ImageLayout((8, 12), (8, 12), [(0, 0), (0, 4)], 0)
+    tiles = np.stack([np.full((8, 8), 1.0, np.float32), np.full((8, 8), 3.0, np.float32)])
+    out = stitch(tiles, lay)
+    np.testing.assert_array_equal(out[:, :4], 1.0)  # one tile only: its value exactly
+    np.testing.assert_array_equal(out[:, 8:], 3.0)
+    # column 4 is tile 0's column 4 (ramp 3.5) and tile 1's border column 0 (ramp 0.5)
+    np.testing.assert_allclose(out[3, 4], (3.5 * 1 + 0.5 * 3) / 4.0, rtol=1e-6)
+    np.testing.assert_allclose(out[3, 7], (0.5 * 1 + 3.5 * 3) / 4.0, rtol=1e-6)
+    assert np.all(np.diff(out[3]) >= 0)  # a smooth ramp from one tile to the other
+    w = tile_weights(8)
+    assert w.shape == (8, 8) and w[0, 0] == 0.25 and w[3, 4] == w.max() == 3.5 ** 2
+    # non-overlapping tiles of any values stitch back bit for bit
+    rnd = np.random.default_rng(1).random((2, 8, 8), dtype=np.float32)
+    back = stitch(rnd, ImageLayout((8, 16), (8, 16), [(0, 0), (0, 8)], 0))
+    np.testing.assert_array_equal(back, np.concatenate(list(rnd), axis=1))
+
+
+def test_tile_stride_from_the_preset_or_a_flag():
+    from iepjax.data.preprocess import from_preset
+    assert from_preset("textures", "brick").tile_stride == 32  # half of the 64 px model input
+    assert from_preset("textures", "brick", size=128).tile_stride == 64  # a fraction of the size
+    assert from_preset("textures", "brick", tile_stride=64).tile_stride == 0  # = size: no overlap
+    assert from_preset("textures", "brick", tile_stride=16).stride == 16
+    assert from_preset("mvtec_ad", "carpet").tile_stride == 0
+
+
 def test_patch_bank_is_deterministic_and_lazy():
     ims = [np.random.default_rng(i).integers(0, 255, (70, 90, 1), dtype=np.uint8) for i in range(2)]
     bank = PatchBank(ims, 32, 10000, seed=3)

@@ -360,3 +360,11 @@ def test_bad_cpu_devices_is_a_usage_error(tmp_path, capsys, script, value, says)
     assert code == 2
     assert "--cpu-devices" in err and says in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value,says", [("0", "give 1 or more"), ("65", "tile_stride=65")])
+def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
+    code, err = _main("train.py", ["--category", "brick", "--results", str(tmp_path), "--tile-stride", value], capsys)
+    assert code == 2
+    assert says in err, err
+    assert not any(tmp_path.iterdir())
