@@ -2,6 +2,7 @@
 
     python benchmarks/training.py --torch-python /work/torchvenv/bin/python
     python benchmarks/training.py --batch 32 --decoder transposed --steps 10
+    python benchmarks/training.py --profile --batch 16 --decoder transposed   # where the JAX step's time goes
 
 Both sides: the method's VAE (`../shared/bench/torch_reference.py`'s `VAE` for PyTorch), loss =
 summed BCE + KL with z sampled by the reparameterisation trick, averaged over the batch,
@@ -58,6 +59,92 @@ def jax_side(a) -> dict:
     return {"impl": "iepjax", "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
             "seconds": round(dt, 3),
             "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total)}
+
+
+def profile(a) -> list[dict]:
+    """Where the time of one JAX train step goes, on one CPU device (the per-core work) by default.
+
+    Rows: every convolution of the step (recorded by wrapping `iepjax.model.conv` while the step is
+    traced; transposed layers are one conv with input dilation), each timed alone on random inputs
+    of its shapes as forward, input-gradient and kernel-gradient (the forms `model.conv`'s custom
+    VJP uses; median of `--steps` calls); then the whole step; then the step's op time by kind,
+    summed from a `jax.profiler` trace (`ynn_fusion`: convolutions run by YNNPACK, `convolution`:
+    by Eigen; transposes, selects (LeakyReLU), copies, ...). benchmarks/README.md, item 9.
+    """
+    import collections
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    from iepjax import distributed
+    distributed.use_cpu_cores(a.cpu_devices or 1)  # before any JAX computation
+    import jax.numpy as jnp
+    import numpy as np
+
+    import iepjax.model as model_lib
+    from iepjax import training
+    from iepjax.config import ModelConfig, TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
+                      batch_size=a.batch, augment=False)
+    state = training.init_state(cfg, key=jax.random.key(0))
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
+    calls, raw = [], model_lib.conv
+
+    def recording(x, w, strides, padding, lhs_dilation):
+        calls.append((tuple(x.shape), tuple(w.shape), strides, padding, lhs_dilation))
+        return raw(x, w, strides, padding, lhs_dilation)
+
+    model_lib.conv = recording
+    try:
+        jax.eval_shape(lambda s, b: training.train_step(s, b, cfg), state, batch)
+    finally:
+        model_lib.conv = raw
+
+    def timed(f, *args):
+        jax.block_until_ready(f(*args))
+        ts = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts)) * 1e3
+
+    rows, rng, conv_ms = [], np.random.default_rng(1), 0.0
+    for i, (xs, ws, st, pad, dil) in enumerate(calls):
+        x = jnp.asarray(rng.random(xs, np.float32))
+        w = jnp.asarray(rng.standard_normal(ws, np.float32) * 0.1)
+        g = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda x, w: raw(x, w, st, pad, dil), x, w).shape,
+                                            np.float32))
+        fwd = timed(jax.jit(lambda x, w: model_lib._conv_raw(x, w, st, pad, dil)), x, w)
+        dx = timed(jax.jit(lambda g, w: model_lib.conv_input_grad(g, w, xs[1:3], st, pad, dil)), g, w)
+        dw = timed(jax.jit(lambda x, w, g: model_lib._conv_bwd(st, pad, dil, (x, w), g)[1]), x, w, g)
+        in_step = i > 0  # the step needs no gradient with respect to the data (the first layer's input)
+        conv_ms += fwd + dw + (dx if in_step else 0.0)
+        rows.append({"layer": i, "x": list(xs), "w": list(ws), "strides": list(st), "lhs_dilation": list(dil),
+                     "fwd_ms": round(fwd, 2), "input_grad_ms": round(dx, 2), "kernel_grad_ms": round(dw, 2),
+                     "input_grad_in_step": in_step})
+    step = jax.jit(training.train_step, static_argnames="config")  # not donating: the state is reused
+    ms = timed(lambda s, b: step(s, b, cfg)[1], state, batch)
+    rows.append({"layer": "step", "devices": jax.device_count(), "batch": a.batch, "decoder": a.decoder,
+                 "ms": round(ms, 1), "img_per_s": round(a.batch / ms * 1e3, 1), "convs_ms": round(conv_ms, 1),
+                 "rest_ms": round(ms - conv_ms, 1)})
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        for _ in range(a.steps):
+            jax.block_until_ready(step(state, batch, cfg))
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(next(Path(d).rglob("*.trace.json.gz"))))
+    kinds = collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and re.fullmatch(r"[a-z_]+[.\d]*", name):  # XLA ops (not host-side events)
+            kinds[re.sub(r"[.\d]+$", "", name)] += e.get("dur", 0) / 1e3 / a.steps
+    rows.append({"op_kind_ms_per_step": {k: round(v, 1) for k, v in kinds.most_common(12)},
+                 "op_total_ms": round(sum(kinds.values()), 1)})
+    return rows
 
 
 def torch_side(a) -> dict:
@@ -125,9 +212,16 @@ def main(argv=None) -> int:
                    help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
+    p.add_argument("--profile", action="store_true",
+                   help="JAX only: per-convolution times (forward / input-gradient / kernel-gradient) and op time by "
+                        "kind of one train step, on one CPU device unless --cpu-devices (see `profile`)")
     p.add_argument("--jax-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--torch-side", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.profile:
+        for row in profile(a):
+            print(json.dumps(row), flush=True)
+        return 0
     if a.jax_side or a.torch_side:
         print(json.dumps(jax_side(a) if a.jax_side else torch_side(a)), flush=True)
         return 0

@@ -17,3 +17,20 @@ def test_counts_below_one_are_usage_errors(script, flag, value, says):
                        timeout=60)
     assert r.returncode == 2, r.stderr
     assert flag in r.stderr and says in r.stderr, r.stderr
+
+
+def test_training_profile_lists_every_conv_and_the_step():
+    """`benchmarks/training.py --profile` (benchmarks/README.md, item 9) runs on tiny shapes: one row per
+    convolution of the train step with its three timings, the step, and the op time by kind."""
+    import json
+    r = subprocess.run([sys.executable, str(BENCH / "training.py"), "--profile", "--size", "32", "--batch", "2",
+                        "--decoder", "transposed", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    convs = [row for row in rows if isinstance(row.get("layer"), int)]
+    assert len(convs) == 18  # 9 encoder + 9 decoder convolutions of the method's VAE
+    assert all(row["fwd_ms"] > 0 and row["kernel_grad_ms"] > 0 for row in convs)
+    assert [row["input_grad_in_step"] for row in convs] == [False] + [True] * 17
+    step = next(row for row in rows if row.get("layer") == "step")
+    assert step["devices"] == 1 and step["ms"] > 0
+    assert rows[-1]["op_total_ms"] > 0 and rows[-1]["op_kind_ms_per_step"]
