@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                    help="texture: random crops at a working scale, tiled at test; object: resized (default: preset)")
     p.add_argument("--tile-stride", type=positive_int,
                    help="textures: stride of the test tiles in pixels at the model size; overlaps are blended "
-                        "(default: the preset, half a tile for the built-in textures; --size for no overlap)")
+                        "(default: the preset, half a tile for the built-in textures; --size for no overlap). Rerun on a "
+                        "trained run, it changes only the run's test tiling (thresholds are fitted again)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")

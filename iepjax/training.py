@@ -354,8 +354,10 @@ def train_run(config: TrainConfig, dataset: str, category: str, *, results: str 
             old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
             if old is not None and json.loads(old) != json.loads(cfg_json):
                 run_dir = None  # a different config is a new run
-            elif (Preprocess.load(run_dir) or prep) != prep or _stored_source(run_dir) != source:
+            elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or _stored_source(run_dir) != source:
                 run_dir = None  # other preprocessing or another image folder: a new run
+            # (a different test-time tile stride alone keeps the run: prep.save below updates it, and
+            # the thresholds, keyed by the preprocessing, are fitted again)
         if run_dir is None:
             run_dir = runs.new_run(cat_dir)
         runs.atomic_write_text(run_dir / "config.json", cfg_json)
@@ -367,6 +369,11 @@ def train_run(config: TrainConfig, dataset: str, category: str, *, results: str 
     images = training_inputs([split.images[i] for i in train_idx], prep, seed=config.seed)
     summary = train(config, images, run_dir, progress=progress, mesh=mesh)
     return run_dir, summary
+
+
+def _same_training_inputs(a, b) -> bool:
+    """Whether two `Preprocess` give the same training crops (they may differ in the test-time tile stride)."""
+    return dataclasses.replace(a, tile_stride=0) == dataclasses.replace(b, tile_stride=0)
 
 
 def _stored_source(run_dir: Path) -> str | None:

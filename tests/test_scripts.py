@@ -74,7 +74,7 @@ def e2e(tmp_path_factory, env):
     before = _snapshot(run_dir / "checkpoints"), (run_dir / "train_log.csv").read_text()
     project = _run(["project.py", *common, "--steps", "2"], env)
     assert project.returncode == 0, project.stderr[-3000:]
-    again = _run(train_args, env)
+    again = _run(train_args + ["--tile-stride", "32"], env)  # only the test-time tiling differs: same run
     return dict(tmp=tmp, train=train, project=project, again=again, run_dir=run_dir, before=before)
 
 
@@ -120,6 +120,9 @@ def test_rerunning_train_resumes_the_finished_run(e2e):
     assert _snapshot(run_dir / "checkpoints") == ckpt_before, "no step was retrained: no checkpoint rewritten"
     assert (run_dir / "train_log.csv").read_text() == log_before
     assert json.loads((run_dir / "training.json").read_text())["steps"] == 4
+    # --tile-stride 32 (= the size: no overlap) was stored, and the thresholds fitted again with it
+    assert json.loads((run_dir / "preprocess.json").read_text())["tile_stride"] == 0
+    assert json.loads((run_dir / "thresholds.json").read_text())["preprocess"]["tile_stride"] == 0
 
 
 class _Refs(HTMLParser):
