@@ -208,6 +208,7 @@ def test_tile_stride_from_the_preset_or_a_flag():
     assert from_preset("textures", "brick", tile_stride=64).tile_stride == 0  # = size: no overlap
     assert from_preset("textures", "brick", tile_stride=16).stride == 16
     assert from_preset("mvtec_ad", "carpet").tile_stride == 0
+    assert Preprocess(kind="texture", size=64, tile_stride=64) == Preprocess(kind="texture", size=64)
 
 
 def test_patch_bank_is_deterministic_and_lazy():

@@ -47,6 +47,8 @@ class Preprocess:
             raise ValueError(f"texture_fov={self.texture_fov}: must be in (0, 1]")
         if self.tile_stride < 0 or self.tile_stride > self.size:
             raise ValueError(f"tile_stride={self.tile_stride}: must be in [1, {self.size}] (the model size; 0 = size)")
+        if self.tile_stride == self.size:  # one form for "no overlap", so equal settings compare equal
+            object.__setattr__(self, "tile_stride", 0)
 
     @property
     def stride(self) -> int:
@@ -88,8 +90,7 @@ def from_preset(dataset: str, category: str, size: int | None = None, kind: str 
         tile_stride = max(1, int(round(pre.get("tile_step", 1.0) * size)))
     return Preprocess(kind=kind, size=size,
                       texture_fov=pre.get("texture_fov", 0.25 if kind == "texture" else 1.0),
-                      patches_per_epoch=pre.get("patches_per_epoch", 10000),
-                      tile_stride=0 if tile_stride == size else tile_stride)
+                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=tile_stride)
 
 
 # --------------------------------------------------------------------------- resizing
