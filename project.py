@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-backtrack", action="store_true",
                    help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
     p.add_argument("--no-kl", action="store_true", help="leave the KL term out of the energy")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="always take T steps (default: an image stops once its loss is as low as the lowest of the "
+                        "run's held-out normal images)")
     p.add_argument("--threshold", type=float, help="pixel threshold (default: stored, from held-out normal images)")
     p.add_argument("--image-threshold", type=float, help="image threshold (default: stored)")
     p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores used as threshold")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
                                             data_dir=a.tfds_dir, batch_size=a.batch_size, overlays=not a.no_overlays,
                                             progress=not a.no_progress, pixel_threshold=a.threshold,
                                             image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
-                                            image_quantile=a.image_quantile)
+                                            image_quantile=a.image_quantile, early_stop=not a.no_early_stop)
         except (DataError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
                                                  progress=not a.no_progress, pixel_threshold=a.threshold,
                                                  image_threshold=a.image_threshold, pixel_quantile=a.pixel_quantile,
                                                  image_quantile=a.image_quantile, source_dir=source_dir,
-                                                 mesh=mesh)
+                                                 mesh=mesh, early_stop=not a.no_early_stop)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,9 +94,13 @@ def main(argv=None) -> int:
             return 3
     if a.holdout > 0:  # thresholds from held-out normal images, stored with the model
         from iepjax import evaluation
-        pcfg = evaluation.default_projection_config(a.dataset, a.category, summary.config.model)
+        from iepjax.data.preprocess import Preprocess
+        normal = evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir)
+        pcfg = evaluation.with_early_stop(  # the settings project.py uses by default, early stopping included
+            summary.state.params, evaluation.default_projection_config(a.dataset, a.category, summary.config.model),
+            normal, Preprocess.load(run_dir))
         th, _ = evaluation.load_or_calibrate(
-            run_dir, summary.state.params, pcfg, evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir),
+            run_dir, summary.state.params, pcfg, normal,
             progress=not a.no_progress, pixel_quantile=a.pixel_quantile, image_quantile=a.image_quantile, mesh=mesh)
         print(f"thresholds from {th['grad'].n_images} held-out normal images: pixel {th['grad'].pixel_threshold:.4g} "
               f"(q {a.pixel_quantile}), image {th['grad'].image_threshold:.4g} (q {a.image_quantile})")

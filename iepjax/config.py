@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 Likelihood = Literal["bce", "gaussian"]
@@ -75,6 +76,10 @@ class ProjectionConfig:
         with half that image's alpha. Steps that lower the energy are the paper's update
         unchanged, so while E falls the result is the same; without it a too-large alpha lets
         an image run away to noise (seen on 1 of 192 brick tiles at the default alpha).
+      stop_loss: early stopping (method.md: a public port stops once L_r falls below the smallest
+        training loss): from the first step at which an image's L_r(x_t) <= stop_loss, that image
+        stops moving, so x_T = x_t. None = never stop (T steps). `evaluation.with_early_stop` sets
+        it to the smallest L_r of the run's held-out normal images, the scripts' default.
     """
 
     model: ModelConfig = ModelConfig()
@@ -85,12 +90,15 @@ class ProjectionConfig:
     use_kl: bool = True
     smoothing_sigma: float = 1.0
     backtrack: bool = True
+    stop_loss: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"ProjectionConfig.steps={self.steps}: must be >= 0")
         if self.alpha < 0 or self.lam < 0 or self.smoothing_sigma < 0:
             raise ValueError("ProjectionConfig: alpha, lam and smoothing_sigma must be >= 0")
+        if self.stop_loss is not None and not math.isfinite(self.stop_loss):
+            raise ValueError(f"ProjectionConfig.stop_loss={self.stop_loss}: a finite loss, or None for no early stop")
 
 
 @dataclasses.dataclass(frozen=True)

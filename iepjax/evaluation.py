@@ -18,7 +18,7 @@ import numpy as np
 from iepjax import metrics
 from iepjax.anomaly_maps import recon_map
 from iepjax.config import ProjectionConfig, to_dict
-from iepjax.energy import reconstruct
+from iepjax.energy import energy, reconstruct
 from iepjax.projection import check_images, project_fn, scan_parts
 from iepjax.runs import atomic_write_bytes, atomic_write_text, model_config
 
@@ -324,10 +324,12 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
                 data_dir: str | None = None, batch_size: int = 16, overlays: bool = True, progress: bool = True,
                 pixel_threshold: float | None = None, image_threshold: float | None = None,
                 pixel_quantile: float = 0.995, image_quantile: float = 0.99,
-                source_dir: str | None = None, mesh=None) -> tuple[Path, dict]:
+                source_dir: str | None = None, mesh=None, early_stop: bool = True) -> tuple[Path, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
-    `config` defaults to the category preset's projection settings with the run's model. The
+    `config` defaults to the category preset's projection settings with the run's model; with
+    `early_stop` and no `config.stop_loss`, images stop at the smallest loss of the run's held-out
+    normal images (`with_early_stop`). The
     thresholds come from the run's held-out normal images (fitted once per projection config and
     stored in run_dir/thresholds.json) unless `pixel_threshold` / `image_threshold` are given.
     Runs with a preprocess.json (all runs of `training.train_run`) are evaluated with the official
@@ -349,6 +351,9 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
     size = config.model.size
     normal = distributed.main_first(  # issue 6: process 0 prepares the data set, then the others read it
         lambda: held_out_images(run_dir, dataset, category, data_dir, source_dir=source_dir))
+    from iepjax.data.preprocess import Preprocess
+    if early_stop and config.stop_loss is None:
+        config = with_early_stop(params, config, normal, Preprocess.load(run_dir))
     thresholds, cal_compile_s = load_or_calibrate(run_dir, params, config, normal,
                                       batch_size=batch_size, progress=progress, mesh=mesh,
                                       pixel_quantile=pixel_quantile, image_quantile=image_quantile)
@@ -360,7 +365,6 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
             thresholds[row] = thresholds[row]._replace(
                 pixel_threshold=thresholds[row].pixel_threshold if pixel_threshold is None else pixel_threshold,
                 image_threshold=thresholds[row].image_threshold if image_threshold is None else image_threshold)
-    from iepjax.data.preprocess import Preprocess
     prep = Preprocess.load(run_dir)
     if prep is not None:  # issue 3: the official protocol at the original image sizes
         from iepjax import protocol
@@ -387,6 +391,31 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
     result = evaluate(params, config, test, thresholds, out_dir, batch_size=batch_size, overlays=overlays,
                       progress=progress, threshold_source=source, loc=loc, compiled_in_calibration=cal_compile_s)
     return out_dir, result
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _model_losses(params: dict, x_BxHxWxC: jax.Array, config: ProjectionConfig) -> jax.Array:
+    """L_r(x) of each image of a batch (B,): the energy at x0 = x, where the prior is 0."""
+    return jax.vmap(lambda x: energy(params, x, x, config)[0])(x_BxHxWxC)
+
+
+def with_early_stop(params: dict, config: ProjectionConfig, normal_images, prep=None, *,
+                    batch_size: int = 64) -> ProjectionConfig:
+    """`config` with stop_loss = the smallest L_r of held-out normal images (method.md: a port stops
+    once L_r falls below the smallest training loss): a projected image stops once it is as likely
+    under the model as the most likely normal image.
+
+    normal_images: uint8 images, preprocessed with `prep` (tiled / resized as the test images are;
+    None: already at the model size).
+    """
+    import dataclasses
+
+    from iepjax.data.preprocess import model_inputs
+    x = model_inputs(normal_images, prep)[0] if prep is not None else np.asarray(normal_images)
+    cfg = dataclasses.replace(config, stop_loss=None)
+    losses = [np.asarray(_model_losses(params, jnp.asarray(x[i:i + batch_size], jnp.float32) / 255.0, cfg))
+              for i in range(0, len(x), batch_size)]
+    return dataclasses.replace(config, stop_loss=float(np.min(np.concatenate(losses))))
 
 
 def default_projection_config(dataset: str, category: str, model) -> ProjectionConfig:

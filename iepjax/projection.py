@@ -71,6 +71,7 @@ class _Carry(NamedTuple):
     d_acc: jax.Array   # descent direction and
     e_acc: jax.Array   # energy
     alpha: jax.Array   # this image's step size (halved at each rejected step)
+    stopped: jax.Array  # early stopping (config.stop_loss): this image no longer moves
 
 
 def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
@@ -79,7 +80,9 @@ def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -
     Each step evaluates E and its descent direction at x_t once. With `config.backtrack`, a step
     whose energy rose above the last accepted one is undone: the update is retaken from the last
     accepted point with half the step size (no extra network evaluation: its direction is kept
-    in the scan's carry). Returns ProjectionResult with unbatched fields: x_T (H, W, C),
+    in the scan's carry). With `config.stop_loss`, the image stops moving from the first step at
+    which its L_r(x_t) <= stop_loss (early stopping; the scan still runs T steps, so the program
+    stays one per shape). Returns ProjectionResult with unbatched fields: x_T (H, W, C),
     map (H, W), energies (T,) (E at each evaluated point, rejected ones included).
     """
     init, body = scan_parts(params, x0_HxWxC, config)
@@ -91,7 +94,7 @@ def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -
 def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
     """(initial carry, body) of `project_image`'s scan for one image: body(carry) -> (carry, E(x_t)),
     carry.x = x_{t+1}. Shared with `evaluation.trajectory`, which also records the x_t."""
-    def body(c: _Carry):
+    def step(c: _Carry):
         if not config.backtrack:  # the paper's loop: alpha never changes
             x_next, e = projection_step(params, c.x, x0_HxWxC, config)
             return c._replace(x=x_next), e
@@ -101,10 +104,19 @@ def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
         x_acc = jnp.where(rejected, c.x_acc, c.x)
         d_acc = jnp.where(rejected, c.d_acc, d)
         e_acc = jnp.where(rejected, c.e_acc, e)
-        return _Carry(jnp.clip(x_acc - alpha * d_acc, 0.0, 1.0), x_acc, d_acc, e_acc, alpha), e
+        return _Carry(jnp.clip(x_acc - alpha * d_acc, 0.0, 1.0), x_acc, d_acc, e_acc, alpha, c.stopped), e
+
+    def body(c: _Carry):
+        new, e = step(c)
+        if config.stop_loss is None:
+            return new, e
+        # L_r(x_t) = E(x_t) minus the prior, at the point this step evaluated
+        stopped = c.stopped | (e - config.lam * jnp.sum(jnp.abs(c.x - x0_HxWxC)) <= config.stop_loss)
+        new = jax.tree.map(lambda old, nxt: jnp.where(stopped, old, nxt), c, new)
+        return new._replace(stopped=stopped), e
 
     init = _Carry(x0_HxWxC, x0_HxWxC, jnp.zeros_like(x0_HxWxC), jnp.array(jnp.inf, jnp.float32),
-                  jnp.asarray(config.alpha, jnp.float32))
+                  jnp.asarray(config.alpha, jnp.float32), jnp.array(False))
     return init, body
 
 

@@ -160,13 +160,15 @@ def list_images(folder: str | Path) -> list[Path]:
 def infer_folder(run_dir: str | Path, input_dir: str | Path, out_dir: str | Path, config, *,
                  dataset: str, category: str, data_dir: str | None = None, batch_size: int = 16, overlays: bool = True, progress: bool = True,
                  pixel_threshold: float | None = None, image_threshold: float | None = None,
-                 pixel_quantile: float = 0.995, image_quantile: float = 0.99, chunk: int = 64) -> dict:
+                 pixel_quantile: float = 0.995, image_quantile: float = 0.99, chunk: int = 64,
+                 early_stop: bool = True) -> dict:
     """Maps, overlays and image scores of every image under input_dir (no masks or labels needed).
 
     Writes into out_dir: maps/<relative path>.tiff (float32 grad map at the original size),
     overlays/<relative path>.png (input | map | overlay at the model size), scores.csv (file,
     image score = max of the map, predicted label from the run's image threshold) and summary.json.
-    Images are processed in chunks of `chunk` so memory stays bounded.
+    Images are processed in chunks of `chunk` so memory stays bounded. `early_stop`: as in
+    `evaluation.project_run`.
     """
     import csv
     import dataclasses
@@ -187,8 +189,11 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, out_dir: str | Path
     params, tcfg = load_params(run_dir)
     config = dataclasses.replace(config, model=tcfg.model)
     prep = run_preprocess(run_dir, dataset, category, tcfg.model.size)
+    normal = evaluation.held_out_images(run_dir, dataset, category, data_dir)
+    if early_stop and config.stop_loss is None:
+        config = evaluation.with_early_stop(params, config, normal, Preprocess.load(run_dir))
     thresholds, _ = evaluation.load_or_calibrate(
-        run_dir, params, config, evaluation.held_out_images(run_dir, dataset, category, data_dir),
+        run_dir, params, config, normal,
         batch_size=batch_size, progress=progress, pixel_quantile=pixel_quantile, image_quantile=image_quantile)
     g = thresholds["grad"]
     pt = g.pixel_threshold if pixel_threshold is None else pixel_threshold

@@ -155,6 +155,44 @@ def test_backtracking_only_acts_when_the_energy_rises(trained_preset):
     assert np.abs(np.asarray(safe.x_T) - x0).mean() <= np.abs(np.asarray(plain.x_T) - x0).mean()
 
 
+def test_early_stop_freezes_an_image_at_the_first_step_its_loss_reaches_stop_loss(trained_preset):
+    """With stop_loss = L_r(x_k) of the unstopped run (lam 0: E = L_r, falling at every step), the
+    image takes exactly k steps: x_T equals the k-step projection, bit for bit. A stop_loss below
+    every L_r changes nothing; one above L_r(x0) keeps x0 (zero map)."""
+    params, model_cfg = trained_preset
+    pre = preset("textures", "brick")
+    cfg = ProjectionConfig(model=model_cfg, steps=6, alpha=pre["alpha"], lam=0.0, smoothing_sigma=0.0)
+    x0 = pattern_images(3, phase=0.5, seed=3)
+    free = project_fn(params, x0, cfg)
+    e = np.asarray(free.energies)
+    assert np.all(np.diff(e, axis=1) < 0), e
+    k = 2
+    for i in range(3):  # per image: each image has its own stopping step
+        stopped = project_fn(params, x0[i:i + 1], dataclasses.replace(cfg, stop_loss=float(e[i, k])))
+        k_steps = project_fn(params, x0[i:i + 1], dataclasses.replace(cfg, steps=k))
+        np.testing.assert_array_equal(np.asarray(stopped.x_T), np.asarray(k_steps.x_T))
+        assert np.abs(np.asarray(stopped.x_T) - np.asarray(free.x_T[i:i + 1])).max() > 0  # it did stop early
+    never = project_fn(params, x0, dataclasses.replace(cfg, stop_loss=float(e.min()) - 1e6))
+    np.testing.assert_array_equal(np.asarray(never.x_T), np.asarray(free.x_T))
+    at_once = project_fn(params, x0, dataclasses.replace(cfg, stop_loss=float(e.max()) + 1.0, smoothing_sigma=1.0))
+    np.testing.assert_array_equal(np.asarray(at_once.x_T), x0)
+    np.testing.assert_array_equal(np.asarray(at_once.maps), np.zeros((3, 32, 32), np.float32))
+
+
+def test_with_early_stop_takes_the_smallest_loss_of_the_normal_images(trained_preset, images_u8):
+    from iepjax import evaluation
+    from iepjax.energy import energy
+    params, model_cfg = trained_preset
+    cfg = ProjectionConfig(model=model_cfg, steps=3)
+    got = evaluation.with_early_stop(params, cfg, images_u8[:4], batch_size=3)
+    losses = [float(energy(params, jnp.asarray(im / 255.0, jnp.float32), jnp.asarray(im / 255.0, jnp.float32), cfg)[0])
+              for im in images_u8[:4]]
+    assert got.stop_loss == pytest.approx(min(losses), rel=1e-5)
+    assert dataclasses.replace(got, stop_loss=None) == cfg
+    with pytest.raises(ValueError, match="stop_loss"):
+        ProjectionConfig(model=model_cfg, stop_loss=float("inf"))
+
+
 def test_jit_equals_no_jit(trained, model_cfg):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--data-seed", type=int, default=1, help="seed of the calibration split (0 is the reported one)")
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID, help="T,alpha,lam,sigma,weighting,use_kl entries")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="always take T steps (default, as project.py: stop at the held-out normal images' lowest loss)")
     p.add_argument("--cpu-devices", type=positive_int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
@@ -48,11 +50,14 @@ def main(argv=None) -> int:
     prep = Preprocess.load(run_dir)  # the run's preprocessing (resize or tiling), as project.py uses it
     test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, progress=False,
                            **({"seed": a.data_seed} if a.data_seed else {}))
+    normal = None if a.no_early_stop else evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir)
     mesh = sharding.make_mesh()  # the batch split over the devices; None on one
     for spec in a.grid:
         t, alpha, lam, sigma, weighting, use_kl = spec.split(",")
         cfg = ProjectionConfig(model=tcfg.model, steps=int(t), alpha=float(alpha), lam=float(lam),
                                smoothing_sigma=float(sigma), weighting=weighting == "1", use_kl=use_kl == "1")
+        if normal is not None:
+            cfg = evaluation.with_early_stop(params, cfg, normal, prep)
         t0 = time.perf_counter()
         if prep is not None:  # maps at the original image sizes (the official protocol)
             res = protocol.localize_images(params, cfg, test.images, prep, progress=False, mesh=mesh)
@@ -66,6 +71,7 @@ def main(argv=None) -> int:
             e = loc.energies.mean(axis=0)
         row = {"run": str(run_dir), "data_seed": a.data_seed, "steps": cfg.steps, "alpha": cfg.alpha, "lam": cfg.lam,
                "sigma": cfg.smoothing_sigma, "weighting": cfg.weighting, "use_kl": cfg.use_kl,
+               "stop_loss": cfg.stop_loss,
                "recon": scores["recon"], "grad": scores["grad"],
                "energy": [float(e[0]), float(e[len(e) // 2]), float(e[-1])] if len(e) else [],
                "seconds": round(time.perf_counter() - t0, 1)}
