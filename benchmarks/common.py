@@ -5,7 +5,6 @@ fixed at process start); `env` gives those subprocesses this checkout on PYTHONP
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from pathlib import Path
@@ -16,21 +15,6 @@ DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
 TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (--steps, --rounds, --batch, ...): an int >= 1, else a usage error.
-
-    The same rule as `iepjax.distributed.positive_int`, kept here because these scripts also run
-    under a PyTorch-only interpreter that cannot import iepjax (jax).
-    """
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
-    return n
-
-
 def env(extra: dict | None = None) -> dict:
     """os.environ with this checkout first on PYTHONPATH, plus `extra`."""
     out = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -38,9 +22,19 @@ def env(extra: dict | None = None) -> dict:
     return out
 
 
+def load_module(path: str | Path, name: str):
+    """The Python file at `path` imported as module `name`, without importing the package it sits in."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_torch_reference(path: str | Path):
     """`../shared/bench/torch_reference.py` (or `path`) imported as a module (needs torch)."""
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    return ref
+    return load_module(path, "torch_reference")
+
+
+# argparse type for counts (--steps, --rounds, --batch, ...). Loaded by path: these scripts also
+# run under a PyTorch-only interpreter, where importing the iepjax package (jax) fails.
+positive_int = load_module(ROOT / "iepjax" / "cli.py", "iepjax_cli").positive_int

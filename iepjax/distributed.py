@@ -17,21 +17,12 @@ from typing import Any, Callable, TypeVar
 import jax
 import numpy as np
 
+from iepjax.cli import positive_int  # re-exported: the scripts' --cpu-devices type
+
 T = TypeVar("T")
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself too
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts such as --cpu-devices: an int >= 1, else a usage error naming the value."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
-    return n
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
