@@ -35,6 +35,42 @@ def load_torch_reference(path: str | Path):
     return load_module(path, "torch_reference")
 
 
+def record_convs(fn, *args, batch: int) -> list[tuple]:
+    """(x shape, w shape, strides, padding, lhs_dilation) of every `iepjax.model.conv` call made while
+    `fn(*args)` is traced (`jax.eval_shape`, nothing runs). x's leading axis is reported as `batch`:
+    under vmap the per-image code sees a batch of 1."""
+    import jax
+
+    import iepjax.model as model_lib
+    calls, raw = [], model_lib.conv
+
+    def recording(x, w, strides, padding, lhs_dilation):
+        calls.append(((batch,) + tuple(x.shape[1:]), tuple(w.shape), strides, padding, lhs_dilation))
+        return raw(x, w, strides, padding, lhs_dilation)
+
+    model_lib.conv = recording
+    try:
+        jax.eval_shape(fn, *args)
+    finally:
+        model_lib.conv = raw
+    return calls
+
+
+def median_seconds(f, *args, repeats: int) -> float:
+    """Median wall time of `repeats` calls of the jitted `f(*args)`, after one untimed call (compile)."""
+    import statistics
+    import time
+
+    import jax
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 # argparse type for counts (--steps, --rounds, --batch, ...). Loaded by path: these scripts also
 # run under a PyTorch-only interpreter, where importing the iepjax package (jax) fails.
 positive_int = load_module(ROOT / "iepjax" / "cli.py", "iepjax_cli").positive_int

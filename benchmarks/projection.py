@@ -37,6 +37,7 @@ step as a standalone XLA program, to show what the scan costs or saves.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -56,14 +57,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
     import numpy as np
 
     a = jnp.asarray(np.random.default_rng(0).random((n, n), np.float32))
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / float(np.median(ts)) / 1e9
+    return 2 * n ** 3 / common.median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats) / 1e9
 
 
 def _flops(compiled) -> float:
@@ -172,27 +166,10 @@ def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) ->
     config = ProjectionConfig(model=model, steps=1)
     params = init_params(model, key=jax.random.key(0))
     x0 = jax.device_put(np.random.default_rng(0).random((batch, size, size, channels), np.float32))
-    calls, raw = [], model_lib.conv
-
-    def recording(x, w, strides, padding, lhs_dilation):
-        calls.append(((batch,) + tuple(x.shape[1:]), w.shape, strides, padding, lhs_dilation))  # vmap hides B
-        return raw(x, w, strides, padding, lhs_dilation)
-
+    raw = model_lib.conv
     step = jax.jit(jax.vmap(lambda x, x0: projection_step(params, x, x0, config)))
-    model_lib.conv = recording
-    try:
-        jax.eval_shape(step, x0, x0)
-    finally:
-        model_lib.conv = raw
-
-    def timed(f, *args):
-        jax.block_until_ready(f(*args))
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+    calls = common.record_convs(step, x0, x0, batch=batch)
+    timed = functools.partial(common.median_seconds, repeats=repeats)
 
     rows, rng, total_conv = [], np.random.default_rng(1), 0.0
     for i, (xs, ws, st, pad, dil) in enumerate(calls):

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference, positive_int
+from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference, median_seconds, positive_int, record_convs
 
 
 def jax_side(a) -> dict:
@@ -91,26 +91,11 @@ def profile(a) -> list[dict]:
                       batch_size=a.batch, augment=False)
     state = training.init_state(cfg, key=jax.random.key(0))
     batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
-    calls, raw = [], model_lib.conv
+    raw = model_lib.conv
+    calls = record_convs(lambda s, b: training.train_step(s, b, cfg), state, batch, batch=a.batch)
 
-    def recording(x, w, strides, padding, lhs_dilation):
-        calls.append((tuple(x.shape), tuple(w.shape), strides, padding, lhs_dilation))
-        return raw(x, w, strides, padding, lhs_dilation)
-
-    model_lib.conv = recording
-    try:
-        jax.eval_shape(lambda s, b: training.train_step(s, b, cfg), state, batch)
-    finally:
-        model_lib.conv = raw
-
-    def timed(f, *args):
-        jax.block_until_ready(f(*args))
-        ts = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts)) * 1e3
+    def timed(f, *args):  # ms
+        return median_seconds(f, *args, repeats=a.steps) * 1e3
 
     rows, rng, conv_ms = [], np.random.default_rng(1), 0.0
     for i, (xs, ws, st, pad, dil) in enumerate(calls):
