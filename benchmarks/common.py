@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,14 @@ def env(extra: dict | None = None) -> dict:
     out = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out.update(extra or {})
     return out
+
+
+def imports_torch(python: str | Path) -> bool:
+    """Whether the interpreter `python` exists and can import torch."""
+    try:
+        return subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode == 0
+    except OSError:  # no such interpreter, or not executable
+        return False
 
 
 def load_module(path: str | Path, name: str):

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, ROOT, TORCH_ENVS, load_torch_reference, positive_int
+from common import DEFAULT_REFERENCE, imports_torch, ROOT, TORCH_ENVS, load_torch_reference, positive_int
 from common import env as _env
 
 
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
         return _torch_side(a, a.decoder[0], a.torch_side) or 0
     if not a.torch_reference.exists():
         raise SystemExit(f"{a.torch_reference} not found: pass --torch-reference PATH")
-    probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
-    if probe.returncode:
+    if not imports_torch(a.torch_python):
         raise SystemExit(f"{a.torch_python} cannot import torch: install it in a separate venv "
                          "(python3 -m venv V && V/bin/pip install torch) and pass --torch-python V/bin/python")
     return check(a) if a.check else compare(a)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, env, load_torch_reference, positive_int
+from common import DEFAULT_REFERENCE, imports_torch, env, load_torch_reference, positive_int
 
 
 def jax_side(a) -> list[dict]:
@@ -117,8 +117,7 @@ def main(argv=None) -> int:
         for row in jax_side(a) if a.jax_side else torch_side(a):
             print(json.dumps(row), flush=True)
         return 0
-    probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
-    have_torch = not probe.returncode and a.torch_reference.exists()
+    have_torch = imports_torch(a.torch_python) and a.torch_reference.exists()
     for decoder in a.decoder:
         jax_rows = _side(sys.executable, a, "--jax-side", decoder)
         for row in jax_rows:

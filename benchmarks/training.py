@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, TORCH_ENVS, env, load_torch_reference, median_seconds, positive_int, record_convs
+from common import DEFAULT_REFERENCE, imports_torch, TORCH_ENVS, env, load_torch_reference, median_seconds, positive_int, record_convs
 
 
 def jax_side(a) -> dict:
@@ -210,8 +210,7 @@ def main(argv=None) -> int:
     if a.jax_side or a.torch_side:
         print(json.dumps(jax_side(a) if a.jax_side else torch_side(a)), flush=True)
         return 0
-    probe = subprocess.run([a.torch_python, "-c", "import torch"], capture_output=True)
-    have_torch = not probe.returncode and a.torch_reference.exists()
+    have_torch = imports_torch(a.torch_python) and a.torch_reference.exists()
     ratios = []
     for r in range(a.rounds):  # JAX and PyTorch alternate, so both sides see the same machine state
         row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
