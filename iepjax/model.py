@@ -33,7 +33,9 @@ _PAD1 = ((1, 1), (1, 1))
 # `conv` below is the same maths with a custom VJP whose input-gradient is a convolution in the
 # canonical NHWC/HWIO layout on an explicitly flipped and transposed kernel, so every
 # convolution of the projection's loop body is canonical. Forward values, parameter shapes and
-# names are unchanged; the kernel gradient (training) is JAX's own.
+# names are unchanged. Layers with few image channels (the first and the last) are one matmul on
+# an im2col of copies, or one matmul and its overlap-add, with both gradients written out as
+# matmuls; the kernel gradient of the other layers (training) is JAX's own.
 # ---------------------------------------------------------------------------------------------
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -102,56 +104,86 @@ def _dilated_conv_phases(x, w, padding, lhs_dilation):
     return y.reshape(y.shape[0], mh * dh, mw * dw, y.shape[-1])
 
 
-def _dilated_conv_merged(x, w, padding, lhs_dilation):
-    """`_dilated_conv_phases` as ONE stride-1 conv with d_h*d_w*O output channels (each phase's
-    taps placed in a common window, zeros elsewhere) followed by depth-to-space. More
-    multiply-adds (the window covers every phase's taps) but one wide convolution instead of
-    d_h*d_w narrow ones: faster when O is small (the decoder's last layer). None if the shapes do
-    not allow it."""
-    plans = _phase_plans(x, w, padding, lhs_dilation)
-    if plans is None:
-        return None
-    dims = []  # per spatial dim: (offset of each phase in the window, taps of each phase, window, pads)
-    for (plan, m), n, k, d in zip(plans, x.shape[1:3], w.shape[:2], lhs_dilation):
-        c = [-pad[0] for _, pad in plan]  # phase r reads input rows i + j + c_r
-        kr = [len(range(k0, k, d)) for k0, _ in plan]
-        c_min = min(c)
-        u = max(ci + ki for ci, ki in zip(c, kr)) - c_min
-        dims.append(([ci - c_min for ci in c], kr, u, (-c_min, m + u - 1 - n + c_min), m))
-    (off_h, kr_h, u_h, pad_h, mh), (off_w, kr_w, u_w, pad_w, mw) = dims
-    dh, dw = lhs_dilation
-    phases = []
-    for a, (k0a, _) in enumerate(plans[0][0]):
-        for b, (k0b, _) in enumerate(plans[1][0]):
-            taps = w[k0a::dh, k0b::dw]  # (kr_h[a], kr_w[b], I, O)
-            phases.append(jnp.pad(taps, ((off_h[a], u_h - off_h[a] - kr_h[a]), (off_w[b], u_w - off_w[b] - kr_w[b]),
-                                         (0, 0), (0, 0))))
-    w_merged = jnp.concatenate(phases, axis=-1)  # (u_h, u_w, I, dh*dw*O), channel = (a, b, o)
-    xx, pads = _crop_negative_pads(x, (pad_h, pad_w))
-    y = _lax_conv(xx, w_merged, (1, 1), pads, (1, 1))  # (B, mh, mw, dh*dw*O)
-    o = w.shape[-1]
-    y = y.reshape(y.shape[0], mh, mw, dh, dw, o).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(y.shape[0], mh * dh, mw * dw, o)
+SMALL_CHANNELS = 8  # below this many image channels, the im2col / col2im forms are used
 
 
-def _strided_conv_space_to_depth(x, w, strides, padding):
-    """A stride-s conv whose kernel size is a multiple of s, as space-to-depth of the padded input
-    (s_h*s_w*I channels) and a stride-1 conv with a k/s kernel: the same multiply-adds as one
-    canonical convolution with s^2 more input channels, which XLA:CPU runs far better when I is
-    small (the encoder's first layer). None if the shapes do not allow it."""
-    (kh, kw), (sh, sw) = w.shape[:2], strides
-    if kh % sh or kw % sw:
-        return None
+def _strided_geometry(n_hw, k_hw, strides, padding):
+    """Output size of a strided conv per spatial dim, and the input pads (negative: crop) that make
+    the padded input exactly (out - 1) * s + k long."""
+    outs = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(n_hw, k_hw, strides, padding)]
+    pads = [(lo, (o - 1) * s + k - n - lo) for n, k, s, (lo, _), o in zip(n_hw, k_hw, strides, padding, outs)]
+    return outs, pads
+
+
+def _patches(x_BxHxWxI: jax.Array, k_hw: Sequence[int], strides: Sequence[int], padding: Pads) -> jax.Array:
+    """im2col of a conv with stride s and a kernel that is a multiple of s: (B, Ho, Wo, kh*kw*I),
+    features in the kernel's (kh, kw, i) order, so conv(x, w) = patches @ w.reshape(-1, O).
+
+    Built from the space-to-depth of the padded input by (kh/sh)*(kw/sw) shifted slices: copies
+    only, no gather. Its transpose (`jax.linear_transpose`) is the overlap-add (col2im) of a
+    transposed convolution.
+    """
+    (kh, kw), (sh, sw) = k_hw, strides
+    b, h, wd, i = x_BxHxWxI.shape
+    (oh, ow), pads = _strided_geometry((h, wd), (kh, kw), strides, padding)
+    xp = lax.pad(x_BxHxWxI, jnp.zeros((), x_BxHxWxI.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
+                 + [(0, 0, 0)])
+    lh, lw = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    xs = xp.reshape(b, lh // sh, sh, lw // sw, sw, i).transpose(0, 1, 3, 2, 4, 5)  # (B, ., ., rh, rw, I)
+    rows = [jnp.stack([xs[:, a:a + oh, c:c + ow] for c in range(kw // sw)], axis=4)  # (B, Ho, Wo, rh, aw, rw, I)
+            for a in range(kh // sh)]
+    return jnp.stack(rows, axis=3).reshape(b, oh, ow, kh * kw * i)  # kh index = ah * sh + rh
+
+
+def _uses_patches(x_shape, w_shape, strides, lhs_dilation) -> bool:
+    """A strided conv on few input channels (the encoder's first layer), kernel a multiple of the stride."""
+    return (any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation) and x_shape[-1] < SMALL_CHANNELS
+            and all(k % s == 0 for k, s in zip(w_shape[:2], strides)))
+
+
+def _uses_col2im(x_shape, w_shape, strides, lhs_dilation) -> bool:
+    """An input-dilated (transposed) conv to few output channels (the decoder's last layer), kernel
+    a multiple of the dilation."""
+    return (any(d > 1 for d in lhs_dilation) and all(s == 1 for s in strides) and w_shape[-1] < SMALL_CHANNELS
+            and all(k % d == 0 for k, d in zip(w_shape[:2], lhs_dilation)))
+
+
+def _matmul(p_BxHxWxF: jax.Array, m_FxO: jax.Array) -> jax.Array:
+    """(B, H, W, F) @ (F, O) -> (B, H, W, O) as one 2-D `dot`."""
+    b, h, w, f = p_BxHxWxF.shape
+    return jnp.dot(p_BxHxWxF.reshape(b * h * w, f), m_FxO).reshape(b, h, w, m_FxO.shape[-1])
+
+
+def _flip_swap(w_KxKxIxO: jax.Array) -> jax.Array:
+    """The kernel of a conv's input-gradient: spatially flipped, feature dims swapped (K, K, O, I)."""
+    return jnp.swapaxes(jnp.flip(w_KxKxIxO, (0, 1)), 2, 3)
+
+
+def _col2im_pads(x_shape, w_shape, padding, lhs_dilation):
+    """For y = conv(x dilated by d, w): y's size and the pads of its input-gradient, the stride-d conv
+    S(u) = conv(u, flip_swap(w), d, pads) that maps y's shape back to x's."""
+    out_hw = [(n - 1) * d + 1 + lo + hi - k + 1
+              for n, k, (lo, hi), d in zip(x_shape[1:3], w_shape[:2], padding, lhs_dilation)]
+    return out_hw, _input_grad_pads(x_shape[1:3], w_shape[:2], (1, 1), padding, lhs_dilation, out_hw)
+
+
+def _dilated_conv_col2im(x, w, padding, lhs_dilation):
+    """conv(x dilated by d, w) as ONE matmul x @ (K*K*O) taps followed by an overlap-add (col2im):
+    the transpose of the input-gradient's im2col (`_patches`). The multiplications by the
+    inserted zeros are skipped and the matmul is wide even when O is small (the decoder's last
+    layer), where convolutions of XLA:CPU are slow."""
     b, h, wd, i = x.shape
-    outs = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip((h, wd), (kh, kw), strides, padding)]
-    lens = [(o - 1) * s + k for o, s, k in zip(outs, strides, (kh, kw))]  # padded extent actually read
-    pads = [(lo, ln - n - lo) for (lo, _), ln, n in zip(padding, lens, (h, wd))]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
-    xs = xp.reshape(b, lens[0] // sh, sh, lens[1] // sw, sw, i).transpose(0, 1, 3, 2, 4, 5)
-    xs = xs.reshape(b, lens[0] // sh, lens[1] // sw, sh * sw * i)
-    ws = w.reshape(kh // sh, sh, kw // sw, sw, i, -1).transpose(0, 2, 1, 3, 4, 5)
-    ws = ws.reshape(kh // sh, kw // sw, sh * sw * i, -1)
-    return _lax_conv(xs, ws, (1, 1), ((0, 0), (0, 0)), (1, 1))
+    o = w.shape[-1]
+    out_hw, pads = _col2im_pads(x.shape, w.shape, padding, lhs_dilation)
+    taps = _matmul(x, _flip_swap(w).reshape(-1, i).T)  # (B, H, W, K*K*O)
+    col2im = jax.linear_transpose(lambda u: _patches(u, w.shape[:2], lhs_dilation, pads),
+                                  jax.ShapeDtypeStruct((b, *out_hw, o), x.dtype))
+    return col2im(taps)[0]
+
+
+def _strided_conv_patches(x, w, strides, padding):
+    """A strided conv on few input channels as im2col (`_patches`) and one matmul."""
+    return _matmul(_patches(x, w.shape[:2], strides, padding), w.reshape(-1, w.shape[-1]))
 
 
 def _as_dense(x, w, strides, padding, lhs_dilation):
@@ -171,22 +203,19 @@ def _as_dense(x, w, strides, padding, lhs_dilation):
     return None
 
 
-SMALL_CHANNELS = 8  # below this many image channels, the merged / space-to-depth forms are used
-
-
 def _conv_raw(x, w, strides, padding, lhs_dilation):
     """The convolution maths, formulated for XLA:CPU (benchmarks/README.md, "What was tried"):
-    matrix products where the conv is one; input dilation as sub-pixel phases (or one merged conv
-    when the output has few channels); strided convs on few input channels as space-to-depth."""
+    matrix products where the conv is one; input dilation as sub-pixel phases (or one matmul and
+    an overlap-add when the output has few channels); strided convs on few input channels as
+    im2col and one matmul."""
     y = _as_dense(x, w, strides, padding, lhs_dilation)
     if y is None and any(d > 1 for d in lhs_dilation) and all(s == 1 for s in strides):
-        if w.shape[-1] < SMALL_CHANNELS:
-            y = _dilated_conv_merged(x, w, padding, lhs_dilation)
-        if y is None:
+        if _uses_col2im(x.shape, w.shape, strides, lhs_dilation):
+            y = _dilated_conv_col2im(x, w, padding, lhs_dilation)
+        else:
             y = _dilated_conv_phases(x, w, padding, lhs_dilation)
-    if y is None and any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation) \
-            and x.shape[-1] < SMALL_CHANNELS:
-        y = _strided_conv_space_to_depth(x, w, strides, padding)
+    if y is None and _uses_patches(x.shape, w.shape, strides, lhs_dilation):
+        y = _strided_conv_patches(x, w, strides, padding)
     return _lax_conv(x, w, strides, padding, lhs_dilation) if y is None else y
 
 
@@ -205,31 +234,46 @@ def _conv_fwd(x, w, strides, padding, lhs_dilation):
     return _conv_raw(x, w, strides, padding, lhs_dilation), (x, w)
 
 
+def _input_grad_pads(in_hw, k_hw, strides, padding, lhs_dilation, out_hw) -> Pads:
+    """Pads of the input-gradient of conv(x, w, strides, padding, lhs_dilation) written as a conv of
+    the cotangent (B, out_hw, O) with stride = lhs_dilation and input dilation = strides."""
+    pads = []
+    for n, kk, s, d, (lo, _), m in zip(in_hw, k_hw, strides, lhs_dilation, padding, out_hw):
+        before = kk - 1 - lo
+        pads.append((before, ((n - 1) * d + 1) + kk - 1 - ((m - 1) * s + 1) - before))
+    return tuple(pads)
+
+
 def conv_input_grad(g_BxHoxWoxO: jax.Array, w_KxKxIxO: jax.Array, in_hw: Sequence[int],
                     strides, padding, lhs_dilation) -> jax.Array:
     """d conv(x, w) / dx applied to the cotangent g, as canonical NHWC/HWIO convolution(s).
 
     For a strided forward conv this is a conv of g dilated by the strides; `_conv_raw` splits it
-    into sub-pixel phases instead of multiplying the inserted zeros.
+    into sub-pixel phases (or one matmul and an overlap-add) instead of multiplying the inserted
+    zeros.
     """
-    k = w_KxKxIxO.shape[:2]
-    out_hw = g_BxHoxWoxO.shape[1:3]
-    pads = []
-    for n, kk, s, d, (lo, _), m in zip(in_hw, k, strides, lhs_dilation, padding, out_hw):
-        before = kk - 1 - lo
-        after = ((n - 1) * d + 1) + kk - 1 - ((m - 1) * s + 1) - before
-        pads.append((before, after))
-    w_t = jnp.swapaxes(jnp.flip(w_KxKxIxO, (0, 1)), 2, 3)  # (K, K, O, I), canonical HWIO
-    return _conv_raw(g_BxHoxWoxO, w_t, tuple(lhs_dilation), tuple(pads), tuple(strides))
+    pads = _input_grad_pads(in_hw, w_KxKxIxO.shape[:2], strides, padding, lhs_dilation, g_BxHoxWoxO.shape[1:3])
+    return _conv_raw(g_BxHoxWoxO, _flip_swap(w_KxKxIxO), tuple(lhs_dilation), pads, tuple(strides))
 
 
 def _conv_bwd(strides, padding, lhs_dilation, res, g):
     x, w = res
+    if _uses_col2im(x.shape, w.shape, strides, lhs_dilation):
+        # y = col2im(x @ taps): both gradients from the cotangent's im2col, two matmuls.
+        _, pads = _col2im_pads(x.shape, w.shape, padding, lhs_dilation)
+        p = _patches(g, w.shape[:2], lhs_dilation, pads)  # (B, H, W, K*K*O)
+        dx = _matmul(p, _flip_swap(w).reshape(-1, x.shape[-1]))
+        dw_t = jnp.dot(p.reshape(-1, p.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (K*K*O, I)
+        return dx, _flip_swap(dw_t.reshape(*w.shape[:2], w.shape[3], w.shape[2]))
     dx = conv_input_grad(g, w, x.shape[1:3], strides, padding, lhs_dilation)
-    # Kernel gradient (training only, never inside the projection's loop): JAX's transpose of the
-    # formulation that measured fastest for it. For strided convs that is the plain lax conv (4.7 ms
-    # against 8.9 ms through space-to-depth for the first layer at batch 16, 128 px); for input-
-    # dilated ones the phases / merged form (9-14 ms against 57-159 ms for lax's own).
+    if _uses_patches(x.shape, w.shape, strides, lhs_dilation):  # y = patches(x) @ w
+        p = _patches(x, w.shape[:2], strides, padding)
+        dw = jnp.dot(p.reshape(-1, p.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+        return dx, dw.reshape(w.shape)
+    # Kernel gradient of the other convs (training only, never inside the projection's loop):
+    # JAX's transpose of the formulation that measured fastest for it. For strided convs that is
+    # the plain lax conv; for input-dilated ones the phases (9-14 ms against 57-159 ms for lax's
+    # own, benchmarks/README.md).
     strided = any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation)
     fwd = _lax_conv if strided else _conv_raw
     _, vjp_w = jax.vjp(lambda w_: fwd(x, w_, strides, padding, lhs_dilation), w)

@@ -1,6 +1,6 @@
 """`iepjax.model.conv` (the XLA:CPU formulations of benchmarks/README.md) equals `lax.conv_general_dilated`.
 
-Each formulation of `_conv_raw` (matrix products, sub-pixel phases, merged phases, space-to-depth)
+Each formulation of `_conv_raw` (matrix products, sub-pixel phases, im2col, col2im)
 is checked against the plain lax convolution: values, input-gradient (the custom VJP, what the
 projection uses) and kernel-gradient (training), on the shapes the model really produces and on
 odd shapes (uneven padding, rectangular inputs and strides).
@@ -36,10 +36,12 @@ def _compare(xs, ws, strides, padding, dilation, seed=0):
 
 
 CASES = [  # (x, w, strides, padding, lhs_dilation): which formulation
-    ((2, 16, 16, 3), (4, 4, 3, 32), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # space-to-depth (first layer)
-    ((2, 17, 14, 3), (4, 6, 3, 5), (2, 3), ((1, 2), (0, 1)), (1, 1)),       # space-to-depth, uneven
+    ((2, 16, 16, 3), (4, 4, 3, 32), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # im2col (first layer)
+    ((2, 17, 14, 3), (4, 6, 3, 5), (2, 3), ((1, 2), (0, 1)), (1, 1)),       # im2col, uneven
     ((2, 16, 16, 8), (4, 4, 8, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # lax (input channels not small)
-    ((2, 8, 8, 16), (4, 4, 16, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),       # merged phases (last layer)
+    ((2, 8, 8, 16), (4, 4, 16, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),       # col2im (last layer)
+    ((2, 5, 6, 16), (4, 6, 16, 3), (1, 1), ((2, 1), (3, 4)), (2, 3)),       # col2im, uneven
+    ((2, 5, 6, 16), (4, 6, 16, 1), (1, 1), ((4, 0), (6, 1)), (2, 3)),       # col2im, pads beyond the kernel
     ((2, 8, 8, 16), (4, 4, 16, 8), (1, 1), ((2, 2), (2, 2)), (2, 2)),       # phases
     ((2, 5, 7, 4), (3, 3, 4, 2), (1, 1), ((1, 1), (2, 0)), (2, 2)),         # phases impossible: lax
     ((2, 8, 8, 16), (8, 8, 16, 10), (1, 1), ((0, 0), (0, 0)), (1, 1)),      # dense: H x W -> 1 x 1
