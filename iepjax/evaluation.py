@@ -352,8 +352,9 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
     normal = distributed.main_first(  # issue 6: process 0 prepares the data set, then the others read it
         lambda: held_out_images(run_dir, dataset, category, data_dir, source_dir=source_dir))
     from iepjax.data.preprocess import Preprocess
+    prep = Preprocess.load(run_dir)  # None for runs without preprocess.json (model-size images)
     if early_stop and config.stop_loss is None:
-        config = with_early_stop(params, config, normal, Preprocess.load(run_dir))
+        config = with_early_stop(params, config, normal, prep)
     thresholds, cal_compile_s = load_or_calibrate(run_dir, params, config, normal,
                                       batch_size=batch_size, progress=progress, mesh=mesh,
                                       pixel_quantile=pixel_quantile, image_quantile=image_quantile)
@@ -365,7 +366,6 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
             thresholds[row] = thresholds[row]._replace(
                 pixel_threshold=thresholds[row].pixel_threshold if pixel_threshold is None else pixel_threshold,
                 image_threshold=thresholds[row].image_threshold if image_threshold is None else image_threshold)
-    prep = Preprocess.load(run_dir)
     if prep is not None:  # issue 3: the official protocol at the original image sizes
         from iepjax import protocol
         test = data.load_split(dataset, category, "test", data_dir, source_dir=_run_source(run_dir, source_dir),
