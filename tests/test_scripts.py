@@ -371,3 +371,48 @@ def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
     assert code == 2
     assert says in err, err
     assert not any(tmp_path.iterdir())
+
+
+# --- tools/seeds.py: the spread of the metrics over training seeds -------------------------------
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metrics(recon: float, grad: float) -> dict:
+    return {row: {"pixel_auroc": v, "image_auroc": 0.5, "pixel_aupro": v / 2} for row, v in (("recon", recon), ("grad", grad))}
+
+
+def test_seeds_summary_matches_a_hand_computed_case():
+    seeds = _load_tool("seeds")
+    rows = [seeds.seed_row(0, _metrics(0.80, 0.82)), seeds.seed_row(1, _metrics(0.81, 0.85))]
+    assert rows[0]["margin_pixel_auroc"] == 0.02 and rows[1]["margin_pixel_auroc"] == 0.04
+    s = seeds.summarise(rows)
+    assert s["seeds"] == [0, 1]
+    # margins 0.02 and 0.04: mean 0.03, sample std |0.04 - 0.02| / sqrt(2) = 0.01414
+    assert s["margin_pixel_auroc"] == {"mean": 0.03, "std": 0.0141, "min": 0.02, "max": 0.04}
+    assert s["grad_pixel_auroc"]["mean"] == 0.835 and s["recon_pixel_aupro"]["max"] == 0.405
+    assert seeds.summarise(rows[:1])["margin_pixel_auroc"]["std"] == 0.0
+
+
+@slow
+def test_seeds_reads_scored_runs_and_does_not_rerun_them(e2e, tmp_path, capsys):
+    """A seed folder that already holds a scored projection is read, not trained again; the rows are
+    that projection's metrics.json."""
+    seeds = _load_tool("seeds")
+    for s in (0, 3):
+        (tmp_path / f"seed{s}").symlink_to(e2e["tmp"] / "results", target_is_directory=True)
+    before = _snapshot(e2e["run_dir"])
+    assert seeds.main(["--category", "brick", "--seeds", "0", "3", "--results", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out_dir = _folder(e2e["project"].stdout, "output folder")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert [r["seed"] for r in lines[:2]] == [0, 3]
+    assert Path(lines[0]["metrics"]).resolve() == (out_dir / "metrics.json").resolve()
+    margin = round(metrics["grad"]["pixel_auroc"] - metrics["recon"]["pixel_auroc"], 4)
+    assert lines[0]["margin_pixel_auroc"] == margin
+    assert lines[2]["margin_pixel_auroc"] == {"mean": margin, "std": 0.0, "min": margin, "max": margin}
+    assert _snapshot(e2e["run_dir"]) == before
