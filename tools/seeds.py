@@ -12,7 +12,7 @@ training seed changes.
 
 Prints one JSON line per seed (pixel AUROC, image AUROC, AU-PRO of the recon and grad rows, and the
 pixel AUROC margin grad - recon), then one line with the mean, the sample standard deviation, the
-minimum and the maximum of each over the seeds.
+minimum and the maximum of each over the seeds. The two scripts' own output goes to stderr.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def run_seed(a, seed: int) -> Path:
         cmd = [sys.executable, str(REPO / script), *common, *extra]
         if a.no_progress:
             cmd.append("--no-progress")
-        r = subprocess.run(cmd)
+        r = subprocess.run(cmd, stdout=sys.stderr)  # the scripts' output to stderr: stdout stays JSON lines
         if r.returncode != 0:
             raise SystemExit(f"seed {seed}: {' '.join(cmd)} exited with status {r.returncode}")
     found = latest_metrics(root)
