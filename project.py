@@ -12,6 +12,7 @@ the metrics table and that folder.
 import argparse
 import sys
 
+from iepjax.cli import nonnegative_float, nonnegative_int, positive_int, quantile
 from iepjax.config import ProjectionConfig
 
 
@@ -22,10 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None, help="where TFDS keeps prepared data (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--results", default="results")
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
-    p.add_argument("--steps", type=int, help="projection steps T")
-    p.add_argument("--alpha", type=float, help="step size")
-    p.add_argument("--lam", type=float, help="weight of the L1 prior ||x - x0||_1")
-    p.add_argument("--sigma", type=float, help="Gaussian smoothing of the maps, pixels")
+    p.add_argument("--steps", type=nonnegative_int, help="projection steps T")
+    p.add_argument("--alpha", type=nonnegative_float, help="step size")
+    p.add_argument("--lam", type=nonnegative_float, help="weight of the L1 prior ||x - x0||_1")
+    p.add_argument("--sigma", type=nonnegative_float, help="Gaussian smoothing of the maps, pixels")
     p.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
     p.add_argument("--no-backtrack", action="store_true",
                    help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
@@ -35,9 +36,9 @@ def main(argv=None) -> int:
                         "run's held-out normal images)")
     p.add_argument("--threshold", type=float, help="pixel threshold (default: stored, from held-out normal images)")
     p.add_argument("--image-threshold", type=float, help="image threshold (default: stored)")
-    p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores used as threshold")
-    p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores used as threshold")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--pixel-quantile", type=quantile, default=0.995, help="quantile of normal pixel scores used as threshold")
+    p.add_argument("--image-quantile", type=quantile, default=0.99, help="quantile of normal image scores used as threshold")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     # --- issue 3: MVTec AD, own image folders, plain-folder inference (docs/datasets.md) ---
     p.add_argument("--data-dir", default=None,
                    help="your own images in the MVTec AD layout (DIR/<category>/...; sets --dataset folder)")
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
         except (DataError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"{summary['n_images']} images, {summary['n_flagged']} above the image threshold "
               f"{summary['image_threshold']:.4g} ({summary['thresholds_from']})")
         print(f"output folder: {out} (scores.csv, maps/*.tiff, overlays/)")
@@ -103,6 +107,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the run's model gives non-finite losses (it diverged)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not distributed.is_main():  # issue 6: process 0 reports
         return 0
     print(evaluation.format_table(result))

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from iepjax.config import ModelConfig, TrainConfig, LIKELIHOODS, DECODERS
-from iepjax.distributed import positive_int
+from iepjax.cli import fraction, positive_float, positive_int, quantile
 from iepjax.presets import preset
 
 
@@ -21,10 +21,10 @@ def main(argv=None) -> int:
     p.add_argument("--category", required=True, help="category, e.g. brick or grass")
     p.add_argument("--tfds-dir", default=None, help="where TFDS keeps prepared data (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--results", default="results", help="root of the run folders")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: the category preset)")
-    p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 2e-4)")
-    p.add_argument("--size", "--image-size", dest="size", type=int,
+    p.add_argument("--steps", type=positive_int, help="optimiser steps (default: the category preset)")
+    p.add_argument("--batch-size", type=positive_int, help="images per step")
+    p.add_argument("--lr", type=positive_float, help="Adam learning rate (paper: 2e-4)")
+    p.add_argument("--size", "--image-size", dest="size", type=positive_int,
                    help="model input size, a multiple of 16 (default: the category preset, 64 for the built-in "
                         "textures, 128 for MVTec AD as in the paper; 256 also works)")
     # --- issue 3: MVTec AD and own image folders (docs/datasets.md) ---
@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of normal training images kept for thresholds")
+    p.add_argument("--holdout", type=fraction, default=0.1, help="fraction of normal training images kept for thresholds")
     p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
-    p.add_argument("--pixel-quantile", type=float, default=0.995, help="quantile of normal pixel scores -> threshold")
-    p.add_argument("--image-quantile", type=float, default=0.99, help="quantile of normal image scores -> threshold")
+    p.add_argument("--pixel-quantile", type=quantile, default=0.995, help="quantile of normal pixel scores -> threshold")
+    p.add_argument("--image-quantile", type=quantile, default=0.99, help="quantile of normal image scores -> threshold")
     p.add_argument("--allow-collapse", action="store_true", help="exit 0 even if the model collapsed to the mean")
     p.add_argument("--no-progress", action="store_true")
     from iepjax import distributed  # issue 6: --devices and multi-process flags (docs/scaling.md)
@@ -66,12 +66,13 @@ def main(argv=None) -> int:
         if a.kind is not None:
             pre["augment"] = a.kind == "texture"
         prep = from_preset(a.dataset, a.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride)
+        model = ModelConfig(size=a.size or pre["size"], channels=pre["channels"],
+                            likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
+        config = TrainConfig(model=model, steps=a.steps or pre["train_steps"],
+                             batch_size=a.batch_size or pre["batch_size"], learning_rate=a.lr or pre["learning_rate"],
+                             seed=a.seed, augment=pre.get("augment", True))
     except ValueError as e:
         p.error(str(e))
-    model = ModelConfig(size=a.size or pre["size"], channels=pre["channels"],
-                        likelihood=a.likelihood or pre["likelihood"], decoder=a.decoder or pre["decoder"])
-    config = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
-                         learning_rate=a.lr or pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
     # the batch split over the devices (one per CPU core by default, see --cpu-devices); None on one device
     mesh = sharding.make_mesh(a.devices, divides=config.batch_size)
     try:
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged: the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     c = summary.collapse
     print(f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
           f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
@@ -96,9 +100,14 @@ def main(argv=None) -> int:
         from iepjax import evaluation
         from iepjax.data.preprocess import Preprocess
         normal = evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir)
-        pcfg = evaluation.with_early_stop(  # the settings project.py uses by default, early stopping included
-            summary.state.params, evaluation.default_projection_config(a.dataset, a.category, summary.config.model),
-            normal, Preprocess.load(run_dir))
+        try:
+            pcfg = evaluation.with_early_stop(  # the settings project.py uses by default, early stopping included
+                summary.state.params, evaluation.default_projection_config(a.dataset, a.category, summary.config.model),
+                normal, Preprocess.load(run_dir))
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            print(f"run folder: {run_dir}")
+            return 1
         th, _ = evaluation.load_or_calibrate(
             run_dir, summary.state.params, pcfg, normal,
             progress=not a.no_progress, pixel_quantile=a.pixel_quantile, image_quantile=a.image_quantile, mesh=mesh)

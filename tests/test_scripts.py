@@ -365,6 +365,23 @@ def test_bad_cpu_devices_is_a_usage_error(tmp_path, capsys, script, value, says)
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script,flag,value,says", [
+    ("train.py", "--steps", "0", "give 1 or more"), ("train.py", "--batch-size", "0", "give 1 or more"),
+    ("train.py", "--lr", "-1", "above 0"), ("train.py", "--lr", "nan", "finite number"),
+    ("train.py", "--holdout", "1.5", "fraction in [0, 1)"), ("train.py", "--pixel-quantile", "0", "quantile"),
+    ("train.py", "--size", "33", "size=33: must be a multiple of 16"),
+    ("project.py", "--steps", "-1", "give 0 or more"), ("project.py", "--alpha", "-1", "give 0 or more"),
+    ("project.py", "--sigma", "-2", "give 0 or more"), ("project.py", "--lam", "x", "not a number"),
+    ("project.py", "--batch-size", "0", "give 1 or more"), ("project.py", "--image-quantile", "1.5", "quantile")])
+def test_bad_numbers_are_usage_errors(tmp_path, capsys, script, flag, value, says):
+    """A count, rate or quantile out of range stops the script at once with a usage error that says
+    what is allowed (before, --steps 0 silently meant the preset and --lr -1 trained a broken run)."""
+    code, err = _main(script, ["--category", "brick", "--results", str(tmp_path), flag, value], capsys)
+    assert code == 2
+    assert says in err, err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value,says", [("0", "give 1 or more"), ("65", "tile_stride=65")])
 def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
     code, err = _main("train.py", ["--category", "brick", "--results", str(tmp_path), "--tile-stride", value], capsys)
