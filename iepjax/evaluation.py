@@ -406,7 +406,8 @@ def with_early_stop(params: dict, config: ProjectionConfig, normal_images, prep=
     under the model as the most likely normal image.
 
     normal_images: uint8 images, preprocessed with `prep` (tiled / resized as the test images are;
-    None: already at the model size).
+    None: already at the model size). Raises FloatingPointError when a loss is not finite (a
+    diverged model), which no stopping rule can use.
     """
     import dataclasses
 
@@ -415,7 +416,12 @@ def with_early_stop(params: dict, config: ProjectionConfig, normal_images, prep=
     cfg = dataclasses.replace(config, stop_loss=None)
     losses = [np.asarray(_model_losses(params, jnp.asarray(x[i:i + batch_size], jnp.float32) / 255.0, cfg))
               for i in range(0, len(x), batch_size)]
-    return dataclasses.replace(config, stop_loss=float(np.min(np.concatenate(losses))))
+    losses = np.concatenate(losses)
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"the model's loss is not finite on {int(np.sum(~np.isfinite(losses)))} of {len(losses)} held-out normal "
+            "images: the trained model is unusable (it diverged or collapsed); train it again (another --lr or --seed)")
+    return dataclasses.replace(config, stop_loss=float(np.min(losses)))
 
 
 def default_projection_config(dataset: str, category: str, model) -> ProjectionConfig:

@@ -182,7 +182,7 @@ def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig
     const = constant_prediction_loss(x, config)
     klm = float(np.mean(np.concatenate(kl)))
     ratio = rpp / max(const, 1e-12)
-    collapsed = ratio >= threshold
+    collapsed = not ratio < threshold  # a NaN ratio (non-finite reconstructions) counts as collapsed
     return CollapseReport(rpp, const, klm, ratio, bool(collapsed))
 
 

@@ -193,6 +193,15 @@ def test_with_early_stop_takes_the_smallest_loss_of_the_normal_images(trained_pr
         ProjectionConfig(model=model_cfg, stop_loss=float("inf"))
 
 
+def test_with_early_stop_refuses_a_model_with_non_finite_losses(trained_preset, images_u8):
+    """A diverged model (NaN parameters) has no usable stopping loss: a clear error, not a config error."""
+    from iepjax import evaluation
+    params, model_cfg = trained_preset
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    with pytest.raises(FloatingPointError, match="not finite on 4 of 4 held-out normal images"):
+        evaluation.with_early_stop(bad, ProjectionConfig(model=model_cfg, steps=3), images_u8[:4])
+
+
 def test_jit_equals_no_jit(trained, model_cfg):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)

@@ -127,6 +127,14 @@ def test_collapse_check_passes_a_model_that_reconstructs(trained, model_cfg, ima
     assert report.ratio < 0.97 and not report.collapsed, report
 
 
+def test_collapse_check_flags_non_finite_reconstructions(trained, model_cfg, images_u8):
+    """NaN parameters give a NaN error ratio, which must count as collapsed, not pass the ratio test."""
+    params, _ = trained
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    report = training.collapse_check(bad, images_u8, model_cfg)
+    assert not np.isfinite(report.ratio) and report.collapsed
+
+
 def test_holdout_split_is_disjoint_and_deterministic():
     train, held = training.holdout_split(50, 0.1, seed=3)
     assert len(held) == 5 and len(train) == 45
