@@ -125,6 +125,17 @@ def test_rerunning_train_resumes_the_finished_run(e2e):
     assert json.loads((run_dir / "thresholds.json").read_text())["preprocess"]["tile_stride"] == 0
 
 
+@slow
+def test_train_reports_a_diverged_run_as_an_error(e2e, env, tmp_path):
+    """train.py reports a divergence as an error that says what to change (status 1), not a traceback."""
+    r = _run(["train.py", "--category", "brick", "--results", str(tmp_path / "results"), "--tfds-dir",
+              str(e2e["tmp"] / "tfds"), "--no-progress", "--size", "32", "--steps", "3", "--batch-size", "4",
+              "--lr", "1e4"], env)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: training diverged at step 3" in r.stderr and "lower the learning rate" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
 class _Refs(HTMLParser):
     """Every src= and href= value of an HTML page."""
 

@@ -135,6 +135,12 @@ def test_collapse_check_flags_non_finite_reconstructions(trained, model_cfg, ima
     assert not np.isfinite(report.ratio) and report.collapsed
 
 
+def test_training_that_diverges_stops_with_a_message_that_says_what_to_change(tmp_path, train_cfg, images_u8):
+    cfg = dataclasses.replace(train_cfg, learning_rate=1e4)
+    with pytest.raises(FloatingPointError, match=r"diverged at step 3 \(loss nan\): lower the learning rate"):
+        training.train(cfg, images_u8, tmp_path, progress=False)
+
+
 def test_holdout_split_is_disjoint_and_deterministic():
     train, held = training.holdout_split(50, 0.1, seed=3)
     assert len(held) == 5 and len(train) == 45
