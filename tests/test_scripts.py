@@ -393,6 +393,16 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, script, flag, value, say
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flag,value,says", [("--steps", "0", "give 1 or more"), ("--proj-steps", "-1", "give 0 or more"),
+                                             ("--holdout", "1", "fraction in [0, 1)"),
+                                             ("--image-size", "33", "must be a multiple of 16")])
+def test_reproduce_bad_numbers_are_usage_errors(tmp_path, capsys, flag, value, says):
+    code, err = _main("reproduce.py", ["--categories", "carpet", "--results", str(tmp_path), flag, value], capsys)
+    assert code == 2
+    assert flag in err and says in err, err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value,says", [("0", "give 1 or more"), ("65", "tile_stride=65")])
 def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
     code, err = _main("train.py", ["--category", "brick", "--results", str(tmp_path), "--tile-stride", value], capsys)
