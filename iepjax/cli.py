@@ -8,26 +8,24 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts such as --cpu-devices or --steps: an int >= 1, else a usage error naming the value."""
+def _int(text: str, least: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{n}: give {least} or more")
     return n
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --cpu-devices or --steps: an int >= 1, else a usage error naming the value."""
+    return _int(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type for counts that may be 0, such as project.py --steps (T = 0 returns x0)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n}: give 0 or more")
-    return n
+    return _int(text, 0)
 
 
 def _float(text: str) -> float:

@@ -32,11 +32,17 @@ def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT)
 
 
-def _main(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Run `script`'s main(argv) in this process (cheap: no interpreter start); (exit code, stderr)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{script[:-3]}", ROOT / script)
+def _load(path: Path):
+    """The Python file at `path` as a module (the scripts and tools are not importable by name)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _main(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run `script`'s main(argv) in this process (cheap: no interpreter start); (exit code, stderr)."""
+    module = _load(ROOT / script)
     try:
         code = module.main(argv)
     except SystemExit as e:  # argparse errors
@@ -413,19 +419,12 @@ def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
 
 # --- tools/seeds.py: the spread of the metrics over training seeds -------------------------------
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _metrics(recon: float, grad: float) -> dict:
     return {row: {"pixel_auroc": v, "image_auroc": 0.5, "pixel_aupro": v / 2} for row, v in (("recon", recon), ("grad", grad))}
 
 
 def test_seeds_summary_matches_a_hand_computed_case():
-    seeds = _load_tool("seeds")
+    seeds = _load(ROOT / "tools" / "seeds.py")
     rows = [seeds.seed_row(0, _metrics(0.80, 0.82)), seeds.seed_row(1, _metrics(0.81, 0.85))]
     assert rows[0]["margin_pixel_auroc"] == 0.02 and rows[1]["margin_pixel_auroc"] == 0.04
     s = seeds.summarise(rows)
@@ -440,7 +439,7 @@ def test_seeds_summary_matches_a_hand_computed_case():
 def test_seeds_reads_scored_runs_and_does_not_rerun_them(e2e, tmp_path, capsys):
     """A seed folder that already holds a scored projection is read, not trained again; the rows are
     that projection's metrics.json."""
-    seeds = _load_tool("seeds")
+    seeds = _load(ROOT / "tools" / "seeds.py")
     for s in (0, 3):
         (tmp_path / f"seed{s}").symlink_to(e2e["tmp"] / "results", target_is_directory=True)
     before = _snapshot(e2e["run_dir"])
