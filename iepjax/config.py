@@ -60,12 +60,12 @@ class ProjectionConfig:
       model: the architecture of the trained model whose loss is the energy.
       steps: T, number of gradient steps.
       alpha: step size. Its scale depends on the likelihood and the 'sum' reduction of L_r: the
-        defaults (T 100, alpha 0.02, lam 10, sigma 1) are those calibrated for the Gaussian
+        defaults (T 100, alpha 0.02, lam 15, sigma 1) are those calibrated for the Gaussian
         likelihood on the built-in textures (README, "Calibration"); BCE models want ~0.5
         (`presets.projection_preset` gives a BCE run the ports' alpha 0.5 and lam 0.05).
       lam: weight of the L1 proximity prior ||x - x0||_1. Like alpha, its scale follows the
         likelihood: with the Gaussian 'sum' loss dL_r/dx = (x - f) / gamma^2, so a pixel leaves x0
-        only where |x - f| > lam * gamma^2 (~0.01 for lam 10 on brick, gamma^2 ~ 1e-3); the
+        only where |x - f| > lam * gamma^2 (~0.015 for lam 15 on brick, gamma^2 ~ 1e-3); the
         ports' 0.05 (BCE) is negligible there.
       weighting: multiply the gradient by (x - f(x))^2 (the paper); False = plain gradient step
         (the paper's ablation).
@@ -85,7 +85,7 @@ class ProjectionConfig:
     model: ModelConfig = ModelConfig()
     steps: int = 100
     alpha: float = 0.02
-    lam: float = 10.0
+    lam: float = 15.0
     weighting: bool = True
     use_kl: bool = True
     smoothing_sigma: float = 1.0
