@@ -49,17 +49,19 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def latest_metrics(root: Path) -> Path | None:
-    """metrics.json of the newest projection of the newest run under `root` (one seed's folder), or None."""
-    found = sorted(root.glob("vae/*/*/v*/projections/v*/metrics.json"),
-                   key=lambda p: (int(p.parents[2].name[1:]), int(p.parent.name[1:])))
-    return found[-1] if found else None
+def latest_metrics(root: Path, dataset: str, category: str) -> Path | None:
+    """metrics.json of the latest projection of the latest run under `root` (one seed's folder), or None."""
+    from iepjax import runs
+    run = runs.latest_run(runs.category_dir(root, "vae", dataset, category))
+    projection = runs.latest_run(run / "projections") if run is not None else None
+    found = projection / "metrics.json" if projection is not None else None
+    return found if found is not None and found.is_file() else None
 
 
 def run_seed(a, seed: int) -> Path:
     """Train and project with this seed (unless already scored); return the projection's metrics.json."""
     root = Path(a.results) / f"seed{seed}"
-    done = latest_metrics(root)
+    done = latest_metrics(root, a.dataset, a.category)
     if done is not None and not a.rerun:
         return done
     common = ["--dataset", a.dataset, "--category", a.category, "--results", str(root)]
@@ -73,7 +75,7 @@ def run_seed(a, seed: int) -> Path:
         r = subprocess.run(cmd, stdout=sys.stderr)  # the scripts' output to stderr: stdout stays JSON lines
         if r.returncode != 0:
             raise SystemExit(f"seed {seed}: {' '.join(cmd)} exited with status {r.returncode}")
-    found = latest_metrics(root)
+    found = latest_metrics(root, a.dataset, a.category)
     if found is None:
         raise SystemExit(f"seed {seed}: project.py finished but wrote no metrics.json under {root}")
     return found
