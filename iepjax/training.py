@@ -299,7 +299,8 @@ def load_params(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig]:
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: train a model first (python train.py)")
     config = from_dict(TrainConfig, checkpointing.restore_config(ckpt))
     mngr = checkpointing.manager(ckpt)
-    state, _ = checkpointing.restore(mngr, init_state(config, key=jax.random.key(0)))
+    abstract = jax.eval_shape(lambda: init_state(config, key=jax.random.key(0)))  # shapes only, nothing computed
+    state, _ = checkpointing.restore(mngr, abstract)
     checkpointing.close(mngr)
     return state.params, config
 
