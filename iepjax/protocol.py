@@ -199,23 +199,27 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, out_dir: str | Path
     pt = g.pixel_threshold if pixel_threshold is None else pixel_threshold
     it = g.image_threshold if image_threshold is None else image_threshold
     rows = []
-    for c0 in range(0, len(files), chunk):
-        part = files[c0:c0 + chunk]
-        images = [read_image(p, tcfg.model.channels) for p in part]
-        res = localize_images(params, config, images, prep, batch_size=batch_size, progress=progress)
-        for i, p in enumerate(part):
-            rel = p.relative_to(input_dir)
-            m = res.maps["grad"][i]
-            tpath = out_dir / "maps" / rel.with_suffix(".tiff")
-            tpath.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(tpath, m.astype(np.float32))
-            score = float(m.max())
-            rows.append([rel.as_posix(), f"{score:.6g}", int(score >= it), f"{float((m >= pt).mean()):.6g}",
-                         f"{m.shape[1]}x{m.shape[0]}"])
-            if overlays:
-                visualize.panel(out_dir / "overlays" / rel.with_suffix(".png"),
+    panels = visualize.PanelFigure(g.vmax)
+    try:
+        for c0 in range(0, len(files), chunk):
+            part = files[c0:c0 + chunk]
+            images = [read_image(p, tcfg.model.channels) for p in part]
+            res = localize_images(params, config, images, prep, batch_size=batch_size, progress=progress)
+            for i, p in enumerate(part):
+                rel = p.relative_to(input_dir)
+                m = res.maps["grad"][i]
+                tpath = out_dir / "maps" / rel.with_suffix(".tiff")
+                tpath.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(tpath, m.astype(np.float32))
+                score = float(m.max())
+                rows.append([rel.as_posix(), f"{score:.6g}", int(score >= it), f"{float((m >= pt).mean()):.6g}",
+                             f"{m.shape[1]}x{m.shape[0]}"])
+                if overlays:
+                    panels.draw(out_dir / "overlays" / rel.with_suffix(".png"),
                                 res.view_images[i].astype(np.float32) / 255.0, res.loc.x_T[i], res.loc.recon[i],
-                                res.loc.grad_maps[i], None, f"{rel.as_posix()}  score {score:.3f}", g.vmax, pt)
+                                res.loc.grad_maps[i], None, f"{rel.as_posix()}  score {score:.3f}", pt)
+    finally:
+        panels.close()
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["file", "image_score", "pred_label", "area_above_pixel_threshold", "size"])
