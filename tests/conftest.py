@@ -3,9 +3,9 @@ trained model, and strict JAX settings.
 
 Strict settings: `jax_numpy_rank_promotion="raise"` (implicit rank promotion is an error).
 Speed: a persistent XLA compilation cache in pytest's cache folder (.pytest_cache/d/jax_cache),
-shared with the subprocesses of test_scripts.py (see `jax_cache_env`). On this 2-core machine
-it cuts `train.py` at --size 32 from ~80 s to ~25 s (the random initialisers of `init_params`
-alone take ~30 s to compile cold), so reruns of the suite are several times faster.
+shared with the subprocesses of test_scripts.py (see `jax_cache_env`) and by the pytest-xdist
+workers (one per core, see `SLOWEST_FIRST`). Within one run it lets the later script runs reuse
+the programs the first compiled; reruns of the suite are several times faster.
 """
 from __future__ import annotations
 
@@ -27,6 +27,30 @@ jax.config.update("jax_num_cpu_devices", 1)
 
 SIZE = 32
 _CACHE_ENV: dict[str, str] = {}
+
+
+# The suite runs on one pytest-xdist worker per core, a test file to a worker (pyproject's addopts:
+# `-n auto --dist loadfile --no-loadscope-reorder`; `-n 0` runs it in one process). Files are
+# handed out in collection order, so the slowest go first and the workers finish at about the same
+# time. Seconds per file with 2 workers on the 2-core machine (fresh clone, 2026-11-29):
+SLOWEST_FIRST = ("test_projection.py",    # 123 s
+                 "test_scripts.py",       # 104 s: train.py / project.py end to end
+                 "test_folder.py",        # 88 s: reproduce.py end to end
+                 "test_sharding.py",      # 84 s: 4- and 8-device subprocesses
+                 "test_conv.py",          # 55 s
+                 "test_energy.py",        # 53 s
+                 "test_training.py",      # 35 s
+                 "test_distributed.py",   # 33 s: two processes
+                 "test_benchmarks.py",    # 31 s: the benchmark scripts on tiny shapes
+                 "test_model.py")         # 19 s; the rest take a few seconds
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the collected tests by file, slowest file first (SLOWEST_FIRST); within a file, as written."""
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+    items.sort(key=rank)  # stable: the order inside each file is kept
 
 
 def pytest_configure(config):
