@@ -502,7 +502,7 @@ class VAE(nn.Module):
 def init_params(config: ModelConfig, *, key: jax.Array) -> dict:
     """Initial parameters of `VAE(config)` for inputs (1, size, size, channels).
 
-    The values are flax's `VAE(config).init(key, x)`, bit for bit (tested). Called with a
+    The values are flax's `VAE(config).init(key, x)`, on CPU bit for bit (tested). Called with a
     concrete key, one compiled program computes them (`_compiled_init`): on the 2-core CPU a
     cold start of `train.py` spent ~20 s compiling the initialisers op by op, the program takes
     ~2 s. Under a transformation (a traced key: jit, vmap over keys, eval_shape) it is flax's init.
@@ -521,6 +521,6 @@ def _init(config: ModelConfig, key: jax.Array) -> dict:
 def _compiled_init(config: ModelConfig, key_shape: tuple[int, ...], key_dtype):
     # XLA:CPU's default optimisation level spends ~7 s compiling the initialisers' random-bit
     # generators; level 1 takes ~2 s and gives the same bits and values as the eager init (level 0
-    # does not: its float rounding differs).
+    # does not: its float rounding differs). Other backends keep their defaults.
     lowered = jax.jit(functools.partial(_init, config)).lower(jax.ShapeDtypeStruct(key_shape, key_dtype))
-    return lowered.compile({"xla_backend_optimization_level": 1})
+    return lowered.compile({"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None)
