@@ -120,7 +120,7 @@ def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict
 def main(argv=None) -> int:
     from iepjax.data.layout import MVTEC_CATEGORIES
 
-    from iepjax.cli import fraction, nonnegative_int, positive_int
+    from iepjax.cli import fraction, model_size, nonnegative_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--categories", default=",".join(MVTEC_CATEGORIES), help="comma-separated (default: all 15)")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, help="training batch size (default: the preset's)")
     p.add_argument("--proj-steps", type=nonnegative_int, help="projection steps (default: the preset's)")
     p.add_argument("--proj-batch-size", type=positive_int, default=16)
-    p.add_argument("--image-size", type=positive_int, help="model input size (default 128; 256 also works)")
+    p.add_argument("--image-size", type=model_size, help="model input size (default 128; 256 also works)")
     p.add_argument("--holdout", type=fraction, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlays", action="store_true")
@@ -143,12 +143,6 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="on CPU: JAX devices to split the cores into (default: one per core, as train.py)")
     a = p.parse_args(argv)
-    if a.image_size is not None:
-        from iepjax.config import ModelConfig
-        try:
-            ModelConfig(size=a.image_size)
-        except ValueError as e:
-            p.error(f"--image-size {a.image_size}: {e}")
     from iepjax import distributed
     distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     dataset = "folder" if a.data_dir else "mvtec_ad"

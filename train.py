@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from iepjax.config import ModelConfig, TrainConfig, LIKELIHOODS, DECODERS
-from iepjax.cli import fraction, positive_float, positive_int, quantile
+from iepjax.cli import fraction, model_size, positive_float, positive_int, quantile
 from iepjax.presets import preset
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, help="optimiser steps (default: the category preset)")
     p.add_argument("--batch-size", type=positive_int, help="images per step")
     p.add_argument("--lr", type=positive_float, help="Adam learning rate (paper: 2e-4)")
-    p.add_argument("--size", "--image-size", dest="size", type=positive_int,
+    p.add_argument("--size", "--image-size", dest="size", type=model_size,
                    help="model input size, a multiple of 16 (default: the category preset, 64 for the built-in "
                         "textures, 128 for MVTec AD as in the paper; 256 also works)")
     # --- issue 3: MVTec AD and own image folders (docs/datasets.md) ---

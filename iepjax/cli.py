@@ -1,7 +1,8 @@
 """argparse types shared by the command-line scripts (train.py, project.py, tools/, benchmarks/).
 
 Imports nothing but the standard library: the benchmark scripts load this file by path under a
-PyTorch-only interpreter, where the iepjax package (jax) cannot be imported.
+PyTorch-only interpreter, where the iepjax package (jax) cannot be imported. (`model_size`, for
+the iepjax scripts only, imports the package's config when it is called.)
 """
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def fraction(text: str) -> float:
     if not 0 <= x < 1:
         raise argparse.ArgumentTypeError(f"{x}: give a fraction in [0, 1), e.g. 0.1")
     return x
+
+
+def model_size(text: str) -> int:
+    """argparse type for a model input size (train.py --size, reproduce.py --image-size): ModelConfig's rule."""
+    n = _int(text, 1)
+    from iepjax.config import ModelConfig  # the rule (a multiple of 16, at least 32) lives there
+    try:
+        ModelConfig(size=n)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(f"ModelConfig.size={n}", str(n))) from None
+    return n

@@ -388,7 +388,7 @@ def test_bad_cpu_devices_is_a_usage_error(tmp_path, capsys, script, value, says)
     ("train.py", "--steps", "0", "give 1 or more"), ("train.py", "--batch-size", "0", "give 1 or more"),
     ("train.py", "--lr", "-1", "above 0"), ("train.py", "--lr", "nan", "finite number"),
     ("train.py", "--holdout", "1.5", "fraction in [0, 1)"), ("train.py", "--pixel-quantile", "0", "quantile"),
-    ("train.py", "--size", "33", "size=33: must be a multiple of 16"),
+    ("train.py", "--size", "33", "argument --size/--image-size: 33: must be a multiple of 16, at least 32"),
     ("project.py", "--steps", "-1", "give 0 or more"), ("project.py", "--alpha", "-1", "give 0 or more"),
     ("project.py", "--sigma", "-2", "give 0 or more"), ("project.py", "--lam", "x", "not a number"),
     ("project.py", "--batch-size", "0", "give 1 or more"), ("project.py", "--image-quantile", "1.5", "quantile")])
@@ -403,7 +403,7 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, script, flag, value, say
 
 @pytest.mark.parametrize("flag,value,says", [("--steps", "0", "give 1 or more"), ("--proj-steps", "-1", "give 0 or more"),
                                              ("--holdout", "1", "fraction in [0, 1)"),
-                                             ("--image-size", "33", "must be a multiple of 16")])
+                                             ("--image-size", "33", "33: must be a multiple of 16, at least 32")])
 def test_reproduce_bad_numbers_are_usage_errors(tmp_path, capsys, flag, value, says):
     code, err = _main("reproduce.py", ["--categories", "carpet", "--results", str(tmp_path), flag, value], capsys)
     assert code == 2
