@@ -74,9 +74,7 @@ def fraction(text: str) -> float:
 def model_size(text: str) -> int:
     """argparse type for a model input size (train.py --size, reproduce.py --image-size): ModelConfig's rule."""
     n = _int(text, 1)
-    from iepjax.config import ModelConfig  # the rule (a multiple of 16, at least 32) lives there
-    try:
-        ModelConfig(size=n)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace(f"ModelConfig.size={n}", str(n))) from None
+    from iepjax.config import SIZE_RULE, size_ok  # the rule lives with ModelConfig
+    if not size_ok(n):
+        raise argparse.ArgumentTypeError(f"{n}: {SIZE_RULE}")
     return n

@@ -17,6 +17,14 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(choices)}")
 
 
+SIZE_RULE = "must be a multiple of 16, at least 32"  # the encoder halves the size four times
+
+
+def size_ok(size: int) -> bool:
+    """Whether `size` is a valid model input size (SIZE_RULE): ModelConfig and the scripts' --size."""
+    return size % 16 == 0 and size >= 32
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The convolutional VAE of Bergmann et al. 2018 as used by the method (method.md, Training).
@@ -42,8 +50,8 @@ class ModelConfig:
     use_kl: bool = True
 
     def __post_init__(self) -> None:
-        if self.size % 16 or self.size < 32:
-            raise ValueError(f"ModelConfig.size={self.size}: must be a multiple of 16, at least 32")
+        if not size_ok(self.size):
+            raise ValueError(f"ModelConfig.size={self.size}: {SIZE_RULE}")
         if self.channels not in (1, 3):
             raise ValueError(f"ModelConfig.channels={self.channels}: must be 1 (gray) or 3 (RGB)")
         _check_choice("ModelConfig.decoder", self.decoder, DECODERS)
