@@ -82,20 +82,26 @@ def write_tables(out: Path, rows: list[dict], meta: dict) -> None:
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
+def train_config(a, dataset: str, category: str):
+    """The category's TrainConfig: its preset, with the command line's --image-size, --steps, --batch-size."""
+    from iepjax.config import ModelConfig, TrainConfig
+    from iepjax.presets import preset
+
+    pre = preset(dataset, category)
+    model = ModelConfig(size=a.image_size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
+                        decoder=pre["decoder"])
+    return TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
+                       learning_rate=pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
+
+
 def run_category(a, category: str, dataset: str, source_dir: str | None) -> dict:
     """Train (or resume) and evaluate one category; returns its table row."""
     from iepjax import evaluation, sharding, training
-    from iepjax.config import ModelConfig, TrainConfig
     from iepjax.data.preprocess import from_preset
-    from iepjax.presets import preset
 
     t0 = time.time()
-    pre = preset(dataset, category)
-    size = a.image_size or pre["size"]
-    prep = from_preset(dataset, category, size=size)
-    model = ModelConfig(size=size, channels=pre["channels"], likelihood=pre["likelihood"], decoder=pre["decoder"])
-    tcfg = TrainConfig(model=model, steps=a.steps or pre["train_steps"], batch_size=a.batch_size or pre["batch_size"],
-                       learning_rate=pre["learning_rate"], seed=a.seed, augment=pre.get("augment", True))
+    tcfg = train_config(a, dataset, category)
+    prep = from_preset(dataset, category, size=tcfg.model.size)
     mesh = sharding.make_mesh(divides=tcfg.batch_size)  # one CPU device per core (see main), None on one device
     run_dir, summary = training.train_run(tcfg, dataset, category, results=a.results, data_dir=a.tfds_dir,
                                           holdout=a.holdout, progress=not a.no_progress, source_dir=source_dir,
@@ -152,6 +158,9 @@ def main(argv=None) -> int:
         bad = [c for c in categories if c not in MVTEC_CATEGORIES]
         if bad:
             p.error(f"unknown MVTec AD categories {bad}; valid: {', '.join(MVTEC_CATEGORIES)}")
+    if categories:  # large training steps on CPU: freed host memory kept for reuse (before any JAX work)
+        from iepjax import hostmem
+        hostmem.for_training(train_config(a, dataset, categories[0]), distributed.cpu_devices_chosen())
     out = Path(a.out) if a.out else Path(a.results) / "reproduce"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"data": f"{dataset} ({source_dir or 'prepared TFDS data'})", "size": a.image_size or 128,

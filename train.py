@@ -73,6 +73,8 @@ def main(argv=None) -> int:
                              seed=a.seed, augment=pre.get("augment", True))
     except ValueError as e:
         p.error(str(e))
+    from iepjax import hostmem  # large training steps on CPU: freed host memory kept for reuse (before any JAX work)
+    hostmem.for_training(config, a.devices or distributed.cpu_devices_chosen())
     # the batch split over the devices (one per CPU core by default, see --cpu-devices); None on one device
     mesh = sharding.make_mesh(a.devices, divides=config.batch_size)
     try:

@@ -13,13 +13,16 @@ steps after `--warmup` untimed ones (JAX: the first compiles). PyTorch runs once
 Installs nothing: `--torch-python` must import torch (skipped with a note when it cannot).
 JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in train.py), the
 data-parallel step of `iepjax.sharding` (gradients averaged over the devices); PyTorch uses the
-cores through its intra-op threads.
+cores through its intra-op threads. Like train.py, the JAX side keeps freed host memory for reuse
+when the step's XLA buffers are large (`iepjax.hostmem`; `--malloc` overrides it) and reports its
+page faults and system time per step.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,18 +32,27 @@ from pathlib import Path
 from common import DEFAULT_REFERENCE, imports_torch, TORCH_ENVS, env, load_torch_reference, median_seconds, positive_int, record_convs
 
 
+def _host_memory(a, cfg, devices: int) -> bool:
+    """glibc's malloc as `--malloc` says (auto: as train.py, `iepjax.hostmem.for_training`); True if reused."""
+    from iepjax import hostmem
+    if a.malloc == "auto":
+        return hostmem.for_training(cfg, devices)
+    return a.malloc == "reuse" and hostmem.reuse_freed_memory()
+
+
 def jax_side(a) -> dict:
     import jax
 
     from iepjax import distributed
-    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
-    import numpy as np
-
-    from iepjax import sharding, training
     from iepjax.config import ModelConfig, TrainConfig
 
     cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
                       batch_size=a.batch, augment=False)
+    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
+    reused = _host_memory(a, cfg, distributed.cpu_devices_chosen())
+    import numpy as np
+
+    from iepjax import sharding, training
     state = training.init_state(cfg, key=jax.random.key(0))
     u8 = np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8)
     mesh = sharding.make_mesh(divides=a.batch)
@@ -51,14 +63,18 @@ def jax_side(a) -> dict:
         state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(a.steps):
         state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
-    dt = time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     return {"impl": "iepjax", "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
-            "seconds": round(dt, 3),
-            "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total)}
+            "seconds": round(dt, 3), "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total),
+            "host_memory_reused": reused,
+            # the kernel's share: page faults and system CPU time per step (iepjax.hostmem)
+            "page_faults_per_step": round((r1.ru_minflt - r0.ru_minflt) / a.steps),
+            "sys_ms_per_step": round((r1.ru_stime - r0.ru_stime) / a.steps * 1e3, 1),
+            "user_ms_per_step": round((r1.ru_utime - r0.ru_utime) / a.steps * 1e3, 1)}
 
 
 def profile(a) -> list[dict]:
@@ -79,16 +95,17 @@ def profile(a) -> list[dict]:
     import jax
 
     from iepjax import distributed
+    from iepjax.config import ModelConfig, TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
+                      batch_size=a.batch, augment=False)
     distributed.use_cpu_cores(a.cpu_devices or 1)  # before any JAX computation
+    _host_memory(a, cfg, distributed.cpu_devices_chosen())
     import jax.numpy as jnp
     import numpy as np
 
     import iepjax.model as model_lib
     from iepjax import training
-    from iepjax.config import ModelConfig, TrainConfig
-
-    cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
-                      batch_size=a.batch, augment=False)
     state = training.init_state(cfg, key=jax.random.key(0))
     batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
     raw = model_lib.conv
@@ -175,6 +192,7 @@ def _run(python: str, a, side: str, extra_env: dict) -> dict:
            "--torch-reference", str(a.torch_reference)]
     if a.cpu_devices is not None:
         cmd += ["--cpu-devices", str(a.cpu_devices)]
+    cmd += ["--malloc", a.malloc]
     r = subprocess.run(cmd, env=env(extra_env), stdout=subprocess.PIPE, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode})")
@@ -195,6 +213,9 @@ def main(argv=None) -> int:
                         "ratio (this machine's timings scatter by about 10 %% from run to run)")
     p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
+    p.add_argument("--malloc", default="auto", choices=["auto", "reuse", "system"],
+                   help="JAX side: glibc's malloc keeps freed memory for reuse (iepjax.hostmem): auto = as train.py "
+                        "(when the step's buffers are large), reuse = always, system = never")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)
     p.add_argument("--profile", action="store_true",
@@ -217,6 +238,8 @@ def main(argv=None) -> int:
                "round": r + 1, "loadavg": round(os.getloadavg()[0], 2)}
         j = _run(sys.executable, a, "--jax-side", {})
         row["jax_img_per_s"], row["jax_devices"] = j["img_per_s"], j["devices"]
+        row.update(jax_host_memory_reused=j["host_memory_reused"], jax_page_faults_per_step=j["page_faults_per_step"],
+                   jax_sys_ms_per_step=j["sys_ms_per_step"])
         if not have_torch:
             row["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"
         else:

@@ -120,6 +120,12 @@ def use_cpu_cores(n: int | None = None) -> int:
     return n
 
 
+def cpu_devices_chosen() -> int:
+    """CPU devices per process as `use_cpu_cores` set them, else one per core; starts no JAX backend."""
+    n = jax.config.jax_num_cpu_devices
+    return n if n >= 1 else cpu_cores()
+
+
 def is_main() -> bool:
     """True in process 0, the one that writes files and prints results."""
     return jax.process_index() == 0
@@ -188,5 +194,6 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["add_flags", "positive_int", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "is_main", "process_rows", "gather_rows",
+__all__ = ["add_flags", "positive_int", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "cpu_devices_chosen",
+           "is_main", "process_rows", "gather_rows",
            "broadcast_text", "main_first", "barrier"]

@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     images = resize_images(data.load_split("textures", a.category, "train", a.tfds_dir, progress=False).images, a.size)
     model = ModelConfig(size=a.size, channels=1, decoder=a.decoder, likelihood=a.likelihood, use_kl=not a.no_kl)
     cfg = TrainConfig(model=model, steps=a.steps, batch_size=a.batch, learning_rate=a.lr, b1=a.b1)
+    from iepjax import hostmem  # as train.py: before the first JAX computation
+    hostmem.for_training(cfg, distributed.cpu_devices_chosen())
     state = training.init_state(cfg, key=jax.random.key(cfg.seed))
     # the batch split over the devices, as train.py; one device when make_mesh gives None
     state, step_fn, put = sharding.training_on(sharding.make_mesh(divides=a.batch), state)
