@@ -39,9 +39,9 @@ SLOWEST_FIRST = ("test_projection.py",    # 123 s
                  "test_sharding.py",      # 84 s: 4- and 8-device subprocesses
                  "test_conv.py",          # 55 s
                  "test_energy.py",        # 53 s
+                 "test_benchmarks.py",    # 31 s + 22 s: the benchmark scripts on tiny shapes
                  "test_training.py",      # 35 s
                  "test_distributed.py",   # 33 s: two processes
-                 "test_benchmarks.py",    # 31 s: the benchmark scripts on tiny shapes
                  "test_model.py")         # 19 s; the rest take a few seconds
 
 

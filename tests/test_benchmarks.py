@@ -50,3 +50,24 @@ def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
     assert [row["batch"] for row in jax_rows] == [1, 2]
     assert all(row["iter_img_per_s"] > 0 and row["first_call_s"] > 0 for row in jax_rows)
     assert rows[-1]["decoder"] == "transposed" and "skipped" in rows[-1]["torch"]
+
+
+def test_training_reports_the_kernels_share_and_the_malloc_setting():
+    """`benchmarks/training.py` (item 12): the JAX row carries page faults and system time per step and whether
+    freed host memory was kept for reuse (`--malloc reuse` forces it, `auto` follows train.py: not at 32 px)."""
+    import ctypes
+    import json
+
+    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    rows = {}
+    for malloc in ("reuse", "auto"):
+        r = subprocess.run([sys.executable, str(BENCH / "training.py"), "--size", "32", "--channels", "1", "--batch",
+                            "2", "--steps", "1", "--warmup", "1", "--malloc", malloc, "--torch-python",
+                            str(BENCH / "no_such_python")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rows[malloc] = json.loads(r.stdout.splitlines()[-1])
+    for row in rows.values():
+        assert row["jax_img_per_s"] > 0 and row["jax_page_faults_per_step"] >= 0 and row["jax_sys_ms_per_step"] >= 0
+        assert "skipped" in row["torch"]
+    assert rows["reuse"]["jax_host_memory_reused"] is glibc
+    assert rows["auto"]["jax_host_memory_reused"] is False
