@@ -55,10 +55,10 @@ def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
 def test_training_reports_the_kernels_share_and_the_malloc_setting():
     """`benchmarks/training.py` (item 12): the JAX row carries page faults and system time per step and whether
     freed host memory was kept for reuse (`--malloc reuse` forces it, `auto` follows train.py: not at 32 px)."""
-    import ctypes
     import json
 
-    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    from iepjax import hostmem
+
     rows = {}
     for malloc in ("reuse", "auto"):
         r = subprocess.run([sys.executable, str(BENCH / "training.py"), "--size", "32", "--channels", "1", "--batch",
@@ -69,5 +69,5 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
     for row in rows.values():
         assert row["jax_img_per_s"] > 0 and row["jax_page_faults_per_step"] >= 0 and row["jax_sys_ms_per_step"] >= 0
         assert "skipped" in row["torch"]
-    assert rows["reuse"]["jax_host_memory_reused"] is glibc
+    assert rows["reuse"]["jax_host_memory_reused"] is (hostmem.glibc() is not None)
     assert rows["auto"]["jax_host_memory_reused"] is False

@@ -12,7 +12,7 @@ from iepjax import hostmem, training
 from iepjax.config import ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = sys.platform.startswith("linux") and hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version")
+GLIBC = hostmem.glibc() is not None
 
 # A worker thread mallocs 96 MiB, writes it, frees it, and does it again; the page faults of the
 # second round say whether the pages were kept (XLA:CPU's worker threads allocate and free each
