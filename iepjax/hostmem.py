@@ -23,6 +23,7 @@ import os
 import sys
 
 from iepjax.config import TrainConfig
+from iepjax.sharding import devices_dividing
 
 # mallopt parameters of glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -67,8 +68,8 @@ def reuse_freed_memory() -> bool:
 def train_temp_bytes(config: TrainConfig, devices: int) -> int:
     """Typical size of XLA:CPU's temporary buffer of one training step, per device (bytes), with the
     batch split over the most of `devices` that divide it (as `sharding.make_mesh` splits it)."""
-    split = max(k for k in range(1, max(devices, 1) + 1) if config.batch_size % k == 0)
-    return config.batch_size // split * config.model.size ** 2 * TRAIN_TEMP_BYTES_PER_PIXEL
+    per_device = config.batch_size // devices_dividing(config.batch_size, devices)
+    return per_device * config.model.size ** 2 * TRAIN_TEMP_BYTES_PER_PIXEL
 
 
 def runs_on_cpu() -> bool:

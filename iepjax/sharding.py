@@ -41,13 +41,17 @@ def make_mesh(devices: int | None = None, *, divides: int | None = None) -> Mesh
                              f"({jax.local_devices()[0].platform}); choose 1..{per_process}")
         per_process = devices
     elif divides is not None:
-        per_process = max([k for k in range(1, per_process + 1) if divides % (k * jax.process_count()) == 0],
-                          default=1)
+        per_process = devices_dividing(divides, per_process, jax.process_count())
     if per_process == 1 and jax.process_count() == 1:
         return None
     chosen = [d for p in range(jax.process_count())
               for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
     return Mesh(np.asarray(chosen), (DATA,))
+
+
+def devices_dividing(batch: int, per_process: int, processes: int = 1) -> int:
+    """The most devices per process, at most `per_process`, whose total divides `batch` (at least 1)."""
+    return max([k for k in range(1, per_process + 1) if batch % (k * processes) == 0], default=1)
 
 
 def local_size(mesh: Mesh) -> int:
@@ -198,6 +202,6 @@ def _train_step_sharded(mesh: Mesh) -> Callable:
                          out_replicated=True, donate=True)
 
 
-__all__ = ["DATA", "make_mesh", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
+__all__ = ["DATA", "make_mesh", "devices_dividing", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
            "local_rows", "pad_to", "data_parallel", "run_batched", "project_sharded",
            "train_step_sharded", "training_on"]
