@@ -16,6 +16,10 @@ comparable. Keys of each line:
   lower_compile_s `jax.jit(project_fn).lower(...).compile()` timed alone (after the timed calls; median
                   of 3): the compile time without the noise of a long first call
   peak_rss_mb     peak RSS of the subprocess after the timed calls (before any analysis)
+  heap_growth_mb  most memory held from malloc during the timed calls (sampled every 20 ms, glibc's
+                  `mallinfo2`) minus what was held before them: memory that grows with `iters` while a
+                  call runs shows here even where malloc's free memory hides it from the RSS (None off
+                  glibc; benchmarks/README.md, item 14)
   temp_mb         XLA's temporary-buffer size of the compiled projection (`memory_analysis()`)
   gflop_per_img_step  XLA cost analysis (`cost_analysis()["flops"]`) of ONE jitted, vmapped
                   `projection_step` divided by the batch. The cost analysis of the whole scan counts
@@ -67,6 +71,37 @@ def _flops(compiled) -> float:
     return float(ca["flops"])
 
 
+class HeapSampler:
+    """Context manager: `growth` = the most bytes held from malloc while inside, minus the bytes held on
+    entry (`iepjax.hostmem.heap_in_use`, sampled every `period` s by a thread); None off glibc."""
+
+    def __init__(self, period: float = 0.02):
+        self.period, self.growth = period, None
+
+    def __enter__(self):
+        import threading
+
+        from iepjax import hostmem
+        self._read = hostmem.heap_in_use
+        self._start = self._read()
+        if self._start is not None:
+            self._peak, self._stop = self._start, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.period):
+            self._peak = max(self._peak, self._read())
+
+    def __exit__(self, *exc):
+        if self._start is not None:
+            self._stop.set()
+            self._thread.join()
+            self.growth = max(self._peak, self._read()) - self._start
+        return False
+
+
 def measure(size: int, channels: int, iters: int, batch: int, decoder: str, strategy: str, repeats: int,
             cpu_devices: int | None = None) -> dict:
     """Time one configuration in this process (call it in a fresh process)."""
@@ -105,11 +140,13 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     run()
     first = time.perf_counter() - t0
     times = []
+    heap = HeapSampler()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    with heap:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_util = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / sum(times)
     dt = float(np.median(times))
@@ -135,7 +172,8 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
             "iter_img_per_s": round(batch * iters / dt, 2), "img_per_s": round(batch / dt, 4),
             "seconds": round(dt, 4), "compile_s": round(first - dt, 3), "first_call_s": round(first, 3),
             "lower_compile_s": round(lower_compile_s, 3), "lower_compile_all_s": [round(t, 3) for t in compile_times],
-            "peak_rss_mb": round(peak_rss_mb, 1), "temp_mb": None if temp_mb is None else round(temp_mb, 2),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+            "heap_growth_mb": None if heap.growth is None else round(heap.growth / 2 ** 20, 1), "temp_mb": None if temp_mb is None else round(temp_mb, 2),
             "gflop_per_img_step": round(step_flops / 1e9, 4),
             "scan_cost_analysis_gflop_per_img": round(scan_flops / 1e9, 4),
             "gflops": round(step_flops * batch * iters / dt / 1e9, 2),

@@ -14,6 +14,10 @@ no `mmap`) and never to trim it, so each step reuses the pages of the step befor
 so `for_training` applies it only where the buffer is that large: the threads then share one
 arena (compiling takes ~25 % longer, and the 64 px model's step ran up to 30 % slower), and what
 the process frees stays mapped (reused, not leaked).
+
+`heap_in_use` reads how much of the heap is allocated, for the benchmarks: XLA:CPU's runtime keeps
+~10 KB per projection step and device until the call returns when every thread of its pool runs a
+device's program (benchmarks/README.md, item 14).
 """
 from __future__ import annotations
 
@@ -48,6 +52,23 @@ def glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33, <malloc.h>
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_in_use() -> int | None:
+    """Bytes the process holds from glibc's malloc now (arenas' allocated chunks + mmapped chunks),
+    or None off glibc (or before 2.33). Free memory kept by malloc does not count, unlike RSS."""
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def reuse_freed_memory() -> bool:
@@ -93,4 +114,4 @@ def for_training(config: TrainConfig, devices: int) -> bool:
     return reuse_freed_memory()
 
 
-__all__ = ["glibc", "reuse_freed_memory", "train_temp_bytes", "runs_on_cpu", "for_training"]
+__all__ = ["glibc", "heap_in_use", "reuse_freed_memory", "train_temp_bytes", "runs_on_cpu", "for_training"]

@@ -19,6 +19,51 @@ def test_counts_below_one_are_usage_errors(script, flag, value, says):
     assert flag in r.stderr and says in r.stderr, r.stderr
 
 
+def test_projection_reports_a_row_with_the_heap_growth():
+    """`benchmarks/projection.py` runs one configuration on tiny shapes and prints its row; `heap_growth_mb`
+    (item 14) is measured on glibc and None elsewhere."""
+    import json
+
+    from iepjax import hostmem
+    r = subprocess.run([sys.executable, str(BENCH / "projection.py"), "--size", "32", "--iters", "3", "--batch",
+                        "2", "--repeats", "1", "--decoder", "transposed", "--cpu-devices", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.splitlines()[-1])
+    assert (row["size"], row["iters"], row["batch"], row["devices"]) == (32, 3, 2, 1)
+    assert row["iter_img_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["lower_compile_s"] > 0
+    if hostmem.glibc() is None:
+        assert row["heap_growth_mb"] is None
+    else:
+        assert 0 <= row["heap_growth_mb"] < 100, row  # a 3-step projection of 32 px images holds no more
+
+
+def test_heap_sampler_sees_a_block_held_for_a_while():
+    """`projection.HeapSampler` reports a 16 MiB block that was held for 0.1 s and freed before the end."""
+    import ctypes
+    import time
+
+    from iepjax import hostmem
+    if hostmem.glibc() is None:
+        pytest.skip("glibc's malloc only")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import projection
+    finally:
+        sys.path.remove(str(BENCH))
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    with projection.HeapSampler(period=0.005) as held:
+        p = libc.malloc(16 * 2 ** 20)
+        time.sleep(0.1)
+        libc.free(p)
+    with projection.HeapSampler(period=0.005) as idle:
+        time.sleep(0.1)
+    assert 16 * 2 ** 20 <= held.growth < 18 * 2 ** 20, held.growth
+    assert idle.growth < 2 ** 20, idle.growth
+
+
 def test_training_profile_lists_every_conv_and_the_step():
     """`benchmarks/training.py --profile` (benchmarks/README.md, item 9) runs on tiny shapes: one row per
     convolution of the train step with its three timings, the step, and the op time by kind."""

@@ -66,6 +66,24 @@ def test_reuse_freed_memory_keeps_a_worker_threads_pages():
 def test_reuse_freed_memory_is_a_no_op_off_glibc(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert hostmem.reuse_freed_memory() is False
+    assert hostmem.heap_in_use() is None
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_heap_in_use_counts_a_block_until_it_is_freed():
+    """An 8 MiB malloc adds 8 MiB (plus its header) to `heap_in_use`; its free takes them off again."""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    n = 8 * 2 ** 20
+    before = hostmem.heap_in_use()
+    p = libc.malloc(n)
+    held = hostmem.heap_in_use() - before
+    libc.free(p)
+    after = hostmem.heap_in_use() - before
+    assert n <= held < n + 2 ** 20, held  # other threads may allocate meanwhile: 1 MiB of slack
+    assert abs(after) < 2 ** 20, after
 
 
 def test_train_temp_bytes_splits_the_batch_as_the_mesh_does():
