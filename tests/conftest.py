@@ -73,6 +73,20 @@ def jax_cache_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def libc():
+    """glibc with `malloc`/`free` callable from ctypes (size_t / pointer arguments); skips elsewhere."""
+    import ctypes
+
+    from iepjax import hostmem
+    if hostmem.glibc() is None:
+        pytest.skip("glibc's malloc only")
+    lib = ctypes.CDLL(None)
+    lib.malloc.restype, lib.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    lib.free.argtypes = (ctypes.c_void_p,)
+    return lib
+
+
+@pytest.fixture(scope="session")
 def model_cfg() -> ModelConfig:
     """The tiny model of the suite: 32x32 gray, BCE, upsampling decoder, VAE."""
     return ModelConfig(size=SIZE, channels=1)

@@ -38,22 +38,14 @@ def test_projection_reports_a_row_with_the_heap_growth():
         assert 0 <= row["heap_growth_mb"] < 100, row  # a 3-step projection of 32 px images holds no more
 
 
-def test_heap_sampler_sees_a_block_held_for_a_while():
+def test_heap_sampler_sees_a_block_held_for_a_while(libc):
     """`projection.HeapSampler` reports a 16 MiB block that was held for 0.1 s and freed before the end."""
-    import ctypes
     import time
-
-    from iepjax import hostmem
-    if hostmem.glibc() is None:
-        pytest.skip("glibc's malloc only")
     sys.path.insert(0, str(BENCH))
     try:
         import projection
     finally:
         sys.path.remove(str(BENCH))
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-    libc.free.argtypes = (ctypes.c_void_p,)
     with projection.HeapSampler(period=0.005) as held:
         p = libc.malloc(16 * 2 ** 20)
         time.sleep(0.1)

@@ -69,13 +69,8 @@ def test_reuse_freed_memory_is_a_no_op_off_glibc(monkeypatch):
     assert hostmem.heap_in_use() is None
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
-def test_heap_in_use_counts_a_block_until_it_is_freed():
+def test_heap_in_use_counts_a_block_until_it_is_freed(libc):
     """An 8 MiB malloc adds 8 MiB (plus its header) to `heap_in_use`; its free takes them off again."""
-    import ctypes
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-    libc.free.argtypes = (ctypes.c_void_p,)
     n = 8 * 2 ** 20
     before = hostmem.heap_in_use()
     p = libc.malloc(n)
