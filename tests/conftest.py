@@ -72,6 +72,19 @@ def jax_cache_env() -> dict[str, str]:
     return dict(_CACHE_ENV)
 
 
+def bench_module(name: str):
+    """`benchmarks/<name>.py` imported as module `name` (the scripts import `common` from their folder)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+
+
 @pytest.fixture(scope="session")
 def libc():
     """glibc with `malloc`/`free` callable from ctypes (size_t / pointer arguments); skips elsewhere."""

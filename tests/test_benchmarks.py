@@ -41,11 +41,9 @@ def test_projection_reports_a_row_with_the_heap_growth():
 def test_heap_sampler_sees_a_block_held_for_a_while(libc):
     """`projection.HeapSampler` reports a 16 MiB block that was held for 0.1 s and freed before the end."""
     import time
-    sys.path.insert(0, str(BENCH))
-    try:
-        import projection
-    finally:
-        sys.path.remove(str(BENCH))
+
+    from conftest import bench_module
+    projection = bench_module("projection")
     with projection.HeapSampler(period=0.005) as held:
         p = libc.malloc(16 * 2 ** 20)
         time.sleep(0.1)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import iepjax.model as M
+from conftest import bench_module
 from iepjax import ModelConfig, VAE, init_params
 
 
@@ -57,21 +58,12 @@ def test_conv_equals_lax(case):
 
 def test_every_layer_of_both_decoders_equals_lax():
     """The shapes the model produces at 32 px, 3 channels: values and both gradients."""
+    common = bench_module("common")
     calls = []
-    raw = M.conv
-
-    def recording(x, w, strides, padding, lhs_dilation):
-        calls.append((x.shape, w.shape, strides, padding, lhs_dilation))
-        return raw(x, w, strides, padding, lhs_dilation)
-
     for decoder in ("upsample", "transposed"):
         cfg = ModelConfig(size=32, channels=3, decoder=decoder)
         params = init_params(cfg, key=jax.random.key(0))
-        M.conv = recording
-        try:
-            jax.eval_shape(lambda p, x: VAE(cfg).apply(p, x), params, jnp.zeros((2, 32, 32, 3)))
-        finally:
-            M.conv = raw
+        calls += common.record_convs(lambda p, x: VAE(cfg).apply(p, x), params, jnp.zeros((2, 32, 32, 3)), batch=2)
     assert len(calls) >= 30
     for i, c in enumerate(dict.fromkeys(calls)):
         _compare(*c, seed=i)
