@@ -29,8 +29,10 @@ SIZE = 32
 _CACHE_ENV: dict[str, str] = {}
 
 
-# The suite runs on one pytest-xdist worker per core, a test file to a worker (pyproject's addopts:
-# `-n auto --dist loadfile --no-loadscope-reorder`; `-n 0` runs it in one process). Files are
+# The suite runs on one pytest-xdist worker per core, at most 8, a test file to a worker (pyproject's
+# addopts: `-n auto --maxprocesses 8 --dist loadfile --no-loadscope-reorder`; `-n 0` runs it in one
+# process). More workers would not help: each holds a JAX runtime (~0.3 GB), and the slowest file
+# alone takes a quarter of the suite's time on 2 cores. Files are
 # handed out in collection order, so the slowest go first and the workers finish at about the same
 # time. Seconds per file with 2 workers on the 2-core machine (fresh clone, 2026-11-29):
 SLOWEST_FIRST = ("test_projection.py",    # 123 s
