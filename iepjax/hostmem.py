@@ -16,8 +16,8 @@ arena (compiling takes ~25 % longer, and the 64 px model's step ran up to 30 % s
 the process frees stays mapped (reused, not leaked).
 
 `heap_in_use` reads how much of the heap is allocated, for the benchmarks: XLA:CPU's runtime keeps
-~10 KB per projection step and device until the call returns when every thread of its pool runs a
-device's program (benchmarks/README.md, item 14).
+~25 KB per projection step and device (~50 MB per 1 000 steps on two devices) until the call returns
+when every thread of its pool runs a device's program (benchmarks/README.md, item 14).
 """
 from __future__ import annotations
 
