@@ -1,12 +1,25 @@
-"""argparse types shared by the command-line scripts (train.py, project.py, tools/, benchmarks/).
+"""What the command-line scripts share: argparse types, flag groups, exit codes, and the steps
+between flags and a library call (configs from flags, the runtime, errors a user can act on).
 
-Imports nothing but the standard library: the benchmark scripts load this file by path under a
-PyTorch-only interpreter, where the iepjax package (jax) cannot be imported. (`model_size`, for
-the iepjax scripts only, imports the package's config when it is called.)
+train.py, project.py and reproduce.py parse flags, build configs with these helpers (presets
+changed by `dataclasses.replace`), start the runtime and make one `iepjax.pipelines` call.
+
+Imports nothing but the standard library at import time: the benchmark scripts load this file
+by path under a PyTorch-only interpreter, where the iepjax package (jax) cannot be imported. The
+functions for the iepjax scripts import the package when they are called.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from typing import Any, Callable
+
+# Exit statuses of the scripts.
+EXIT_OK = 0
+EXIT_FAILED = 1  # training diverged, the model's losses are not finite, or (reproduce --keep-going) a category failed
+EXIT_ERROR = 2  # bad flags (argparse exits with 2 too), data or run folder; reproduce stopped by an error
+EXIT_COLLAPSED = 3  # train.py: the model collapsed to predicting the mean image
 
 
 def _int(text: str, least: int) -> int:
@@ -78,3 +91,130 @@ def model_size(text: str) -> int:
     if not size_ok(n):
         raise argparse.ArgumentTypeError(f"{n}: {SIZE_RULE}")
     return n
+
+
+# --------------------------------------------------------------------------- flag groups
+
+
+def add_data_flags(p: argparse.ArgumentParser, *, one_category: bool = True) -> None:
+    """Where the images come from and where runs go (`data_config`); --dataset and --category
+    unless the script takes several categories."""
+    if one_category:
+        p.add_argument("--dataset", default="textures", help="dataset name (built-in: textures)")
+        p.add_argument("--category", required=True, help="category, e.g. brick or grass")
+    p.add_argument("--tfds-dir", default=None,
+                   help="where TFDS keeps prepared data (default $IEPJAX_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--results", default="results", help="root of the run folders")
+    p.add_argument("--data-dir", default=None,
+                   help="your own images in the MVTec AD layout: DIR/<category>/train/good/*, DIR/<category>/test/<kind>/*, "
+                        "DIR/<category>/ground_truth/<kind>/*_mask.png (sets --dataset folder)")
+    p.add_argument("--manual-dir", default=None,
+                   help="MVTec AD: the download (extracted folder or mvtec_anomaly_detection.tar.xz); "
+                        "needed the first time a category is prepared")
+
+
+def add_threshold_flags(p: argparse.ArgumentParser) -> None:
+    """The quantiles of the held-out normal images' scores that become the thresholds (`threshold_config`)."""
+    p.add_argument("--pixel-quantile", type=quantile, help="quantile of normal pixel scores -> threshold (default 0.995)")
+    p.add_argument("--image-quantile", type=quantile, help="quantile of normal image scores -> threshold (default 0.99)")
+
+
+def add_output_flags(p: argparse.ArgumentParser, *, overlays: bool = True) -> None:
+    """--no-progress (no progress bars) and, with `overlays`, --no-overlays (no per-image pictures)."""
+    if overlays:
+        p.add_argument("--no-overlays", action="store_true", help="no picture per image")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, *, multi_process: bool = True) -> None:
+    """--cpu-devices and, with `multi_process`, --devices and the jax.distributed flags (`start_runtime`)."""
+    g = p.add_argument_group("devices and processes (docs/scaling.md)")
+    g.add_argument("--cpu-devices", type=positive_int, default=None,
+                   help="on CPU: split the cores into this many JAX devices (default: one per core in a "
+                        "single process, 1 per process with several; XLA:CPU runs each convolution on one "
+                        "core, so one device per core is what uses them all)")
+    if not multi_process:
+        return
+    g.add_argument("--devices", type=int, default=None,
+                   help="devices to split each batch over, per process (default: all visible)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (env JAX_PROCESS_ID)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize and let JAX detect what is not given (SLURM, Open MPI, TPU)")
+
+
+# --------------------------------------------------------------------------- from flags to a library call
+
+
+def override(config: Any, **fields: Any) -> Any:
+    """`dataclasses.replace(config, ...)` with the fields whose flag was given (not None)."""
+    return dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
+
+
+def data_config(args: argparse.Namespace):
+    """The `DataConfig` of the `add_data_flags` flags; --data-dir means dataset "folder" (ValueError
+    when another dataset was asked for)."""
+    from iepjax.config import DataConfig
+    from iepjax.data import dataset_and_source
+    dataset, source_dir = dataset_and_source(args.dataset, args.data_dir, args.manual_dir)
+    return DataConfig(dataset, args.category, args.tfds_dir, source_dir)
+
+
+def threshold_config(args: argparse.Namespace):
+    """The `ThresholdConfig` of the flags a script has: --holdout, --pixel-quantile, --image-quantile,
+    --threshold, --image-threshold, --no-early-stop; the defaults for those it lacks or leaves out."""
+    from iepjax.config import ThresholdConfig
+    return override(ThresholdConfig(), holdout=getattr(args, "holdout", None),
+                    pixel_quantile=getattr(args, "pixel_quantile", None),
+                    image_quantile=getattr(args, "image_quantile", None),
+                    pixel_threshold=getattr(args, "threshold", None),
+                    image_threshold=getattr(args, "image_threshold", None),
+                    early_stop=False if getattr(args, "no_early_stop", False) else None)
+
+
+def start_runtime(args: argparse.Namespace, *, train=None, projection_steps: int | None = None):
+    """CPU tuning (`iepjax.cpu_runtime`) and the process group (`iepjax.distributed`), before any
+    JAX computation; returns the mesh to split batches over (`sharding.make_mesh`: --devices per
+    process, for `train` the most that divide its batch).
+
+    One process: one CPU device per core (or --cpu-devices); several: one per process unless
+    --cpu-devices says otherwise (the processes share the cores). For `train` (a TrainConfig), glibc's
+    malloc keeps freed memory when the steps' buffers are large; for projections of
+    `projection_steps` steps, advice on long projections is printed.
+    """
+    from iepjax import cpu_runtime, distributed
+    multi_process = hasattr(args, "coordinator")
+    group = (distributed.requested(args.coordinator, args.num_processes, args.process_id, args.distributed)
+             if multi_process else None)
+    if args.cpu_devices is not None or group is None:
+        cpu_runtime.use_cpu_cores(args.cpu_devices)
+    if multi_process:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    devices = getattr(args, "devices", None)
+    if train is not None:
+        cpu_runtime.for_training(train, devices or cpu_runtime.cpu_devices_chosen())
+    from iepjax import sharding
+    mesh = sharding.make_mesh(devices, divides=train.batch_size if train is not None else None)
+    advice = projection_steps and cpu_runtime.long_projection_advice(projection_steps, sharding.local_size(mesh))
+    if advice:
+        print(advice, file=sys.stderr)
+    return mesh
+
+
+def guarded(call: Callable, *args: Any, usage: tuple[type[BaseException], ...] = (), **kwargs: Any) -> tuple[int, Any]:
+    """(EXIT_OK, call(*args, **kwargs)), or (exit status, None) after printing, as one line on
+    stderr, an error the user can act on: bad data (`DataError`) or a `usage` error -> EXIT_ERROR;
+    a FloatingPointError (a diverged or unusable model) -> EXIT_FAILED, and the run folder when
+    the error names one."""
+    from iepjax.data import DataError
+    try:
+        return EXIT_OK, call(*args, **kwargs)
+    except (DataError, *usage) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR, None
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "run_dir", None) is not None:
+            print(f"run folder: {e.run_dir}")
+        return EXIT_FAILED, None

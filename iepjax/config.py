@@ -1,4 +1,4 @@
-"""Frozen, hashable configuration dataclasses (usable as static `jit` arguments)."""
+"""Frozen, hashable configuration dataclasses (usable as static `jit` arguments); no package imports."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +27,7 @@ def size_ok(size: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The convolutional VAE of Bergmann et al. 2018 as used by the method (method.md, Training).
+    """The convolutional VAE of Bergmann et al. 2018 as used by the method (docs/method.md, Training).
 
     Attributes:
       size: input height = width in pixels, a multiple of 16 (128 in the paper).
@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionConfig:
-    """Settings of the iterative energy-based projection (method.md, Projection).
+    """Settings of the iterative energy-based projection (docs/method.md, Projection).
 
     E(x) = L_r(x) + lam * ||x - x0||_1;  x <- clip(x - alpha * dE/dx * (x - f(x))^2, 0, 1).
 
@@ -69,7 +69,7 @@ class ProjectionConfig:
       steps: T, number of gradient steps.
       alpha: step size. Its scale depends on the likelihood and the 'sum' reduction of L_r: the
         defaults (T 100, alpha 0.02, lam 15, sigma 1) are those calibrated for the Gaussian
-        likelihood on the built-in textures (README, "Calibration"); BCE models want ~0.5
+        likelihood on the built-in textures (docs/calibration.md); BCE models want ~0.5
         (`presets.projection_preset` gives a BCE run the ports' alpha 0.5 and lam 0.05).
       lam: weight of the L1 proximity prior ||x - x0||_1. Like alpha, its scale follows the
         likelihood: with the Gaussian 'sum' loss dL_r/dx = (x - f) / gamma^2, so a pixel leaves x0
@@ -84,10 +84,11 @@ class ProjectionConfig:
         with half that image's alpha. Steps that lower the energy are the paper's update
         unchanged, so while E falls the result is the same; without it a too-large alpha lets
         an image run away to noise (seen on 1 of 192 brick tiles at the default alpha).
-      stop_loss: early stopping (method.md: a public port stops once L_r falls below the smallest
-        training loss): from the first step at which an image's L_r(x_t) <= stop_loss, that image
-        stops moving, so x_T = x_t. None = never stop (T steps). `evaluation.with_early_stop` sets
-        it to the smallest L_r of the run's held-out normal images, the scripts' default.
+      stop_loss: early stopping (docs/method.md, Projection: a public port stops once L_r falls
+        below the smallest training loss): from the first step at which an image's
+        L_r(x_t) <= stop_loss, that image stops moving, so x_T = x_t. None = never stop (T steps).
+        `early_stop.with_early_stop` sets it to the smallest L_r of the run's held-out normal
+        images, the scripts' default.
     """
 
     model: ModelConfig = ModelConfig()
@@ -111,7 +112,7 @@ class ProjectionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Settings of VAE training (method.md, Training).
+    """Settings of VAE training (docs/method.md, Training).
 
     Attributes:
       model: architecture and loss.
@@ -138,6 +139,53 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("TrainConfig: steps and batch_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdConfig:
+    """What a run's held-out normal training images decide (docs/method.md, Thresholds).
+
+    Attributes:
+      holdout: fraction of the normal training images kept out of training for this.
+      pixel_quantile, image_quantile: the thresholds are these quantiles of the held-out images'
+        pixel scores and image scores (max of the map), so about (1 - q) of normal pixels /
+        images are flagged.
+      pixel_threshold, image_threshold: thresholds given by the user instead (None: fitted).
+      early_stop: stop each image's projection once its L_r is as low as the lowest of the
+        held-out images' (sets `ProjectionConfig.stop_loss`; docs/method.md, Projection).
+    """
+
+    holdout: float = 0.1
+    pixel_quantile: float = 0.995
+    image_quantile: float = 0.99
+    pixel_threshold: float | None = None
+    image_threshold: float | None = None
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"ThresholdConfig.holdout={self.holdout}: a fraction in [0, 1)")
+        for name in ("pixel_quantile", "image_quantile"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"ThresholdConfig.{name}={getattr(self, name)}: a quantile in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a category's images come from (docs/datasets.md).
+
+    Attributes:
+      dataset: "textures" (built in), "mvtec_ad" or "folder" (your own images, MVTec AD layout).
+      category: e.g. "brick", "carpet", or any name for "folder".
+      tfds_dir: where TFDS keeps the prepared data (None: $IEPJAX_DATA_DIR or ~/tensorflow_datasets).
+      source_dir: the image folder ("folder") or the MVTec AD download ("mvtec_ad"); None for
+        the built-in data, or once a category is prepared.
+    """
+
+    dataset: str = "textures"
+    category: str = "brick"
+    tfds_dir: str | None = None
+    source_dir: str | None = None
 
 
 def to_dict(config: Any) -> dict:

@@ -6,39 +6,21 @@ Every process runs the same script. Each takes its contiguous share of the image
 (`process_rows`), the sharded program runs over every process's devices (`iepjax.sharding`),
 and `gather_rows` puts the results of all processes back together, in the original order, in
 every process; process 0 (`is_main`) writes the outputs. With one process every function here
-is the identity, so library code calls them unconditionally. See docs/scaling.md.
+is the identity, so library code calls them unconditionally. The scripts' flags for it are
+`iepjax.cli.add_runtime_flags`. See docs/scaling.md.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 
-from iepjax.cli import positive_int  # re-exported: the scripts' --cpu-devices type
-
 T = TypeVar("T")
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself too
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `initialize_from_args` (for train.py and project.py)."""
-    g = parser.add_argument_group("multi-process (jax.distributed; see docs/scaling.md)")
-    g.add_argument("--devices", type=int, default=None,
-                   help="devices to split each batch over, per process (default: all visible)")
-    g.add_argument("--cpu-devices", type=positive_int, default=None,
-                   help="on CPU: split the cores into this many JAX devices (default: one per core in a "
-                        "single process, 1 per process with several; XLA:CPU runs each convolution on one "
-                        "core, so one device per core is what uses them all)")
-    g.add_argument("--coordinator", default=None, help=f"host:port of process 0 (env {ENV_COORDINATOR})")
-    g.add_argument("--num-processes", type=int, default=None, help=f"number of processes (env {ENV_NUM_PROCESSES})")
-    g.add_argument("--process-id", type=int, default=None, help=f"this process, 0..N-1 (env {ENV_PROCESS_ID})")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize and let JAX detect what is not given (SLURM, Open MPI, TPU)")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -50,15 +32,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     done. Otherwise `jax.distributed.initialize`, which fills in what is missing on SLURM, Open MPI
     and Cloud TPU. Must run before anything else touches JAX devices.
     """
-    settings = _requested(coordinator, num_processes, process_id, auto)
+    settings = requested(coordinator, num_processes, process_id, auto)
     if settings is None:
         return False
     jax.distributed.initialize(*settings)
     return jax.process_count() > 1
 
 
-def _requested(coordinator: str | None, num_processes: int | None, process_id: int | None,
-               auto: bool) -> tuple[str | None, int | None, int | None] | None:
+def requested(coordinator: str | None, num_processes: int | None, process_id: int | None,
+              auto: bool) -> tuple[str | None, int | None, int | None] | None:
     """The (coordinator, num_processes, process_id) `initialize` will use, each from the argument
     or else the environment; None when no process group is asked for."""
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -69,61 +51,6 @@ def _requested(coordinator: str | None, num_processes: int | None, process_id: i
     if not auto and (num_processes == 1 or (coordinator is None and num_processes is None and process_id is None)):
         return None
     return coordinator, num_processes, process_id
-
-
-def initialize_from_args(args: argparse.Namespace) -> bool:
-    """`use_cpu_cores` and `initialize` from the flags of `add_flags`.
-
-    One process: one CPU device per core (or `--cpu-devices`). Several: one CPU device per process
-    unless `--cpu-devices` says otherwise (the processes already share the cores).
-    """
-    multi = _requested(args.coordinator, args.num_processes, args.process_id, args.distributed) is not None
-    if args.cpu_devices is not None or not multi:
-        use_cpu_cores(args.cpu_devices)
-    return initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its CPU affinity, else `os.cpu_count()`)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def use_cpu_cores(n: int | None = None) -> int:
-    """Make JAX's CPU backend `n` devices (default: one per core); return the count in effect.
-
-    XLA:CPU runs each convolution on a single thread, so a one-device CPU backend leaves all
-    cores but one idle during the projection and training; with one device per core and the
-    batch split over them (`iepjax.sharding`) every core works (2.0x on 2 cores, benchmarks/).
-    Only the CPU backend is affected (GPU/TPU devices are untouched). Must run before JAX
-    initialises its backends. With `n` None, a count already chosen wins: `jax_num_cpu_devices`
-    set by the caller (or $JAX_NUM_CPU_DEVICES), `--xla_force_host_platform_device_count` in
-    XLA_FLAGS, or backends already running; nothing is changed then.
-    """
-    if n is None:
-        from jax._src import xla_bridge  # no public query for "backends initialised"
-        if jax.config.jax_num_cpu_devices >= 0:
-            return jax.config.jax_num_cpu_devices
-        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") \
-                or xla_bridge.backends_are_initialized():
-            return len(jax.devices("cpu"))
-    n = cpu_cores() if n is None else n
-    if n < 1:
-        raise ValueError(f"--cpu-devices {n}: give 1 or more")
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError as e:
-        raise RuntimeError("use_cpu_cores must run before the first JAX computation "
-                           "(call it right after `import jax`)") from e
-    return n
-
-
-def cpu_devices_chosen() -> int:
-    """CPU devices per process as `use_cpu_cores` set them, else one per core; starts no JAX backend."""
-    n = jax.config.jax_num_cpu_devices
-    return n if n >= 1 else cpu_cores()
 
 
 def is_main() -> bool:
@@ -194,6 +121,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["add_flags", "positive_int", "initialize", "initialize_from_args", "cpu_cores", "use_cpu_cores", "cpu_devices_chosen",
-           "is_main", "process_rows", "gather_rows",
-           "broadcast_text", "main_first", "barrier"]
+def __getattr__(name: str) -> Any:
+    """The CPU device count moved to `iepjax.cpu_runtime`; the benchmark scripts still call it here."""
+    if name in ("use_cpu_cores", "cpu_devices_chosen", "cpu_cores"):
+        from iepjax import cpu_runtime
+        return getattr(cpu_runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["initialize", "requested", "is_main", "process_rows", "gather_rows", "broadcast_text", "main_first",
+           "barrier"]

@@ -1,55 +1,47 @@
-"""Per-category defaults in one table: model input, training length, projection settings.
+"""Per-category defaults, returned as the configs the library takes.
 
-Projection defaults (steps, alpha, lam, smoothing) were calibrated on the built-in textures
-(see README, "Calibration"); every value can be overridden by a flag.
+    train_config(dataset, category)       -> TrainConfig (model, steps, batch, lr, augmentation)
+    preprocess(dataset, category)         -> Preprocess (objects resized, textures cropped / tiled)
+    projection_config(dataset, category)  -> ProjectionConfig (T, alpha, lam, smoothing)
+    ThresholdConfig()                     -> the same for every category (iepjax.config)
+
+The scripts change single fields with `dataclasses.replace`. How the values were chosen:
+docs/calibration.md.
 """
 from __future__ import annotations
 
-# Built-in textures, measured on this project's 2-core CPU (README, "Calibration"; tools/calibrate.py):
-# 64 px model inputs (patches of the 128 px crops, below) so that training + projection of brick fit
-# the README's 10-minute budget; Gaussian likelihood with learned gamma (BCE measured beside it, README
-# "Likelihood"); transposed-conv decoder (Bergmann et al. 2018); Adam lr 5e-4 (2.5x the paper's, for
-# the short budget; 1e-3 diverged), 5000 steps of 16 (better than 2500 of 32 in the same time).
-# Projection: alpha 0.02 (with the Gaussian 'sum' loss the step is ~alpha e^3 / gamma^2 per pixel,
-# so alpha is ~25x smaller than the ports' 0.5 for BCE), 100 steps, sigma 1 px, lam 15 (the prior's gradient
-# must be on the scale of (x - f) / gamma^2 ~ 1000 e to hold pixels of small error e at x0; 0.05 did nothing;
-# lam 15 against 10: a higher grad pixel AUROC on the calibration split for each of 5 trained models, lam 20 no
-# better, README "Calibration").
+from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
+from iepjax.data.preprocess import Preprocess
+
+# Built-in textures: 64 px model inputs (random patches of the 128 px crops, texture_fov 0.5; test
+# crops tiled into half-overlapping patches, tile_step 0.5, blended by distance from the tile
+# border), Gaussian likelihood with a learned gamma, the transposed-conv decoder of Bergmann et
+# al. 2018, Adam at 2.5x the paper's learning rate for a short budget. Projection: with the
+# Gaussian 'sum' loss a step moves a pixel by about alpha e^3 / gamma^2, so alpha is far below the
+# public ports' 0.5 for BCE, and lam must be on the scale of (x - f) / gamma^2 to hold pixels of
+# small error at x0 (docs/method.md, Projection; the values: docs/calibration.md).
 _TEXTURE = dict(kind="texture", size=64, channels=1, likelihood="gaussian", decoder="transposed",
                 train_steps=5000, batch_size=16, learning_rate=5e-4,
-                proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=1.0)
+                proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=1.0,
+                augment=True, texture_fov=0.5, patches_per_epoch=10000, tile_step=0.5)
 
 PRESETS: dict[tuple[str, str], dict] = {
     ("textures", "brick"): dict(_TEXTURE),
     ("textures", "grass"): dict(_TEXTURE),
 }
 
-# --- MVTec AD and own folders (issue 3; iepjax.data.mvtec, iepjax.data.preprocess) -------------
-# kind "texture": training on random crops (patches_per_epoch of them) of the image brought to a
-# working resolution whose short side is size / texture_fov, flips + 90-degree rotations; test
-# images tiled at that scale. kind "object": whole image resized to size x size, no augmentation
-# (a flipped metal_nut or a rotated transistor is a defect). Training length for MVTec AD is not
-# given by the paper: 10 000 steps x 32 = 32 epochs of 10 000 patches, a documented guess.
-# The built-in textures are 128 px crops: texture_fov 0.5 trains on random 64 px patches of them at
-# full resolution and tiles each test crop into 4 patches. Measured against resizing the whole crop
-# to 64 px (texture_fov 1.0), same training time (measured on version 1.0.0 of the data, rows split):
-# brick pixel AUROC 0.75 -> 0.92 (both rows), the
-# model's squared error 0.19 -> 0.09 of the mean predictor's (README, "Calibration").
-# tile_step 0.5: the test tiles overlap by half (stride 32 px, 9 tiles per crop instead of 4), blended
-# by distance from the tile border (preprocess.stitch). On the seed-1 split of brick it raised pixel
-# AUROC / AU-PRO of both rows (recon 0.742 / 0.576 -> 0.750 / 0.597, grad 0.771 / 0.617 -> 0.778 /
-# 0.639) for 2.1x the projection time (~20 s more); averaging the overlaps instead gave +0.001.
-for _k in PRESETS:
-    PRESETS[_k].update(augment=True, texture_fov=0.5, patches_per_epoch=10000, tile_step=0.5)
+# MVTec AD (docs/datasets.md). kind "texture": training on random crops (patches_per_epoch of them)
+# of the image brought to a working resolution whose short side is size / texture_fov, flips and
+# 90-degree rotations; test images tiled at that scale, without overlap (train.py --tile-stride
+# turns it on). kind "object": the whole image resized to size x size, no augmentation (a flipped
+# metal_nut or a rotated transistor is a defect). The paper gives no training length for MVTec
+# AD: 10 000 steps of 32 (32 epochs of 10 000 patches) is a documented guess. Likelihood, decoder
+# and projection as chosen on the built-in textures, not tuned on MVTec AD; sigma 2 px at 128 px
+# is the 1 px chosen at 64 px.
 _MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 _MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
                   "transistor", "zipper")
 _MVTEC_GRAY = ("grid", "screw", "zipper")
-# Likelihood, decoder and projection as chosen on the built-in textures (README, "Likelihood" and
-# "Calibration"), not tuned on MVTec AD; sigma 2 px at 128 px is the 1 px calibrated at 64 px.
-# Test tiles do not overlap here (no tile_step): half-overlapping tiles would cost 3x the projection
-# (49 instead of 16 tiles of a 512 px working image) and were not measured on MVTec AD
-# (train.py --tile-stride 64 turns them on).
 _MVTEC = dict(size=128, likelihood="gaussian", decoder="transposed", train_steps=10000, batch_size=32,
               learning_rate=2e-4, proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=2.0)
 _MVTEC_TEXTURE = dict(_MVTEC, kind="texture", augment=True, texture_fov=0.25, patches_per_epoch=10000)
@@ -61,9 +53,14 @@ for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
 # category's row; any other name the object row (train.py --kind texture switches).
 FOLDER_DEFAULT = dict(_MVTEC_OBJECT, channels=3)
 
+# alpha and lam follow the scale of the model's loss (docs/method.md, Projection): the values above
+# are for the Gaussian likelihood the presets train with. A model trained with `--likelihood bce`
+# gets the public ports' BCE values (alpha 0.5, lam 0.05), not calibrated here.
+LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05)}
 
-def preset(dataset: str, category: str) -> dict:
-    """The defaults of dataset/category; ValueError listing the known ones otherwise."""
+
+def _row(dataset: str, category: str) -> dict:
+    """The table's row of dataset/category; ValueError listing the known ones otherwise."""
     if dataset == "folder":
         return dict(PRESETS.get(("mvtec_ad", category), FOLDER_DEFAULT))
     try:
@@ -73,18 +70,46 @@ def preset(dataset: str, category: str) -> dict:
         raise ValueError(f"unknown dataset/category {dataset}/{category}: known are {known}") from None
 
 
-# alpha and lam follow the scale of the model's loss (README, "Projection"): the values above are
-# for the Gaussian likelihood the presets train with. A model trained with `--likelihood bce` gets
-# the public ports' BCE values (method.md: alpha 0.5, lam 0.05), not calibrated here.
-LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05)}
+def check(dataset: str, category: str) -> None:
+    """ValueError naming the known categories when dataset/category has no preset."""
+    _row(dataset, category)
 
 
-def projection_preset(dataset: str, category: str, likelihood: str | None = None) -> dict:
-    """The projection defaults (proj_steps, alpha, lam, smoothing_sigma) for a model of this
-    dataset/category trained with `likelihood`: the category preset's, with alpha and lam for
-    that likelihood where the preset was calibrated for another one."""
-    pre = preset(dataset, category)
-    out = {k: pre[k] for k in ("proj_steps", "alpha", "lam", "smoothing_sigma")}
+def train_config(dataset: str, category: str, *, size: int | None = None, kind: str | None = None) -> TrainConfig:
+    """The category's training settings; `size` (model input) and `kind` ("texture": augmented
+    with flips and rotations, "object": not) override the preset's."""
+    pre = _row(dataset, category)
+    model = ModelConfig(size=size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
+                        decoder=pre["decoder"])
+    return TrainConfig(model=model, steps=pre["train_steps"], batch_size=pre["batch_size"],
+                       learning_rate=pre["learning_rate"],
+                       augment=pre.get("augment", True) if kind is None else kind == "texture")
+
+
+def preprocess(dataset: str, category: str, *, size: int | None = None, kind: str | None = None,
+               tile_stride: int | None = None) -> Preprocess:
+    """The category's preprocessing (size / kind / tile_stride override the preset).
+
+    The preset's `tile_step` is the test-time tile stride as a fraction of the model size (0.5 for
+    the built-in textures: tiles overlap by half); `tile_stride` gives it in pixels instead.
+    """
+    pre = _row(dataset, category)
+    kind = kind or pre.get("kind", "object")
+    size = size or pre["size"]
+    if tile_stride is None:
+        tile_stride = max(1, int(round(pre.get("tile_step", 1.0) * size)))
+    return Preprocess(kind=kind, size=size,
+                      texture_fov=pre.get("texture_fov", 0.25 if kind == "texture" else 1.0),
+                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=tile_stride)
+
+
+def projection_config(dataset: str, category: str, likelihood: str | None = None) -> ProjectionConfig:
+    """The category's projection settings (T, alpha, lam, smoothing) for a model trained with
+    `likelihood` (None: the preset's own): alpha and lam are the preset's, or those of that
+    likelihood where the preset was calibrated for another one. Its `model` is the default
+    ModelConfig: projecting a run sets it to the run's model."""
+    pre = _row(dataset, category)
+    scale = {"alpha": pre["alpha"], "lam": pre["lam"]}
     if likelihood is not None and likelihood != pre["likelihood"]:
-        out.update(LIKELIHOOD_PROJECTION.get(likelihood, {}))
-    return out
+        scale.update(LIKELIHOOD_PROJECTION.get(likelihood, {}))
+    return ProjectionConfig(steps=pre["proj_steps"], smoothing_sigma=pre["smoothing_sigma"], **scale)

@@ -93,7 +93,7 @@ def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -
 
 def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
     """(initial carry, body) of `project_image`'s scan for one image: body(carry) -> (carry, E(x_t)),
-    carry.x = x_{t+1}. Shared with `evaluation.trajectory`, which also records the x_t."""
+    carry.x = x_{t+1}. Shared with `localization.trajectory`, which also records the x_t."""
     def step(c: _Carry):
         if not config.backtrack:  # the paper's loop: alpha never changes
             x_next, e = projection_step(params, c.x, x0_HxWxC, config)

@@ -1,9 +1,12 @@
-"""The human-readable outputs of a projection run: scores.csv and an offline index.html."""
+"""Human-readable outputs: the text a script prints, scores.csv, an offline index.html, and the
+reproduction tables (results.csv, results.md) of `pipelines.reproduce`.
+"""
 from __future__ import annotations
 
 import csv
 import html
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +14,69 @@ import numpy as np
 from iepjax.runs import atomic_write_text
 
 SCORE_COLUMNS = ("file", "defect_type", "image_score", "label", "pred_label")
+INFER_COLUMNS = ("file", "image_score", "pred_label", "area_above_pixel_threshold", "size")
+
+
+def format_table(result: dict) -> str:
+    """The metrics as a small text table (rows recon and grad)."""
+    lines = [f"{'map':<6} {'pixel AUROC':>12} {'image AUROC':>12} {'AU-PRO@0.3':>11}"]
+    for row in ("recon", "grad"):
+        r = result[row]
+        lines.append(f"{row:<6} {r['pixel_auroc']:>12.4f} {r['image_auroc']:>12.4f} {r['pixel_aupro']:>11.4f}")
+    if result.get("per_kind"):
+        lines.append("pixel AUROC by defect kind (with the good images), recon -> grad: " + ", ".join(
+            f"{kind} {k['recon']['pixel_auroc']:.3f} -> {k['grad']['pixel_auroc']:.3f}"
+            for kind, k in result["per_kind"].items()))
+    return "\n".join(lines)
+
+
+def format_projection(result: dict) -> str:
+    """What project.py prints about a projection's metrics.json: the table, thresholds and timing."""
+    th, t = result["thresholds"], result["timing"]
+    where = " (during threshold calibration)" if t.get("compiled_in") else ""
+    lines = [format_table(result),
+             f"thresholds ({th['source']}): pixel {result['grad']['pixel_threshold']:.4g}, "
+             f"image {result['grad']['image_threshold']:.4g}",
+             f"compile {t['compile_s']:.1f} s{where}, total {t['total_s']:.1f} s, "
+             f"steady state {t['steady_img_per_s']} img/s"]
+    if "protocol" in result:
+        lines.append(f"metrics on maps at the original image sizes; TIFF maps: {result['protocol']['tiff_maps']['grad']}")
+    return "\n".join(lines)
+
+
+def format_inference(summary: dict) -> str:
+    """What project.py --input-dir prints about a folder's summary.json."""
+    return (f"{summary['n_images']} images, {summary['n_flagged']} above the image threshold "
+            f"{summary['image_threshold']:.4g} ({summary['thresholds_from']})")
+
+
+def format_collapse(c) -> str:
+    """The collapse check of a trained model (`training.CollapseReport`) in one line."""
+    return (f"reconstruction loss per pixel {c.recon_per_pixel:.4f} (constant predictor {c.constant_per_pixel:.4f}, "
+            f"ratio {c.ratio:.3f}), KL per image {c.kl_per_image:.2f}")
+
+
+def format_thresholds(stats: dict) -> str:
+    """The thresholds fitted on a run's held-out normal images ({"grad", "recon"} -> NormalStats), grad row."""
+    g = stats["grad"]
+    return (f"thresholds from {g.n_images} held-out normal images: pixel {g.pixel_threshold:.4g} "
+            f"(q {g.pixel_quantile}), image {g.image_threshold:.4g} (q {g.image_quantile})")
 
 
 def write_scores_csv(path: Path, ids: list[str], defect_types: list[str], scores_N: np.ndarray,
                      labels_N: np.ndarray | None, threshold: float) -> None:
     """One row per image: file id, defect kind, image score (max of map), label, predicted label."""
+    write_csv(path, SCORE_COLUMNS, [[id_, defect_types[i], f"{float(scores_N[i]):.6g}",
+                                     "" if labels_N is None else int(labels_N[i]), int(scores_N[i] >= threshold)]
+                                    for i, id_ in enumerate(ids)])
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list) -> None:
+    """A CSV file with a header row `columns` and `rows` (lists)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(SCORE_COLUMNS)
-    for i, id_ in enumerate(ids):
-        label = "" if labels_N is None else int(labels_N[i])
-        w.writerow([id_, defect_types[i], f"{float(scores_N[i]):.6g}", label, int(scores_N[i] >= threshold)])
+    w.writerow(columns)
+    w.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
 
 
@@ -102,3 +157,66 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 overlays/.</p>
 </body></html>"""
     atomic_write_text(Path(out_dir) / "index.html", body)
+
+
+# --------------------------------------------------------------------------- reproduction tables
+
+# Reported means of pixel AUROC over the 15 MVTec AD categories (docs/method.md, Evaluation).
+PAPER = [("VAE-grad (Dehaene et al. 2020, as listed)", 0.892), ("VAE-grad (as quoted by a later paper)", 0.86),
+         ("AE-SSIM (Bergmann et al.)", 0.87), ("AE-L2", 0.82)]
+REPRODUCE_COLUMNS = ("category", "kind", "status", "train_steps", "collapsed", "n_test", "recon_pixel_auroc",
+                     "grad_pixel_auroc", "recon_image_auroc", "grad_image_auroc", "recon_aupro", "grad_aupro",
+                     "skipped_pixel_images", "minutes", "run_dir", "projection_dir")
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get("status") == "ok" and r.get(key) is not None and not math.isnan(r[key])]
+    return sum(vals) / len(vals) if vals else None
+
+
+def write_reproduction(out: Path, rows: list[dict], meta: dict) -> None:
+    """results.csv (one row per category) and results.md (table, means, the paper's means).
+
+    Numbers in the table are only ever those measured here; the paper's are quoted as reported.
+    `meta`: data (str), size, steps and proj_steps (None: per preset), categories (the list asked for).
+    """
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=REPRODUCE_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = ["# MVTec AD reproduction (iepjax)", "",
+             f"Data: {meta['data']}; model input {meta['size']}x{meta['size']}; training steps "
+             f"{meta['steps'] or 'per preset'}; projection steps {meta['proj_steps'] or 'per preset'}; "
+             f"{len(ok)} of {len(meta['categories'])} categories evaluated.", "",
+             "Metrics on anomaly maps at each test image's original size: pixel AUROC (all pixels of the "
+             "category pooled), image AUROC (max of the map), AU-PRO up to FPR 0.3 (normalised). "
+             "recon = VAE, map |x0 - f(x0)|; grad = VAE-grad, map |x_T - x0| after the projection.", "",
+             "| category | kind | pixel AUROC recon | pixel AUROC grad | image AUROC recon | image AUROC grad "
+             "| AU-PRO recon | AU-PRO grad | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r["status"] if r["status"] != "ok" else ("collapsed to the mean" if r.get("collapsed") else "")
+        if r.get("skipped_pixel_images"):
+            note = (note + "; " if note else "") + f"{r['skipped_pixel_images']} image(s) without masks skipped"
+        lines.append(f"| {r['category']} | {r.get('kind', '')} | {_fmt(r.get('recon_pixel_auroc'))} | "
+                     f"{_fmt(r.get('grad_pixel_auroc'))} | {_fmt(r.get('recon_image_auroc'))} | "
+                     f"{_fmt(r.get('grad_image_auroc'))} | {_fmt(r.get('recon_aupro'))} | "
+                     f"{_fmt(r.get('grad_aupro'))} | {note} |")
+    keys = ("recon_pixel_auroc", "grad_pixel_auroc", "recon_image_auroc", "grad_image_auroc", "recon_aupro",
+            "grad_aupro")
+    lines.append(f"| **mean ({len(ok)})** | | " + " | ".join(_fmt(_mean(rows, k)) for k in keys) + " | |")
+    lines += ["", "## Beside the paper (mean pixel AUROC over categories)", "",
+              "| method | mean pixel AUROC | source |", "|---|---|---|",
+              f"| VAE (recon), this run | {_fmt(_mean(rows, 'recon_pixel_auroc'))} | measured here, {len(ok)} categories |",
+              f"| VAE-grad, this run | {_fmt(_mean(rows, 'grad_pixel_auroc'))} | measured here, {len(ok)} categories |"]
+    lines += [f"| {name} | {v:.3f} | reported, 15 categories |" for name, v in PAPER]
+    lines += ["", "The paper's per-category values are not available here, so only means are compared. "
+              "A mean over fewer than 15 categories is not comparable with the paper's."]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

@@ -8,7 +8,9 @@ program (GSPMD); for training it inserts the all-reduce that averages the gradie
 The same code runs in one process (the mesh holds `jax.devices()`) and in several processes
 started with `jax.distributed.initialize` (the mesh holds every process's devices; each process
 feeds its own rows with `jax.make_array_from_process_local_data` and reads back its own rows
-with `local_rows`). See docs/scaling.md.
+with `local_rows`). One device is a mesh of one: the callers have a single code path for any
+device count, and on one device it computes the same values, bit for bit, as plain `jax.jit`.
+See docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -20,19 +22,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from iepjax.config import ProjectionConfig
-from iepjax.projection import ProjectionResult, project_image
+from iepjax.projection import ProjectionResult, check_images, project_image
+from iepjax.training_step import train_step
 
 DATA = "data"
 
 
-def make_mesh(devices: int | None = None, *, divides: int | None = None) -> Mesh | None:
+def make_mesh(devices: int | None = None, *, divides: int | None = None) -> Mesh:
     """A 1-D mesh ("data",) over the first `devices` devices of every process (all by default).
 
     In one process that is `jax.devices()[:devices]`; with several processes `devices` counts
     devices per process and the mesh holds that many of each process's local devices. With
     `devices` None and `divides` given (a training batch size), the most devices per process
-    whose total divides it. Returns None when the mesh would hold a single device of a single
-    process: the callers then run their plain single-device path.
+    whose total divides it. `make_mesh(1)` is the one-device mesh (one device per process).
     """
     per_process = jax.local_device_count()
     if devices is not None:
@@ -42,8 +44,6 @@ def make_mesh(devices: int | None = None, *, divides: int | None = None) -> Mesh
         per_process = devices
     elif divides is not None:
         per_process = devices_dividing(divides, per_process, jax.process_count())
-    if per_process == 1 and jax.process_count() == 1:
-        return None
     chosen = [d for p in range(jax.process_count())
               for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
     return Mesh(np.asarray(chosen), (DATA,))
@@ -162,7 +162,6 @@ def project_sharded(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConf
     (a short batch is padded to a multiple of the device count, the padding dropped). Returns
     this process's rows as numpy; see `run_batched`.
     """
-    from iepjax.projection import check_images
     check_images(x0_BxHxWxC, config)
     return run_batched(_project_batch, params, np.asarray(x0_BxHxWxC, np.float32), config, mesh)
 
@@ -173,7 +172,7 @@ def _is_replicated_on(tree: Any, mesh: Mesh) -> bool:
 
 
 def train_step_sharded(mesh: Mesh) -> Callable:
-    """`training.train_step` split over the mesh: state replicated, batch split, gradients all-reduced.
+    """`training_step.train_step` split over the mesh: state replicated, batch split, gradients all-reduced.
 
     Returns `step(state, batch_BxHxWxC, config) -> (state, terms)`; `state` must be replicated
     (`replicate`) and the batch a `shard_batch` array. Same result as the one-device step up to
@@ -182,22 +181,15 @@ def train_step_sharded(mesh: Mesh) -> Callable:
     return _train_step_sharded(mesh)
 
 
-def training_on(mesh: Mesh | None, state: Any) -> tuple[Any, Callable, Callable]:
-    """(state, step, put) to train on `mesh`, or on one device when it is None.
-
-    `put(batch_BxHxWxC)` makes a host batch the step's input (split over the mesh, or one array);
-    `step(state, batch, config) -> (state, terms)` is `train_step_sharded(mesh)` on the replicated
-    state, or `training.train_step` itself.
-    """
-    if mesh is None:
-        from iepjax.training import train_step
-        return state, train_step, jax.numpy.asarray
+def training_on(mesh: Mesh, state: Any) -> tuple[Any, Callable, Callable]:
+    """(state, step, put) to train on `mesh`: the state replicated on it, `train_step_sharded(mesh)`
+    (`step(state, batch, config) -> (state, terms)`), and `put(batch_BxHxWxC)`, which makes a host
+    batch (this process's rows) the step's input, split over the mesh."""
     return replicate(state, mesh), train_step_sharded(mesh), functools.partial(shard_batch, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step_sharded(mesh: Mesh) -> Callable:
-    from iepjax.training import train_step
     return data_parallel(lambda state, batch, config: train_step(state, batch, config), mesh,
                          out_replicated=True, donate=True)
 

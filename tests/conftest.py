@@ -21,7 +21,7 @@ from iepjax.config import TrainConfig
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # The suite's own process keeps one CPU device whatever the machine (the scripts' default is one per
-# core, `distributed.use_cpu_cores`, which leaves an explicit choice alone); multi-device tests run
+# core, `cpu_runtime.use_cpu_cores`, which leaves an explicit choice alone); multi-device tests run
 # subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N.
 jax.config.update("jax_num_cpu_devices", 1)
 
@@ -92,8 +92,8 @@ def libc():
     """glibc with `malloc`/`free` callable from ctypes (size_t / pointer arguments); skips elsewhere."""
     import ctypes
 
-    from iepjax import hostmem
-    if hostmem.glibc() is None:
+    from iepjax import cpu_runtime
+    if cpu_runtime.glibc() is None:
         pytest.skip("glibc's malloc only")
     lib = ctypes.CDLL(None)
     lib.malloc.restype, lib.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)

@@ -1,7 +1,7 @@
 """Two processes with jax.distributed on 127.0.0.1 give the single-process maps and metrics (issue 6).
 
 The test starts this file twice as a worker (`python tests/test_distributed.py --worker ID PORT OUT`):
-each process joins the group, projects its half of a small data set (`evaluation.localize` with
+each process joins the group, projects its half of a small data set (`localization.localize` with
 a mesh over both processes' CPU devices), gets every process's maps back, and process 0 writes
 metrics.json and maps.npz. The same localisation in this (single) process is the reference.
 """
@@ -40,9 +40,8 @@ def _setup():
 
 
 def _metrics(loc, masks, labels) -> dict:
-    from iepjax import evaluation
-    return {"grad": evaluation.score(loc.grad_maps, masks, labels),
-            "recon": evaluation.score(loc.recon_maps, masks, labels)}
+    from iepjax.scoring import score
+    return {"grad": score(loc.grad_maps, masks, labels), "recon": score(loc.recon_maps, masks, labels)}
 
 
 def _free_port() -> int:
@@ -73,10 +72,10 @@ def test_two_processes_equal_one(tmp_path):
             f.close()
     assert [p.returncode for p in procs] == [0, 0], _tails(tmp_path)
 
-    from iepjax import evaluation
+    from iepjax.localization import localize
     images, masks, labels = _data()
     params, config = _setup()
-    ref = evaluation.localize(params, images, config, batch_size=BATCH, progress=False)
+    ref = localize(params, images, config, batch_size=BATCH, progress=False)
     got = json.loads((tmp_path / "metrics.json").read_text())
     assert got["process_count"] == 2 and got["devices"] == 2
     assert got["shares"] == [[0, 1, 2, 3], [4, 5, 6]]
@@ -102,11 +101,12 @@ def _worker(process_id: int, port: int, out: Path) -> None:
 
     import jax
 
-    from iepjax import evaluation, sharding
+    from iepjax import sharding
+    from iepjax.localization import localize
     images, masks, labels = _data()
     params, config = _setup()
     mesh = sharding.make_mesh()
-    loc = evaluation.localize(params, images, config, batch_size=BATCH, progress=False, mesh=mesh)
+    loc = localize(params, images, config, batch_size=BATCH, progress=False, mesh=mesh)
     rows, real = distributed.process_rows(len(images))
     from jax.experimental import multihost_utils
     shares = multihost_utils.process_allgather(np.concatenate([rows[:real], np.full(len(rows) - real, -1)]))

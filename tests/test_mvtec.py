@@ -16,7 +16,7 @@ from PIL import Image
 from iepjax.data import DataError, load_split
 from iepjax.data import fake_tree
 from iepjax.data.preprocess import PatchBank, Preprocess, model_inputs, stitch, tile_positions
-from iepjax import protocol
+from iepjax import outputs, scoring
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +202,12 @@ def test_stitch_blends_overlaps_by_distance_from_the_tile_border():
 
 
 def test_tile_stride_from_the_preset_or_a_flag():
-    from iepjax.data.preprocess import from_preset
-    assert from_preset("textures", "brick").tile_stride == 32  # half of the 64 px model input
-    assert from_preset("textures", "brick", size=128).tile_stride == 64  # a fraction of the size
-    assert from_preset("textures", "brick", tile_stride=64).tile_stride == 0  # = size: no overlap
-    assert from_preset("textures", "brick", tile_stride=16).stride == 16
-    assert from_preset("mvtec_ad", "carpet").tile_stride == 0
+    from iepjax.presets import preprocess
+    assert preprocess("textures", "brick").tile_stride == 32  # half of the 64 px model input
+    assert preprocess("textures", "brick", size=128).tile_stride == 64  # a fraction of the size
+    assert preprocess("textures", "brick", tile_stride=64).tile_stride == 0  # = size: no overlap
+    assert preprocess("textures", "brick", tile_stride=16).stride == 16
+    assert preprocess("mvtec_ad", "carpet").tile_stride == 0
     assert Preprocess(kind="texture", size=64, tile_stride=64) == Preprocess(kind="texture", size=64)
 
 
@@ -224,8 +224,8 @@ def test_patch_bank_is_deterministic_and_lazy():
 def test_official_metrics_skip_images_without_masks_and_tiffs(tmp_path, splits):
     test = splits[("grid", "test")]
     maps = {r: [m.astype(np.float32) + 0.01 * np.random.default_rng(0).random(m.shape) for m in test.masks]
-            for r in protocol.ROWS}
-    out = protocol.official_metrics(maps, test)
+            for r in scoring.ROWS}
+    out = scoring.official_metrics(maps, test)
     assert out["grad"]["pixel_auroc"] > 0.99 and out["grad"]["pixel_aupro"] > 0.99
     assert sorted(out["protocol"]["skipped_pixel_metrics"]) == ["nomask/000", "nomask/001"]
     assert "nomask" in out["protocol"]["note"]
@@ -240,7 +240,7 @@ def test_official_metrics_skip_images_without_masks_and_tiffs(tmp_path, splits):
         want = metrics.evaluate([maps["grad"][i] for i in idx], [masks[i] for i in idx], np.asarray(test.labels)[idx])
         for m, v in want.items():
             assert out["per_kind"][kind]["grad"][m] == pytest.approx(v, nan_ok=True), (kind, m)
-    paths = protocol.write_tiffs(tmp_path, "grid", test.ids, maps["grad"])
+    paths = outputs.write_tiffs(tmp_path, "grid", test.ids, maps["grad"])
     import tifffile
     for p, id_, m in zip(paths, test.ids, maps["grad"]):
         assert p == tmp_path / "grid" / "test" / id_.split("/")[0] / (id_.split("/")[1] + ".tiff")

@@ -18,7 +18,7 @@ from jax.extend import core as jcore
 from conftest import pattern_images
 from iepjax import ProjectionConfig, project_fn, project_image, projection_step, reconstruct
 from iepjax import projection
-from iepjax.presets import preset
+from iepjax import presets
 
 
 def _jaxprs(jaxpr):
@@ -104,9 +104,9 @@ def trained_preset(images_u8):
     from iepjax import training
     from iepjax.config import ModelConfig, TrainConfig
 
-    pre = preset("textures", "brick")
-    cfg = ModelConfig(size=images_u8.shape[1], channels=1, likelihood=pre["likelihood"], decoder=pre["decoder"])
-    tcfg = TrainConfig(model=cfg, steps=40, batch_size=3, learning_rate=pre["learning_rate"], augment=False)
+    pre = presets.train_config("textures", "brick")
+    cfg = ModelConfig(size=images_u8.shape[1], channels=1, likelihood=pre.model.likelihood, decoder=pre.model.decoder)
+    tcfg = TrainConfig(model=cfg, steps=40, batch_size=3, learning_rate=pre.learning_rate, augment=False)
     state = training.init_state(tcfg, key=jax.random.key(0))
     for step in range(tcfg.steps):
         idx = training.batch_indices(len(images_u8), tcfg.batch_size, tcfg.seed, step)
@@ -122,9 +122,8 @@ def test_energy_falls_at_the_texture_preset(trained_preset):
     x bounce around x0.)
     """
     params, model_cfg = trained_preset
-    pre = preset("textures", "brick")
-    cfg = ProjectionConfig(model=model_cfg, steps=5, alpha=pre["alpha"], lam=pre["lam"],
-                           smoothing_sigma=pre["smoothing_sigma"])
+    pre = presets.projection_config("textures", "brick")
+    cfg = ProjectionConfig(model=model_cfg, steps=5, alpha=pre.alpha, lam=pre.lam, smoothing_sigma=pre.smoothing_sigma)
     e = np.asarray(project_fn(params, pattern_images(3, phase=0.5, seed=3), cfg).energies)
     assert e.shape == (3, 5)
     assert np.all(np.diff(e, axis=1) < 0), e
@@ -141,9 +140,9 @@ def test_backtracking_only_acts_when_the_energy_rises(trained_preset):
     100x that alpha the plain update runs away (E ends far above E(x0): measured +1000..+2200 from
     about -300), while with backtracking the accepted energy ends below E(x0) for every image."""
     params, model_cfg = trained_preset
-    pre = preset("textures", "brick")
+    pre = presets.projection_config("textures", "brick")
     x0 = pattern_images(3, phase=0.5, seed=3)
-    small = ProjectionConfig(model=model_cfg, steps=5, alpha=pre["alpha"], lam=pre["lam"])
+    small = ProjectionConfig(model=model_cfg, steps=5, alpha=pre.alpha, lam=pre.lam)
     a, b = project_fn(params, x0, small), project_fn(params, x0, dataclasses.replace(small, backtrack=False))
     np.testing.assert_array_equal(np.asarray(a.x_T), np.asarray(b.x_T))
     # lam 10 for the run-away: at the preset's lam 15 the prior holds nearly every pixel of this small
@@ -164,8 +163,8 @@ def test_early_stop_freezes_an_image_at_the_first_step_its_loss_reaches_stop_los
     image takes exactly k steps: x_T equals the k-step projection, bit for bit. A stop_loss below
     every L_r changes nothing; one above L_r(x0) keeps x0 (zero map)."""
     params, model_cfg = trained_preset
-    pre = preset("textures", "brick")
-    cfg = ProjectionConfig(model=model_cfg, steps=6, alpha=pre["alpha"], lam=0.0, smoothing_sigma=0.0)
+    pre = presets.projection_config("textures", "brick")
+    cfg = ProjectionConfig(model=model_cfg, steps=6, alpha=pre.alpha, lam=0.0, smoothing_sigma=0.0)
     x0 = pattern_images(3, phase=0.5, seed=3)
     free = project_fn(params, x0, cfg)
     e = np.asarray(free.energies)
@@ -184,11 +183,11 @@ def test_early_stop_freezes_an_image_at_the_first_step_its_loss_reaches_stop_los
 
 
 def test_with_early_stop_takes_the_smallest_loss_of_the_normal_images(trained_preset, images_u8):
-    from iepjax import evaluation
+    from iepjax.early_stop import with_early_stop
     from iepjax.energy import energy
     params, model_cfg = trained_preset
     cfg = ProjectionConfig(model=model_cfg, steps=3)
-    got = evaluation.with_early_stop(params, cfg, images_u8[:4], batch_size=3)
+    got = with_early_stop(params, cfg, images_u8[:4], batch_size=3)
     losses = [float(energy(params, jnp.asarray(im / 255.0, jnp.float32), jnp.asarray(im / 255.0, jnp.float32), cfg)[0])
               for im in images_u8[:4]]
     assert got.stop_loss == pytest.approx(min(losses), rel=1e-5)
@@ -199,11 +198,11 @@ def test_with_early_stop_takes_the_smallest_loss_of_the_normal_images(trained_pr
 
 def test_with_early_stop_refuses_a_model_with_non_finite_losses(trained_preset, images_u8):
     """A diverged model (NaN parameters) has no usable stopping loss: a clear error, not a config error."""
-    from iepjax import evaluation
+    from iepjax.early_stop import with_early_stop
     params, model_cfg = trained_preset
     bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
     with pytest.raises(FloatingPointError, match="not finite on 4 of 4 held-out normal images"):
-        evaluation.with_early_stop(bad, ProjectionConfig(model=model_cfg, steps=3), images_u8[:4])
+        with_early_stop(bad, ProjectionConfig(model=model_cfg, steps=3), images_u8[:4])
 
 
 def test_jit_equals_no_jit(trained, model_cfg):
@@ -274,18 +273,16 @@ def test_projection_defaults_follow_the_likelihood(tmp_path):
     """alpha and lam scale with the model's loss: the texture preset's (calibrated for its Gaussian
     likelihood) for a Gaussian model, the ports' BCE values for a `--likelihood bce` run; project.py
     reads the likelihood from the run's config.json."""
-    from iepjax import evaluation, runs
-    from iepjax.config import ModelConfig
-    from iepjax.presets import LIKELIHOOD_PROJECTION, projection_preset
+    from iepjax import runs
+    from iepjax.presets import LIKELIHOOD_PROJECTION
 
-    pre = preset("textures", "brick")
-    assert pre["likelihood"] == "gaussian"
-    gauss = evaluation.default_projection_config("textures", "brick", ModelConfig(likelihood="gaussian"))
-    bce = evaluation.default_projection_config("textures", "brick", ModelConfig(likelihood="bce"))
-    assert (gauss.alpha, gauss.lam) == (pre["alpha"], pre["lam"])
+    assert presets.train_config("textures", "brick").model.likelihood == "gaussian"
+    gauss = presets.projection_config("textures", "brick", "gaussian")
+    bce = presets.projection_config("textures", "brick", "bce")
+    assert (gauss.alpha, gauss.lam) == (0.02, 15.0)
     assert (bce.alpha, bce.lam) == (LIKELIHOOD_PROJECTION["bce"]["alpha"], LIKELIHOOD_PROJECTION["bce"]["lam"])
     assert bce.steps == gauss.steps and bce.smoothing_sigma == gauss.smoothing_sigma
-    assert projection_preset("textures", "brick", None) == projection_preset("textures", "brick", "gaussian")
+    assert presets.projection_config("textures", "brick", None) == gauss
     (tmp_path / "config.json").write_text('{"model": {"likelihood": "bce", "size": 64}}')
     assert runs.model_config(tmp_path)["likelihood"] == "bce"
     assert runs.model_config(tmp_path / "missing") == {}

@@ -286,10 +286,12 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
     Thresholds from `normal_stats` on a normal set flag about (1 - quantile) of that set's pixels
     / images; `evaluate` reports the F1 of predictions at exactly those thresholds.
     """
-    from iepjax import evaluation
     from iepjax import metrics as M
     from iepjax.config import ProjectionConfig
     from iepjax.data import Split
+    from iepjax.localization import Localization
+    from iepjax.pipelines import project as pipeline
+    from iepjax.thresholds import normal_stats
 
     rng = np.random.default_rng(0)
     size, pq, iq = 32, 0.99, 0.9
@@ -298,7 +300,7 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
         return rng.gamma(2.0, 0.05, size=(n, size, size)).astype(np.float32)
 
     normal = normal_maps(200)
-    st = evaluation.normal_stats(normal, pixel_quantile=pq, image_quantile=iq)
+    st = normal_stats(normal, pixel_quantile=pq, image_quantile=iq)
     assert (st.pixel_quantile, st.image_quantile, st.n_images) == (pq, iq, 200)
     pixel_fpr = np.mean(normal >= st.pixel_threshold)
     image_fpr = np.mean(M.image_scores(normal) >= st.image_threshold)
@@ -321,12 +323,11 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
     ids = [f"{'good' if l == 0 else 'crack'}/{i:03d}" for i, l in enumerate(labels)]
     test = Split(images, masks, labels, ["good" if l == 0 else "crack" for l in labels], ids)
     x = images.astype(np.float32) / 255
-    loc = evaluation.Localization(maps, maps * 0.5, x, x, np.ones((len(maps), 3), np.float32), 0.1, 0.2)
+    loc = Localization(maps, maps * 0.5, x, x, np.ones((len(maps), 3), np.float32), 0.1, 0.2)
     # the iteration strip needs a model: stand in the unchanged images for x_t
-    monkeypatch.setattr(evaluation, "trajectory", lambda params, x0, config, frames=6: np.stack([x0, x0], axis=1))
-    thresholds = {"grad": st, "recon": evaluation.normal_stats(normal * 0.5, pixel_quantile=pq, image_quantile=iq)}
-    result = evaluation.evaluate(None, ProjectionConfig(steps=3), test, thresholds, tmp_path, overlays=False,
-                                 progress=False, loc=loc)
+    monkeypatch.setattr(pipeline, "trajectory", lambda params, x0, config, frames=6: np.stack([x0, x0], axis=1))
+    thresholds = {"grad": st, "recon": normal_stats(normal * 0.5, pixel_quantile=pq, image_quantile=iq)}
+    result = pipeline.evaluate(None, ProjectionConfig(steps=3), test, loc, thresholds, tmp_path, overlays=False)
     stored = json.loads((tmp_path / "metrics.json").read_text())
     used = json.loads((tmp_path / "thresholds.json").read_text())
     assert used["grad"] == st._asdict()

@@ -1,4 +1,4 @@
-"""Sharded projection and data-parallel training equal the single-device ones (issue 6).
+"""Sharded projection and data-parallel training equal the single-device ones.
 
 XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax is imported, so each
 device count runs this file as a worker in a fresh subprocess (`python tests/test_sharding.py
@@ -67,9 +67,10 @@ def test_training_on_4_devices_equals_one_device(four):
 
 
 def test_mesh_helpers_in_one_process():
-    """make_mesh is None on one device (the unchanged single-device path); padding helper."""
+    """make_mesh gives a mesh of one on one device (one code path for any device count); padding helper."""
     from iepjax import sharding
-    assert sharding.make_mesh() is None
+    mesh = sharding.make_mesh()
+    assert mesh.size == 1 and sharding.local_size(mesh) == 1 and mesh == sharding.make_mesh(1)
     with pytest.raises(ValueError, match="--devices"):
         sharding.make_mesh(2)
     x, real = sharding.pad_to(np.arange(5)[:, None], 4)
@@ -80,6 +81,30 @@ def test_mesh_helpers_in_one_process():
     assert distributed.initialize() is False  # nothing asked for: one process, nothing done
 
 
+def test_a_mesh_of_one_computes_what_plain_jit_does(params, model_cfg, images_u8):
+    """One device is a mesh of one: the projection and the training step over it equal, bit for bit,
+    the plain jitted `project_fn` and `train_step` (so the library keeps a single code path)."""
+    import jax
+    import jax.numpy as jnp
+
+    from iepjax import ProjectionConfig, TrainConfig, project_fn, sharding, training_step
+    mesh = sharding.make_mesh(1)
+    cfg = ProjectionConfig(model=model_cfg, steps=3, alpha=0.5, lam=0.05)
+    x = images_u8[:3].astype(np.float32) / 255.0
+    plain, meshed = jax.device_get(project_fn(params, x, cfg)), sharding.project_sharded(params, x, cfg, mesh)
+    for a, b in zip(plain, meshed):
+        np.testing.assert_array_equal(a, b)
+    tcfg = TrainConfig(model=model_cfg, steps=2, batch_size=3, augment=False)
+    s0 = training_step.init_state(tcfg, key=jax.random.key(0))
+    one, step, put = sharding.training_on(mesh, s0)
+    for k in range(2):
+        idx = training_step.batch_indices(len(images_u8), 3, tcfg.seed, k)
+        s0, _ = training_step.train_step(s0, jnp.asarray(images_u8[idx]), tcfg)
+        one, _ = step(one, put(images_u8[idx]), tcfg)
+    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(sharding.local_rows(one))):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 # ------------------------------------------------------------------------------------ worker
 
 
@@ -88,8 +113,10 @@ def _worker(devices: int, train: bool) -> dict:
 
     import jax
 
-    from iepjax import ModelConfig, ProjectionConfig, TrainConfig, evaluation, init_params, project_fn, sharding
+    from iepjax import ModelConfig, ProjectionConfig, TrainConfig, init_params, project_fn, sharding
     from iepjax import training
+    from iepjax.localization import localize
+    from iepjax.scoring import score
 
     assert jax.device_count() == devices
     model = ModelConfig(size=SIZE, channels=1, latent=4)
@@ -101,18 +128,16 @@ def _worker(devices: int, train: bool) -> dict:
     masks[4:, 8:16, 8:16] = True
     labels = (np.arange(N_IMAGES) >= 4).astype(np.int64)
     mesh = sharding.make_mesh()
-    one = evaluation.localize(params, images, cfg, batch_size=BATCH, progress=False)
-    many = evaluation.localize(params, images, cfg, batch_size=BATCH, progress=False, mesh=mesh)
+    one = localize(params, images, cfg, batch_size=BATCH, progress=False, mesh=sharding.make_mesh(1))
+    many = localize(params, images, cfg, batch_size=BATCH, progress=False, mesh=mesh)
     fields = ("grad_maps", "recon_maps", "x_T", "recon")
     out = {
         "devices": jax.device_count(), "mesh": int(mesh.size),
         "shapes_equal": all(getattr(one, f).shape == getattr(many, f).shape for f in fields + ("energies",)),
         "localize_diff": {f: float(np.abs(getattr(one, f) - getattr(many, f)).max()) for f in fields},
         "energies_rel_diff": float(np.abs(one.energies - many.energies).max() / np.abs(one.energies).max()),
-        "metrics_1": {"grad": evaluation.score(one.grad_maps, masks, labels),
-                      "recon": evaluation.score(one.recon_maps, masks, labels)},
-        "metrics_n": {"grad": evaluation.score(many.grad_maps, masks, labels),
-                      "recon": evaluation.score(many.recon_maps, masks, labels)},
+        "metrics_1": {"grad": score(one.grad_maps, masks, labels), "recon": score(one.recon_maps, masks, labels)},
+        "metrics_n": {"grad": score(many.grad_maps, masks, labels), "recon": score(many.recon_maps, masks, labels)},
     }
     x5 = images[:5].astype(np.float32) / 255.0
     ref = project_fn(params, x5, cfg).maps
@@ -121,7 +146,7 @@ def _worker(devices: int, train: bool) -> dict:
         tcfg = TrainConfig(model=model, steps=3, batch_size=8, seed=3, checkpoint_every=100, log_every=1)
         timages = rng.integers(0, 256, (12, SIZE, SIZE, 1), dtype=np.uint8)
         with tempfile.TemporaryDirectory() as d:
-            s1 = training.train(tcfg, timages, Path(d) / "one", progress=False)
+            s1 = training.train(tcfg, timages, Path(d) / "one", progress=False, mesh=sharding.make_mesh(1))
             s4 = training.train(tcfg, timages, Path(d) / "four", progress=False, mesh=mesh)
             log1 = (Path(d) / "one" / "train_log.csv").read_text().splitlines()
             log4 = (Path(d) / "four" / "train_log.csv").read_text().splitlines()
@@ -140,27 +165,3 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         print(json.dumps(_worker(int(sys.argv[2]), "--train" in sys.argv)))
 
-
-def _python(code: str, **env: str) -> str:
-    full = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(full, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env),
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip()
-
-
-def test_cpu_devices_one_per_core_and_batch_divisor():
-    """The scripts' default: one CPU device per core; an explicit count or XLA_FLAGS wins; the
-    training mesh takes the most devices that divide the batch."""
-    out = _python("import jax, json\n"
-                  "from iepjax import distributed, sharding\n"
-                  "n = distributed.use_cpu_cores(3)\n"
-                  "sizes = [None if m is None else m.size for m in (sharding.make_mesh(divides=b) for b in (6, 4, 7))]\n"
-                  "print(json.dumps([n, len(jax.devices()), sizes, distributed.use_cpu_cores()]))")
-    assert json.loads(out) == [3, 3, [3, 2, None], 3]  # after start-up the count in effect is kept
-    out = _python("import jax\nfrom iepjax import distributed\nprint(distributed.use_cpu_cores(), len(jax.devices()))",
-                  XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    assert out == "4 4"
-    out = _python("import jax, os\nfrom iepjax import distributed\n"
-                  "print(distributed.use_cpu_cores() == distributed.cpu_cores() == len(jax.devices()))")
-    assert out == "True"

@@ -1,5 +1,5 @@
-"""Tests of iepjax.training: the train step, resumable training, the collapse check, the
-held-out split and checkpoint round trips. Tiny data: six 32x32 gray images (conftest)."""
+"""Tests of iepjax.training and iepjax.training_step: the train step, resumable training, the collapse
+check, the held-out split (iepjax.pipelines.train) and checkpoint round trips. Tiny data: six 32x32 gray images (conftest)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iepjax import training
+from iepjax import training, training_step
 from iepjax.model import VAE
+from iepjax.pipelines.train import holdout_split
 
 
 def test_train_step_decreases_the_loss(trained):
@@ -142,24 +143,24 @@ def test_training_that_diverges_stops_with_a_message_that_says_what_to_change(tm
 
 
 def test_holdout_split_is_disjoint_and_deterministic():
-    train, held = training.holdout_split(50, 0.1, seed=3)
+    train, held = holdout_split(50, 0.1, seed=3)
     assert len(held) == 5 and len(train) == 45
     assert not set(train) & set(held)
     np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(50))
-    again = training.holdout_split(50, 0.1, seed=3)
+    again = holdout_split(50, 0.1, seed=3)
     np.testing.assert_array_equal(again[0], train)
     np.testing.assert_array_equal(again[1], held)
-    assert not np.array_equal(training.holdout_split(50, 0.1, seed=4)[1], held)
+    assert not np.array_equal(holdout_split(50, 0.1, seed=4)[1], held)
 
 
 def test_holdout_split_edge_cases():
-    train, held = training.holdout_split(7, 0.0, seed=0)
+    train, held = holdout_split(7, 0.0, seed=0)
     assert len(held) == 0 and len(train) == 7
-    assert len(training.holdout_split(7, 0.01, seed=0)[1]) == 1  # a positive fraction holds out at least one
+    assert len(holdout_split(7, 0.01, seed=0)[1]) == 1  # a positive fraction holds out at least one
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        training.holdout_split(7, 1.0, seed=0)
+        holdout_split(7, 1.0, seed=0)
     with pytest.raises(ValueError, match=r"nothing left to train on"):
-        training.holdout_split(1, 0.5, seed=0)
+        holdout_split(1, 0.5, seed=0)
 
 
 def test_batch_indices_are_deterministic_in_seed_and_step():
@@ -173,7 +174,7 @@ def test_batch_indices_are_deterministic_in_seed_and_step():
 def test_batch_loss_samples_z_only_for_a_vae(params, model_cfg, images_u8, use_kl):
     """use_kl=False is a deterministic AE on the posterior mean (ModelConfig): the loss ignores the key."""
     cfg = dataclasses.replace(model_cfg, use_kl=use_kl)
-    loss = jax.jit(lambda k: training.batch_loss(params, jnp.asarray(images_u8[:2] / 255.0, jnp.float32), cfg,
+    loss = jax.jit(lambda k: training_step.batch_loss(params, jnp.asarray(images_u8[:2] / 255.0, jnp.float32), cfg,
                                                  key=k)[0])
     a, b = float(loss(jax.random.key(1))), float(loss(jax.random.key(2)))
     assert (a != b) if use_kl else (a == b)

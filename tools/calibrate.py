@@ -23,7 +23,7 @@ DEFAULT_GRID = ["100,0.02,10,1,1,1", "100,0.02,0.05,1,1,1", "100,0.02,2,1,1,1", 
 
 
 def main(argv=None) -> int:
-    from iepjax.distributed import positive_int
+    from iepjax.cli import positive_int
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="textures")
@@ -38,11 +38,15 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=positive_int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
-    from iepjax import distributed
-    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
-    from iepjax import data, evaluation, protocol, runs, sharding
+    from iepjax import cpu_runtime
+    cpu_runtime.use_cpu_cores(a.cpu_devices)  # before any JAX computation
+    from iepjax import data, runs, sharding
     from iepjax.config import ProjectionConfig
     from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
+    from iepjax.early_stop import with_early_stop
+    from iepjax.localization import localize, localize_images
+    from iepjax.scoring import official_metrics, score
+    from iepjax.thresholds import held_out_images
     from iepjax.training import load_params
 
     run_dir = runs.find_run(a.results, "vae", a.dataset, a.category, a.run)
@@ -50,24 +54,23 @@ def main(argv=None) -> int:
     prep = Preprocess.load(run_dir)  # the run's preprocessing (resize or tiling), as project.py uses it
     test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, progress=False,
                            **({"seed": a.data_seed} if a.data_seed else {}))
-    normal = None if a.no_early_stop else evaluation.held_out_images(run_dir, a.dataset, a.category, a.tfds_dir)
-    mesh = sharding.make_mesh()  # the batch split over the devices; None on one
+    normal = None if a.no_early_stop else held_out_images(run_dir, a.dataset, a.category, a.tfds_dir)
+    mesh = sharding.make_mesh()  # the batch split over the devices
     for spec in a.grid:
         t, alpha, lam, sigma, weighting, use_kl = spec.split(",")
         cfg = ProjectionConfig(model=tcfg.model, steps=int(t), alpha=float(alpha), lam=float(lam),
                                smoothing_sigma=float(sigma), weighting=weighting == "1", use_kl=use_kl == "1")
         if normal is not None:
-            cfg = evaluation.with_early_stop(params, cfg, normal, prep)
+            cfg = with_early_stop(params, cfg, normal, prep)
         t0 = time.perf_counter()
         if prep is not None:  # maps at the original image sizes (the official protocol)
-            res = protocol.localize_images(params, cfg, test.images, prep, progress=False, mesh=mesh)
-            scores, e = protocol.official_metrics(res.maps, test), res.loc.energies.mean(axis=0)
+            res = localize_images(params, cfg, test.images, prep, progress=False, mesh=mesh)
+            scores, e = official_metrics(res.maps, test), res.loc.energies.mean(axis=0)
         else:
             size = tcfg.model.size
-            loc = evaluation.localize(params, resize_images(test.images, size), cfg, progress=False, mesh=mesh)
+            loc = localize(params, resize_images(test.images, size), cfg, progress=False, mesh=mesh)
             masks = resize_masks(test.masks, size)
-            scores = {"recon": evaluation.score(loc.recon_maps, masks, test.labels),
-                      "grad": evaluation.score(loc.grad_maps, masks, test.labels)}
+            scores = {"recon": score(loc.recon_maps, masks, test.labels), "grad": score(loc.grad_maps, masks, test.labels)}
             e = loc.energies.mean(axis=0)
         row = {"run": str(run_dir), "data_seed": a.data_seed, "steps": cfg.steps, "alpha": cfg.alpha, "lam": cfg.lam,
                "sigma": cfg.smoothing_sigma, "weighting": cfg.weighting, "use_kl": cfg.use_kl,

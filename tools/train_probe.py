@@ -3,13 +3,11 @@
     python tools/train_probe.py --category brick --size 64 --likelihood bce --steps 1000 --batch 32
     python tools/train_probe.py --category brick --size 64 --likelihood gaussian --steps 800 --no-kl
 
-The probe behind README "How the defaults were chosen": likelihood (BCE vs Gaussian), plain AE
-(--no-kl), learning rate and batch size, without run folders, thresholds or the preset's patches.
-Prints the loss every 50 steps and, at the end, `training.CollapseReport` on the first 64 crops
-(ratio = the model's per-pixel error / the mean predictor's). The initialisation comparison of the
-README used this probe at commit b99c686 (flax's LeCun-normal init) and at 0a4745c (He init), on
-one CPU device (`--cpu-devices 1` runs it that way; by default the batch is split over one device
-per core, as train.py does).
+The probe behind docs/calibration.md: likelihood (BCE vs Gaussian), plain AE (--no-kl), learning
+rate and batch size, without run folders, thresholds or the preset's patches. Prints the loss
+every 50 steps and, at the end, `training.CollapseReport` on the first 64 crops (ratio = the
+model's per-pixel error / the mean predictor's). `--cpu-devices 1` runs it on one CPU device; by
+default the batch is split over one device per core, as train.py does.
 """
 from __future__ import annotations
 
@@ -29,29 +27,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--b1", type=float, default=0.5)
-    from iepjax.distributed import positive_int
+    from iepjax.cli import positive_int
     p.add_argument("--cpu-devices", type=positive_int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
 
-    from iepjax import distributed
-    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
+    from iepjax import cpu_runtime
+    cpu_runtime.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     import jax
 
-    from iepjax import data, sharding, training
+    from iepjax import data, sharding, training, training_step
     from iepjax.config import ModelConfig, TrainConfig
     from iepjax.data.preprocess import resize_images
 
     images = resize_images(data.load_split("textures", a.category, "train", a.tfds_dir, progress=False).images, a.size)
     model = ModelConfig(size=a.size, channels=1, decoder=a.decoder, likelihood=a.likelihood, use_kl=not a.no_kl)
     cfg = TrainConfig(model=model, steps=a.steps, batch_size=a.batch, learning_rate=a.lr, b1=a.b1)
-    from iepjax import hostmem  # as train.py: before the first JAX computation
-    hostmem.for_training(cfg, distributed.cpu_devices_chosen())
-    state = training.init_state(cfg, key=jax.random.key(cfg.seed))
-    # the batch split over the devices, as train.py; one device when make_mesh gives None
+    cpu_runtime.for_training(cfg, cpu_runtime.cpu_devices_chosen())  # as train.py: before the first JAX computation
+    state = training_step.init_state(cfg, key=jax.random.key(cfg.seed))
+    # the batch split over the devices, as train.py
     state, step_fn, put = sharding.training_on(sharding.make_mesh(divides=a.batch), state)
     t0 = time.perf_counter()
     for step in range(a.steps):
-        idx = training.batch_indices(len(images), a.batch, cfg.seed, step)
+        idx = training_step.batch_indices(len(images), a.batch, cfg.seed, step)
         state, terms = step_fn(state, put(images[idx]), cfg)
         if (step + 1) % 50 == 0 or step == 0:
             t = jax.device_get(terms)

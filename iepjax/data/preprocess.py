@@ -1,6 +1,6 @@
 """Bring images to the model's input size: objects are resized, textures are cropped / tiled.
 
-The paper's protocol (method.md, Training; Bergmann et al. 2018):
+The paper's protocol (docs/method.md, Training; Bergmann et al. 2018):
 
 * objects (bottle, cable, ...): the whole image is resized to size x size (128 by default) for
   training and for testing; the map is resized back to the image's original size.
@@ -73,24 +73,6 @@ class Preprocess:
     def load(cls, run_dir: str | Path) -> "Preprocess | None":
         path = Path(run_dir) / "preprocess.json"
         return cls(**json.loads(path.read_text())) if path.exists() else None
-
-
-def from_preset(dataset: str, category: str, size: int | None = None, kind: str | None = None,
-                tile_stride: int | None = None) -> Preprocess:
-    """The Preprocess of a category from `iepjax.presets` (size / kind / tile_stride override the preset).
-
-    The preset's `tile_step` is the test-time tile stride as a fraction of the model size (0.5 for
-    the built-in textures: tiles overlap by half); `tile_stride` gives it in pixels instead.
-    """
-    from iepjax.presets import preset
-    pre = preset(dataset, category)
-    kind = kind or pre.get("kind", "object")
-    size = size or pre["size"]
-    if tile_stride is None:
-        tile_stride = max(1, int(round(pre.get("tile_step", 1.0) * size)))
-    return Preprocess(kind=kind, size=size,
-                      texture_fov=pre.get("texture_fov", 0.25 if kind == "texture" else 1.0),
-                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=tile_stride)
 
 
 # --------------------------------------------------------------------------- resizing

@@ -1,0 +1,122 @@
+"""The projection pipeline of a trained run: thresholds, localisation of the test split, scores, outputs.
+
+    out_dir, metrics = project_run(run_dir, DataConfig, ProjectionConfig, ThresholdConfig)
+
+Writes <run>/projections/v<N>/ (`iepjax.outputs`, `iepjax.report`). Runs with a preprocess.json
+(every run of `pipelines.train`) are scored with the official MVTec AD protocol: maps at each test
+image's original size (`scoring.official_metrics`), also written as TIFF (docs/method.md, Evaluation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from iepjax import data, distributed, metrics, outputs, presets, report, runs
+from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
+from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
+from iepjax.early_stop import with_early_stop
+from iepjax.localization import Localization, localize, localize_images, trajectory
+from iepjax.scoring import official_metrics, split_metrics
+from iepjax.thresholds import FITTED, given, held_out_images, load_or_calibrate, run_source
+from iepjax.training import load_params
+
+
+class PreparedRun(NamedTuple):
+    """A trained run ready to project: its parameters, the projection config (the run's model and,
+    with early stopping, the stopping loss), its preprocessing (None for runs without
+    preprocess.json), the thresholds used ({"grad", "recon"} -> NormalStats), where they come
+    from, and the compile seconds of a threshold calibration done now (else None)."""
+
+    params: dict
+    config: ProjectionConfig
+    prep: Preprocess | None
+    stats: dict
+    source: str
+    compile_s: float | None
+
+
+def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
+                thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, progress: bool = True,
+                mesh=None) -> PreparedRun:
+    """Load a run and fit (or read) its thresholds on its held-out normal images for `config`
+    (default: the category preset's, for the run's likelihood)."""
+    params, tcfg = load_params(run_dir)
+    if config is None:
+        config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
+    config = dataclasses.replace(config, model=tcfg.model)
+    normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
+        lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir, source_dir=source.source_dir))
+    prep = Preprocess.load(run_dir)
+    if thresholds.early_stop and config.stop_loss is None:
+        config = with_early_stop(params, config, normal, prep)
+    stats, compile_s = load_or_calibrate(run_dir, params, config, normal, thresholds, batch_size=batch_size,
+                                         progress=progress, mesh=mesh)
+    stats, where = given(stats, thresholds)
+    return PreparedRun(params, config, prep, stats, where, compile_s)
+
+
+def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
+                thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, overlays: bool = True,
+                progress: bool = True, mesh=None) -> tuple[Path | None, dict]:
+    """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
+
+    `config` defaults to the category preset's projection settings; its model is the run's. The
+    thresholds come from the run's held-out normal images (`prepare_run`) unless `thresholds`
+    gives them. `source.source_dir`: the image folder / MVTec AD download (default: the one the
+    run was trained on). `mesh`: as in `localization.localize`; with several processes each
+    projects its share and process 0 writes everything, the others return (None, {}).
+    """
+    run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh)
+    size, official = run.config.model.size, None
+    if run.prep is not None:  # the official protocol at the original image sizes
+        test = data.load_split(source.dataset, source.category, "test", source.tfds_dir,
+                               source_dir=run_source(run_dir, source.source_dir), progress=progress)
+        res = localize_images(run.params, run.config, test.images, run.prep, batch_size=batch_size,
+                              progress=progress, mesh=mesh)
+        if not distributed.is_main():
+            return None, {}
+        official = official_metrics(res.maps, test)
+        if official["protocol"].get("note"):
+            print(f"note: {official['protocol']['note']}", file=sys.stderr)
+        out_dir = runs.new_run(Path(run_dir) / "projections")
+        official["protocol"]["tiff_maps"] = outputs.write_maps(out_dir, source.category, test.ids, res.maps)
+        test, loc = test._replace(images=res.view_images, masks=resize_masks(test.masks, size)), res.loc
+    else:  # a run without preprocess.json: the test images resized to the model size
+        test = data.load_split(source.dataset, source.category, "test", source.tfds_dir)
+        test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
+        loc = localize(run.params, test.images, run.config, batch_size=batch_size, progress=progress, mesh=mesh)
+        if not distributed.is_main():
+            return None, {}
+        out_dir = runs.new_run(Path(run_dir) / "projections")
+    return out_dir, evaluate(run.params, run.config, test, loc, run.stats, out_dir, source=run.source,
+                             official=official, batch_size=batch_size, overlays=overlays,
+                             compiled_in_calibration=run.compile_s)
+
+
+def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,
+             source: str = FITTED, official: dict | None = None, batch_size: int = 16, overlays: bool = True,
+             compiled_in_calibration: float | None = None) -> dict:
+    """Score a labelled split's localisation and write the projection folder; returns the metrics.
+
+    `test`: an `iepjax.data.Split` at the model size; `stats`: {"grad", "recon"} -> NormalStats
+    (the thresholds), `source` says where they come from; `official`, `batch_size` and
+    `compiled_in_calibration`: as in `scoring.split_metrics`. Writes metrics.json,
+    thresholds.json, maps, scores.csv, pictures (the iteration strip projects a few images
+    again, `localization.trajectory`) and index.html.
+    """
+    out_dir = Path(out_dir)
+    result = split_metrics(loc, test, stats, source, official=official, batch_size=batch_size,
+                           compiled_in_calibration=compiled_in_calibration)
+    outputs.write_results(out_dir, result, loc, test.ids, config, stats, source)
+    img_scores = metrics.image_scores(loc.grad_maps)
+    report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,
+                            stats["grad"].image_threshold)
+    picks = report.pick_cases(img_scores, test.labels)
+    frames = trajectory(params, test.images[picks["strip"]].astype(np.float32) / 255.0, config)
+    outputs.write_pictures(out_dir, test, loc, stats["grad"], frames, picks["strip"], overlays)
+    report.write_html(out_dir, result, test.ids, test.defect_types, img_scores, test.labels, picks, overlays)
+    return result

@@ -1,0 +1,135 @@
+"""The training pipeline of a category: data -> run folder -> trained model -> thresholds.
+
+    run_dir, summary = train_run(TrainConfig, Preprocess, DataConfig)
+    outcome = train_category(TrainConfig, Preprocess, ThresholdConfig, DataConfig)   # what train.py does
+
+The run folder is results/vae/<dataset>/<category>/v<N>/ (`iepjax.runs`): config.json,
+preprocess.json, holdout.json, checkpoints/, train_log.csv, training.json and, after
+`train_category`, thresholds.json (docs/method.md, Training and Thresholds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from iepjax import data, distributed, presets, runs
+from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, to_dict
+from iepjax.data.preprocess import Preprocess, training_inputs
+from iepjax.early_stop import with_early_stop
+from iepjax.thresholds import held_out_images, load_or_calibrate, run_source
+from iepjax.training import TrainSummary, train
+
+
+class RunFailed(FloatingPointError):
+    """A trained run that cannot be used (its losses are not finite); `run_dir` names it."""
+
+    def __init__(self, message: str, run_dir: Path):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class TrainOutcome(NamedTuple):
+    """What `train_category` returns: the run folder, the training summary (with the collapse
+    check), and the thresholds fitted on the held-out images (None when none were fitted)."""
+
+    run_dir: Path
+    summary: TrainSummary
+    thresholds: dict | None
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split range(n) into (train, held-out) index arrays; the held-out normal images fit thresholds."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    k = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and k == 0:
+        k = 1
+    if n - k < 1:
+        raise ValueError(f"only {n} training image(s): nothing left to train on after holding out {k}")
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, holdout: float = 0.1,
+              results: str | os.PathLike = "results", new: bool = False, progress: bool = True,
+              mesh=None) -> tuple[Path, TrainSummary]:
+    """Train on the `train` split of `source` in a run folder; resume its latest run if unfinished.
+
+    A run with the same config, preprocessing and image folder is resumed; anything else, or
+    `new=True`, starts v<N+1> (a different test-time tile stride alone keeps the run: the stored
+    preprocessing is updated and the thresholds, keyed by it, are fitted again). A fraction
+    `holdout` of the normal training images is kept out of training (ids in holdout.json). The
+    model's channel count is the data's. `mesh`: data-parallel training (`training.train`); with
+    several processes, process 0 chooses the run folder and writes its files. Returns (run folder,
+    summary).
+    """
+    dataset, category = source.dataset, source.category
+    split = distributed.main_first(  # process 0 prepares the data set, then the others read it
+        lambda: data.load_split(dataset, category, "train", source.tfds_dir, source_dir=source.source_dir,
+                                progress=progress))
+    channels = int(np.shape(split.images[0])[-1])
+    if channels != config.model.channels:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=channels))
+    if prep.size != config.model.size:
+        raise ValueError(f"preprocess size {prep.size} differs from the model size {config.model.size}")
+    folder = os.path.abspath(source.source_dir) if (source.source_dir is not None and dataset == "folder") else None
+    train_idx, held_idx = holdout_split(len(split.ids), holdout, config.seed)
+    cat_dir = runs.category_dir(results, "vae", dataset, category)
+    run_dir = None
+    if distributed.is_main():
+        run_dir = None if new else runs.latest_run(cat_dir)
+        cfg_json = json.dumps(to_dict(config), indent=2)
+        if run_dir is not None:
+            old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
+            if old is not None and json.loads(old) != json.loads(cfg_json):
+                run_dir = None  # a different config is a new run
+            elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
+                run_dir = None  # other preprocessing or another image folder: a new run
+        if run_dir is None:
+            run_dir = runs.new_run(cat_dir)
+        runs.atomic_write_text(run_dir / "config.json", cfg_json)
+        prep.save(run_dir)
+        runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
+            {"dataset": dataset, "category": category, "fraction": holdout, "source_dir": folder,
+             "ids": [split.ids[i] for i in held_idx]}, indent=2))
+    run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir is not None else None))
+    images = training_inputs([split.images[i] for i in train_idx], prep, seed=config.seed)
+    return run_dir, train(config, images, run_dir, progress=progress, mesh=mesh)
+
+
+def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdConfig, source: DataConfig, *,
+                   results: str | os.PathLike = "results", new: bool = False, progress: bool = True, mesh=None,
+                   calibrate_collapsed: bool = False) -> TrainOutcome:
+    """`train_run`, then the thresholds project.py will use by default, fitted on the held-out images.
+
+    The thresholds are fitted for the category's projection preset (with early stopping, as
+    `thresholds.early_stop` says) and stored in the run folder; not when nothing is held out,
+    nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Raises
+    `RunFailed` (naming the run folder) when the trained model's losses are not finite.
+    """
+    run_dir, summary = train_run(config, prep, source, holdout=thresholds.holdout, results=results, new=new,
+                                 progress=progress, mesh=mesh)
+    if thresholds.holdout == 0 or (summary.collapse.collapsed and not calibrate_collapsed):
+        return TrainOutcome(run_dir, summary, None)
+    model, params = summary.config.model, summary.state.params
+    normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
+    pcfg = dataclasses.replace(presets.projection_config(source.dataset, source.category, model.likelihood),
+                               model=model)
+    if thresholds.early_stop:
+        try:
+            pcfg = with_early_stop(params, pcfg, normal, Preprocess.load(run_dir))
+        except FloatingPointError as e:
+            raise RunFailed(str(e), run_dir) from e
+    stats, _ = load_or_calibrate(run_dir, params, pcfg, normal, thresholds, progress=progress, mesh=mesh)
+    return TrainOutcome(run_dir, summary, stats)
+
+
+def _same_training_inputs(a: Preprocess, b: Preprocess) -> bool:
+    """Whether two `Preprocess` give the same training crops (they may differ in the test-time tile stride)."""
+    return dataclasses.replace(a, tile_stride=0) == dataclasses.replace(b, tile_stride=0)
+
