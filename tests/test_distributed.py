@@ -1,4 +1,4 @@
-"""Two processes with jax.distributed on 127.0.0.1 give the single-process maps and metrics (issue 6).
+"""Two processes with jax.distributed on 127.0.0.1 give the single-process maps and metrics.
 
 The test starts this file twice as a worker (`python tests/test_distributed.py --worker ID PORT OUT`):
 each process joins the group, projects its half of a small data set (`localization.localize` with
