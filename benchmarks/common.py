@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "torch_reference.py"
+DEFAULT_REFERENCE = ROOT / "benchmarks" / "torch_reference.py"
 # PyTorch thread settings the reference runs under; ratios are taken against the fastest one
 TORCH_ENVS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
 
@@ -40,7 +40,7 @@ def load_module(path: str | Path, name: str):
 
 
 def load_torch_reference(path: str | Path):
-    """`../shared/bench/torch_reference.py` (or `path`) imported as a module (needs torch)."""
+    """`benchmarks/torch_reference.py` (or `path`) imported as a module (needs torch)."""
     return load_module(path, "torch_reference")
 
 

@@ -6,7 +6,7 @@
 JAX side: `iepjax.project_fn` (one jitted program: a `lax.scan` over the steps, vmapped over the
 batch) for each `--batch`, 128x128x3 and `--iters` steps by default; the first call (compile +
 run) is timed apart, then the median of `--repeats` calls. PyTorch side: the `project` loop and
-`VAE` of `../shared/bench/torch_reference.py` (the same architecture and maths, see
+`VAE` of `benchmarks/torch_reference.py` (the same architecture and maths, see
 compare_torch.py) moved to the same device: one image at a time as the public ports run it, and
 the same loop on `--torch-batch` images at once. Each side runs in its own process (JAX's GPU
 memory is not preallocated, so the sides never hold the card together). Both decoders by

@@ -4,7 +4,7 @@
     python benchmarks/training.py --batch 32 --decoder transposed --steps 10
     python benchmarks/training.py --profile --batch 16 --decoder transposed   # where the JAX step's time goes
 
-Both sides: the method's VAE (`../shared/bench/torch_reference.py`'s `VAE` for PyTorch), loss =
+Both sides: the method's VAE (`benchmarks/torch_reference.py`'s `VAE` for PyTorch), loss =
 summed BCE + KL with z sampled by the reparameterisation trick, averaged over the batch,
 Adam(2e-4, betas (0.5, 0.999)), the same batch of uint8 images converted to [0, 1], no
 augmentation (TrainConfig(augment=False)). Each side runs in its own process: `--steps` timed

@@ -106,3 +106,32 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
         assert "skipped" in row["torch"]
     assert rows["reuse"]["jax_host_memory_reused"] is (hostmem.glibc() is not None)
     assert rows["auto"]["jax_host_memory_reused"] is False
+
+
+@pytest.mark.parametrize("decoder,likelihood,lam", [("upsample", "bce", 0.0), ("transposed", "gaussian", 0.05)])
+def test_torch_reference_agrees_with_iepjax(decoder, likelihood, lam):
+    """`benchmarks/torch_reference.py` loads iepjax's parameters and gives the same f(x0), E(x0) and x_T after
+    five steps of the paper's loop (no backtracking), to float32 rounding; with lam > 0 both take the
+    least-magnitude subgradient at x = x0. log_gamma is moved off its initial 0 so its copy is checked too.
+    Skipped without torch (the `bench` extra)."""
+    pytest.importorskip("torch")
+    import jax
+    import numpy as np
+
+    from conftest import bench_module
+    from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
+    ref = bench_module("torch_reference")
+    model = ModelConfig(size=32, channels=3, decoder=decoder, likelihood=likelihood)
+    cfg = ProjectionConfig(model=model, steps=5, alpha=0.5, lam=lam, backtrack=False)
+    params = init_params(model, key=jax.random.key(1))
+    if likelihood == "gaussian":
+        params = {"params": {**params["params"], "log_gamma": jax.numpy.asarray(-0.5)}}
+    x0 = np.random.default_rng(0).random((2, 32, 32, 3), np.float32)
+    x_T = np.asarray(project_fn(params, x0, cfg).x_T)
+    f0 = np.asarray(jax.vmap(lambda x: reconstruct(params, x, cfg))(x0))
+    e0 = np.asarray(jax.vmap(lambda x: energy(params, x, x, cfg)[0])(x0))
+    torch_model = ref.load_flax_params(ref.VAE(3, size=32, decoder=decoder, likelihood=likelihood).eval(), params)
+    diffs = ref.agreement(torch_model, x0, f0, e0, x_T, steps=5, alpha=0.5, lam=lam)
+    assert diffs["mean_abs_update_x_T"] > 1e-3, diffs  # the images moved
+    assert diffs["max_abs_diff_f_x0"] < 1e-6 and diffs["max_abs_diff_x_T"] < 1e-5, diffs
+    assert diffs["max_rel_diff_energy_x0"] < 1e-5, diffs
