@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from iepjax.data import CATEGORIES, Split, load_split
 from iepjax.data import defects as D
@@ -87,8 +88,8 @@ def test_test_composition(built):
     n_def = int(s.labels.sum())
     assert n_def == 8  # half of 16
     kinds = [t for t in s.defect_types if t != "good"]
-    assert sorted(set(kinds)) == sorted(D.DEFECT_KINDS)
-    counts = [kinds.count(k) for k in D.DEFECT_KINDS]
+    assert sorted(set(kinds)) == sorted(D.STRUCTURE_KINDS)
+    counts = [kinds.count(k) for k in D.STRUCTURE_KINDS]
     assert max(counts) - min(counts) <= 1  # balanced
     for lab, t in zip(s.labels, s.defect_types):
         assert lab == (t != "good")
@@ -148,7 +149,7 @@ def test_defects_subtle_not_saturated(built):
 def test_grass_default_names_and_unknowns(tmp_path):
     s = load_split("textures", "grass", "test", str(tmp_path), num_train=4, num_test=8)
     assert s.images.shape == (8, 128, 128, 1) and s.labels.sum() == 4
-    assert sorted({t for t in s.defect_types if t != "good"}) == sorted(D.DEFECT_KINDS)
+    assert sorted({t for t in s.defect_types if t != "good"}) == sorted(D.STRUCTURE_KINDS)
     assert [c.name for c in T.Textures.BUILDER_CONFIGS] == list(CATEGORIES["textures"])
     assert T.make_config("brick").name == "brick"
     assert T.make_config("brick", seed=3).name != "brick"
@@ -190,7 +191,45 @@ def test_defect_functions_exact_and_deterministic(kind, channels):
 
 def test_unknown_defect_kind():
     img = np.zeros((32, 32), np.float32)
-    with pytest.raises(KeyError, match="valid kinds: foreign, scratch, spot, stain"):
+    with pytest.raises(KeyError, match="valid kinds: blur, foreign, lost_texture, scratch, smooth, spot, stain"):
         D.DEFECTS["crack"]
     with pytest.raises(ValueError, match="unknown defect kind 'crack'"):
         D.apply_defect("crack", img, np.random.default_rng(0))
+
+
+def test_defect_kind_families():
+    assert set(D.STRUCTURE_KINDS) | set(D.DETAIL_LOSS_KINDS) == set(D.DEFECT_KINDS)
+    assert not set(D.STRUCTURE_KINDS) & set(D.DETAIL_LOSS_KINDS)
+
+
+def _local_variance(x: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (H, W): squared deviation from the 3x3 local mean, summed over channels."""
+    return ((x - ndimage.uniform_filter(x, size=(3, 3, 1))) ** 2).sum(-1)
+
+
+def _crops() -> dict[str, np.ndarray]:
+    """Float [0, 1] test images: uniform noise and 128 px crops of three photos (1 and 3 channels)."""
+    import skimage.data
+
+    return {
+        "noise": np.random.default_rng(123).uniform(0.2, 0.8, size=(64, 64)).astype(np.float32),
+        "brick": skimage.data.brick()[200:328, 200:328].astype(np.float32) / 255,
+        "grass": skimage.data.grass()[200:328, 200:328].astype(np.float32) / 255,
+        "ihc": skimage.data.immunohistochemistry()[200:328, 200:328].astype(np.float32) / 255,
+    }
+
+
+@pytest.mark.parametrize("kind", D.DETAIL_LOSS_KINDS)
+def test_detail_loss_keeps_mean_and_removes_detail(kind):
+    """Detail loss: the region's mean stays (a pure intensity map cannot see it), its local variance drops."""
+    for name, x in _crops().items():
+        x3 = x.reshape(*x.shape[:2], -1)
+        for seed in range(5):
+            out, mask = D.apply_defect(kind, x, np.random.default_rng(seed))
+            out3 = out.reshape(x3.shape)
+            # Mean brightness (per channel) over the mask: unchanged to well under one grey level.
+            np.testing.assert_allclose(out3[mask].mean(0), x3[mask].mean(0), atol=1e-3, err_msg=f"{name} {seed}")
+            core = ndimage.binary_erosion(mask, iterations=2)
+            assert core.sum() >= 20, (name, seed)
+            ratio = _local_variance(out3)[core].mean() / _local_variance(x3)[core].mean()
+            assert ratio < 0.5, (name, seed, ratio)

@@ -8,7 +8,7 @@ grayscale photographs).  Records follow the MVTec AD layout used by this project
 * ``train``: ``num_train`` good crops inside ``train_region`` (default: all rows, columns 0..319).
 * ``test``: ``num_test`` crops inside ``test_region`` (default: all rows, columns 320..511), so
   train and test never share a pixel; ``defect_fraction`` of them get one defect each,
-  kinds balanced over :data:`iepjax.data.defects.DEFECT_KINDS`.
+  kinds balanced over :data:`iepjax.data.defects.STRUCTURE_KINDS`.
 
 The regions are side by side (columns), not one above the other: the brick photo is taken at
 an angle, its bricks grow from the top to the bottom of the photo, so a split by rows gave test
@@ -151,7 +151,7 @@ def plan_split(config: TexturesConfig, split: str) -> list[CropSpec]:
         kinds = ["good"] * n
     else:
         n_defect = int(round(n * config.defect_fraction))
-        kind_list = defects_lib.DEFECT_KINDS
+        kind_list = defects_lib.STRUCTURE_KINDS
         defect_kinds = [kind_list[i % len(kind_list)] for i in range(n_defect)]
         kinds = ["good"] * (n - n_defect) + defect_kinds
         kinds = [kinds[i] for i in rng.permutation(n)]
