@@ -10,6 +10,8 @@ defect crops), so the origins cannot lie.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import pathlib
 import sys
 
@@ -167,6 +169,71 @@ def test_grass_differs_from_brick_plan():
     a = T.plan_split(T.make_config("brick"), "test")
     b = T.plan_split(T.make_config("grass"), "test")
     assert [(x.row, x.col) for x in a] != [(x.row, x.col) for x in b]
+
+
+# Digest of every record (both splits, default sizes) of brick and grass as built by version
+# 1.1.0 of the builder, with the four structure kinds: guards that adding defect kinds, config
+# fields or categories leaves these data bit-identical (metrics compared across code changes need
+# the same data). A deliberate change of the records bumps Textures.VERSION and adds its digests.
+_RECORD_DIGESTS = {
+    "1.1.0": {
+        "brick": "09b1366bc3cc782880a338b040d41569f0144cd1b30db80549bf465820a8507d",
+        "grass": "62c6a175eb1d368ecc494496f4f610407c799583a086cc29bca10922d7869b5e",
+    },
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _records_digest(photo: str, defect_kinds: tuple[str, ...]) -> str:
+    """sha256 over id, defect_type, label, image and mask (dtype, shape, bytes) of every record."""
+    cfg = T.make_config(photo, defect_kinds=defect_kinds)
+    h = hashlib.sha256()
+    for split in T.SPLITS:
+        for spec in T.plan_split(cfg, split):
+            rec = T.render(cfg, split, spec)
+            for key in ("id", "defect_type", "label"):
+                h.update(rec[key].encode() + b"\0")
+            for key in ("image", "mask"):
+                a = np.ascontiguousarray(rec[key])
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("photo", ["brick", "grass"])
+def test_default_records_unchanged(photo):
+    version = str(T.Textures.VERSION)
+    assert version in _RECORD_DIGESTS, f"new builder version {version}: add the digests of its records"
+    assert _records_digest(photo, T.DEFAULT_DEFECT_KINDS) == _RECORD_DIGESTS[version][photo]
+
+
+@pytest.mark.parametrize("photo", ["brick", "grass"])
+def test_structure_kinds_reproduce_first_records(photo):
+    """The four structure kinds give version 1.1.0's records, whatever the default kinds become."""
+    assert _records_digest(photo, D.STRUCTURE_KINDS) == _RECORD_DIGESTS["1.1.0"][photo]
+
+
+def test_defect_kinds_config(tmp_path):
+    kinds = ("blur", "smooth", "lost_texture")
+    assert T.make_config("brick").defect_kinds == T.DEFAULT_DEFECT_KINDS
+    assert T.make_config("brick", defect_kinds=T.DEFAULT_DEFECT_KINDS).name == "brick"
+    cfg = T.make_config("brick", defect_kinds=list(kinds), **SMALL)
+    assert cfg.defect_kinds == kinds and cfg.name != T.make_config("brick", **SMALL).name
+    for bad in ((), ("blur", "blur"), ("crack",)):
+        with pytest.raises(ValueError, match="defect_kinds"):
+            T.make_config("brick", defect_kinds=bad)
+    # Built through TFDS: every kind drawn, balanced; exact masks (stored image = clean crop outside).
+    s = load_split("textures", "brick", "test", str(tmp_path), defect_kinds=kinds, **SMALL)
+    found = [t for t in s.defect_types if t != "good"]
+    assert sorted(set(found)) == sorted(kinds) and max(map(found.count, kinds)) - min(map(found.count, kinds)) <= 1
+    specs = {sp.id: sp for sp in T.plan_split(cfg, "test")}
+    for img, mask, i, t in zip(s.images, s.masks, s.ids, s.defect_types):
+        clean = T.clean_crop(cfg, specs[i])
+        np.testing.assert_array_equal(img[~mask], clean[~mask])
+        if t != "good":
+            assert 0 < mask.mean() < 0.1 and (img[mask] != clean[mask]).mean() > 0.5
+            # Detail loss keeps the mean: under 2 grey levels over the mask, while pixels move more.
+            assert abs(img[mask].astype(float).mean() - clean[mask].astype(float).mean()) < 2.0, i
 
 
 # ----------------------------------------------------------------------- defect functions

@@ -8,7 +8,8 @@ grayscale photographs).  Records follow the MVTec AD layout used by this project
 * ``train``: ``num_train`` good crops inside ``train_region`` (default: all rows, columns 0..319).
 * ``test``: ``num_test`` crops inside ``test_region`` (default: all rows, columns 320..511), so
   train and test never share a pixel; ``defect_fraction`` of them get one defect each,
-  kinds balanced over :data:`iepjax.data.defects.STRUCTURE_KINDS`.
+  kinds balanced over ``defect_kinds`` (default :data:`DEFAULT_DEFECT_KINDS`, the four kinds
+  that add structure; the detail-loss kinds of :mod:`iepjax.data.defects` on request).
 
 The regions are side by side (columns), not one above the other: the brick photo is taken at
 an angle, its bricks grow from the top to the bottom of the photo, so a split by rows gave test
@@ -38,6 +39,10 @@ PHOTOS = ("brick", "grass")
 SPLITS = ("train", "test")
 _SPLIT_CODE = {"train": 0, "test": 1}
 _PHOTO_CODE = {name: i for i, name in enumerate(PHOTOS)}
+# The defect kinds drawn on test crops unless a config says otherwise. Switching the default to
+# every kind (defects_lib.DEFECT_KINDS, the detail-loss kinds included) changes the records of
+# every category: bump Textures.VERSION with a release note and the record digests of the tests.
+DEFAULT_DEFECT_KINDS: tuple[str, ...] = defects_lib.STRUCTURE_KINDS
 _DEFAULTS = dict(
     seed=0,
     num_train=400,
@@ -46,15 +51,17 @@ _DEFAULTS = dict(
     train_region=(0, 512, 0, 320),
     test_region=(0, 512, 320, 512),
     defect_fraction=0.5,
+    defect_kinds=DEFAULT_DEFECT_KINDS,
 )
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class TexturesConfig(tfds.core.BuilderConfig):
-    """Which photo, the seed, split sizes and the region of the photo of each split.
+    """Which photo, the seed, split sizes, the region of the photo of each split, the defect kinds.
 
     A region is (row_start, row_stop, col_start, col_stop), half-open: the split's crops lie
-    inside it. The two regions must not overlap.
+    inside it. The two regions must not overlap. `defect_kinds`: the kinds drawn on the
+    ``defect_fraction`` of test crops, in turn (names of :data:`iepjax.data.defects.DEFECTS`).
     """
 
     photo: str = "brick"
@@ -65,6 +72,7 @@ class TexturesConfig(tfds.core.BuilderConfig):
     train_region: tuple[int, int, int, int] = (0, 512, 0, 320)
     test_region: tuple[int, int, int, int] = (0, 512, 320, 512)
     defect_fraction: float = 0.5
+    defect_kinds: tuple[str, ...] = DEFAULT_DEFECT_KINDS
 
     def region(self, split: str) -> tuple[int, int, int, int]:
         """(row_start, row_stop, col_start, col_stop), half-open, that `split` crops lie inside."""
@@ -85,6 +93,7 @@ def make_config(photo: str, **overrides) -> TexturesConfig:
     params = {**_DEFAULTS, **overrides}
     params["train_region"] = tuple(int(v) for v in params["train_region"])
     params["test_region"] = tuple(int(v) for v in params["test_region"])
+    params["defect_kinds"] = _check_kinds(params["defect_kinds"])
     changed = {k: v for k, v in params.items() if v != _DEFAULTS[k]}
     if not changed:
         name = photo
@@ -100,6 +109,15 @@ def make_config(photo: str, **overrides) -> TexturesConfig:
         photo=photo,
         **params,
     )
+
+
+def _check_kinds(kinds) -> tuple[str, ...]:
+    """`kinds` as a tuple of str; ValueError if empty, repeated or not a known defect kind."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(str(k) for k in kinds)
+    unknown = [k for k in kinds if k not in defects_lib.DEFECT_KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"defect_kinds {kinds!r}: give distinct kinds among {', '.join(defects_lib.DEFECT_KINDS)}")
+    return kinds
 
 
 class CropSpec(NamedTuple):
@@ -151,7 +169,7 @@ def plan_split(config: TexturesConfig, split: str) -> list[CropSpec]:
         kinds = ["good"] * n
     else:
         n_defect = int(round(n * config.defect_fraction))
-        kind_list = defects_lib.STRUCTURE_KINDS
+        kind_list = config.defect_kinds
         defect_kinds = [kind_list[i % len(kind_list)] for i in range(n_defect)]
         kinds = ["good"] * (n - n_defect) + defect_kinds
         kinds = [kinds[i] for i in rng.permutation(n)]
