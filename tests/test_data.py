@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from iepjax.data import CATEGORIES, Split, load_split
+from iepjax.data import CATEGORIES, Split, get_builder, load_split
 from iepjax.data import defects as D
 from iepjax.data import textures as T
 
@@ -105,24 +105,24 @@ def test_masks_nonempty_exactly_for_defects(built):
             assert m.mean() < 0.1  # a local defect, not the whole image
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_regions_disjoint_and_masks_exact(built, seed):
-    key = "a" if seed == 0 else "c"
-    cfg = T.make_config("brick", seed=seed, **SMALL)
-    photo = T.photo("brick")
+def _check_against_photo(cfg, splits: dict[str, Split]) -> None:
+    """Crops lie in their split's region, are the photo there (exactly outside the masks), and
+    the two splits cover disjoint pixels of the photo."""
+    photo = T.photo(cfg.photo)
+    s_px = cfg.crop_size
     covered = {}
-    for split in ("train", "test"):
-        s = built[key][split]
+    for split, s in splits.items():
         specs = {sp.id: sp for sp in T.plan_split(cfg, split)}
         assert sorted(specs) == s.ids
         r0, r1, c0, c1 = cfg.region(split)
-        pixels = np.zeros(photo.shape, bool)
+        pixels = np.zeros(photo.shape[:2], bool)
         for img, mask, i in zip(s.images, s.masks, s.ids):
             sp = specs[i]
-            assert r0 <= sp.row and sp.row + 128 <= r1 and c0 <= sp.col and sp.col + 128 <= c1
-            pixels[sp.row : sp.row + 128, sp.col : sp.col + 128] = True
+            assert r0 <= sp.row and sp.row + s_px <= r1 and c0 <= sp.col and sp.col + s_px <= c1
+            pixels[sp.row : sp.row + s_px, sp.col : sp.col + s_px] = True
             clean = T.clean_crop(cfg, sp)
-            np.testing.assert_array_equal(clean[..., 0], photo[sp.row : sp.row + 128, sp.col : sp.col + 128])
+            window = photo[sp.row : sp.row + s_px, sp.col : sp.col + s_px]
+            np.testing.assert_array_equal(clean, window.reshape(clean.shape))
             # Exact masks: outside the mask the stored image is the clean crop, bit for bit;
             # inside, most pixels changed.
             np.testing.assert_array_equal(img[~mask], clean[~mask])
@@ -131,6 +131,13 @@ def test_regions_disjoint_and_masks_exact(built, seed):
         covered[split] = pixels
     assert cfg.train_region[3] <= cfg.test_region[2]  # side by side
     assert not (covered["train"] & covered["test"]).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regions_disjoint_and_masks_exact(built, seed):
+    key = "a" if seed == 0 else "c"
+    cfg = T.make_config("brick", seed=seed, **SMALL)
+    _check_against_photo(cfg, {split: built[key][split] for split in ("train", "test")})
     with pytest.raises(ValueError, match="overlap"):
         T.plan_split(T.make_config("brick", train_region=(0, 512, 0, 320), test_region=(0, 512, 300, 512)), "test")
 
@@ -169,6 +176,68 @@ def test_grass_differs_from_brick_plan():
     a = T.plan_split(T.make_config("brick"), "test")
     b = T.plan_split(T.make_config("grass"), "test")
     assert [(x.row, x.col) for x in a] != [(x.row, x.col) for x in b]
+
+
+# ------------------------------------------------------------------ the other categories
+
+NEW_CATEGORIES = ("tissue", "tissue_gray", "weave")
+
+
+def test_photo_shapes():
+    for name in T.PHOTOS:
+        img = T.photo(name)
+        h, w, c = T.PHOTO_SHAPES[name]
+        assert img.dtype == np.uint8 and img.shape == ((h, w) if c == 1 else (h, w, c)), name
+        assert not img.flags.writeable
+        assert img.std() > 10, name  # a texture, not a flat image
+    assert T.PHOTO_SHAPES["tissue"][2] == 3 and T.PHOTO_SHAPES["tissue_gray"][2] == 1
+    assert list(T.PHOTOS[:2]) == ["brick", "grass"]  # the rng codes of brick and grass stay 0 and 1
+
+
+def test_weave_regular_not_a_copy():
+    """The weave repeats with the plain weave's period (two pitches) but never exactly."""
+    w = T.photo("weave").astype(float)
+    np.testing.assert_array_equal(T.weave(), T.photo("weave"))  # deterministic
+    period = 2 * T.WEAVE_PITCH_PX
+    for axis in (0, 1):
+        a = np.take(w, np.arange(0, 512 - period), axis=axis)
+        b = np.take(w, np.arange(period, 512), axis=axis)
+        c = np.take(w, np.arange(period // 2, 512 - period // 2), axis=axis)
+        r_period = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        r_half = np.corrcoef(a.ravel(), c.ravel())[0, 1]  # one pitch: the other thread on top
+        assert 0.3 < r_period < 0.95 and r_half < r_period, (axis, r_period, r_half)
+
+
+@pytest.fixture(scope="module")
+def built_new(tmp_path_factory):
+    """Each new category built with small splits and every defect kind (one of each)."""
+    out = {}
+    for name in NEW_CATEGORIES:
+        d = tmp_path_factory.mktemp(f"tfds_{name}")
+        kw = dict(num_train=4, num_test=14, defect_kinds=D.DEFECT_KINDS)
+        out[name] = {split: load_split("textures", name, split, str(d), **kw) for split in ("train", "test")}
+    return out
+
+
+@pytest.mark.parametrize("name", NEW_CATEGORIES)
+def test_new_category_records(built_new, name, tmp_path):
+    channels = T.PHOTO_SHAPES[name][2]
+    cfg = T.make_config(name, num_train=4, num_test=14, defect_kinds=D.DEFECT_KINDS)
+    train, test = built_new[name]["train"], built_new[name]["test"]
+    assert train.images.shape == (4, 128, 128, channels) and train.images.dtype == np.uint8
+    assert test.images.shape == (14, 128, 128, channels) and test.masks.shape == (14, 128, 128)
+    assert set(train.defect_types) == {"good"} and not train.masks.any()
+    assert sorted(t for t in test.defect_types if t != "good") == sorted(D.DEFECT_KINDS)
+    for img, mask, lab in zip(test.images, test.masks, test.labels):
+        assert mask.any() == bool(lab) and mask.mean() < 0.1
+    _check_against_photo(cfg, {"train": train, "test": test})
+    specs = {sp.id: sp for sp in T.plan_split(cfg, "test")}
+    for img, mask, i, t in zip(test.images, test.masks, test.ids, test.defect_types):
+        if t != "good":  # subtle, not saturated
+            clean = T.clean_crop(cfg, specs[i]).astype(float)
+            assert np.abs(img.astype(float) - clean)[mask].mean() < 0.3 * 255, i
+    # The registered default config stores the photo's channels.
+    assert get_builder("textures", name, str(tmp_path)).info.features["image"].shape == (128, 128, channels)
 
 
 # Digest of every record (both splits, default sizes) of brick and grass as built by version
