@@ -1,9 +1,11 @@
 """Tests of iepjax.data: the `textures` TFDS builder, the defect functions and load_split.
 
 Builds use small split sizes (config overrides) and tmp dirs, so the module runs in seconds.
+brick and grass records are pinned by digests (the data of existing results must not move); the
+other categories (tissue RGB, tissue_gray, weave) are built small, with every defect kind.
 
 Train/test disjointness is checked twice: the crop origins from `plan_split` lie inside the
-split's region (train: columns [0, 320), test: columns [320, 512), all rows; crops never straddle), and every
+split's region (default: train columns [0, 320), test columns [320, 512), all rows; crops never straddle), and every
 stored image really is the photo at that origin (exactly for good crops, outside the mask for
 defect crops), so the origins cannot lie.
 """

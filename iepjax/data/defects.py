@@ -307,8 +307,10 @@ def smooth(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
 def lost_texture(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Soft blob (radius 5-10 px) whose texture is replaced by its best-fit linear ramp: a patch of missing texture."""
     img, squeeze = _to_hwc(image)
-    h, w, c = img.shape
+    h, w, _ = img.shape
     alpha = _detail_loss_alpha(rng, h, w, LOST_RADIUS_PX)
+    if not (alpha > MASK_THRESHOLD).any():  # image too small for the blob: nothing drawn
+        return _finish(img, alpha, img, squeeze)
     # Weighted least squares plane a + b*y + c*x per channel, weights = the blend's opacity: the
     # ramp keeps the region's weighted mean (the intercept's normal equation) and its shading.
     a = _opacity(alpha).astype(np.float64)
