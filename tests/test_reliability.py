@@ -117,6 +117,46 @@ def _project_worker(run: str, out: str) -> None:
     np.savez(out, **res)
 
 
+# --------------------------------------------------------------------------- strict JSON, atomic files
+
+
+def test_strict_json_writes_null_for_nan():
+    from iepjax import atomic
+    text = atomic.dumps_json({"a": float("nan"), "b": [np.float32(np.inf), 1.5, np.float64(2.0)], "c": np.int64(3)})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [None, 1.5, 2.0], "c": 3}
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from iepjax import atomic
+    path = tmp_path / "sub" / "x.json"
+    atomic.write_json(path, {"v": 1})
+    atomic.write_text(path, "second")
+    assert path.read_text() == "second" and sorted(p.name for p in path.parent.iterdir()) == ["x.json"]
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_output_folder_with_a_fixed_name(tmp_path):
+    from iepjax import atomic
+    final = tmp_path / "out"
+    with atomic.output_folder(final) as out:
+        (out.path / "scores.csv").write_text("file\n")
+        assert not final.exists()
+    assert (final / "scores.csv").exists() and not (final / atomic.LOCK_NAME).exists()
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        with atomic.output_folder(final):
+            pass
+    with atomic.output_folder(final, replace=True) as out:
+        (out.path / "new.txt").write_text("n")
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
 # --------------------------------------------------------------------------- worker entry point
 
 
