@@ -117,6 +117,195 @@ def _project_worker(run: str, out: str) -> None:
     np.savez(out, **res)
 
 
+# --------------------------------------------------------------------------- concurrent claims
+
+
+def _start_claimers(mode: str, cat: Path, n_procs: int, per_proc: int, gate: Path) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, __file__, mode, str(cat), str(per_proc), str(gate)], cwd=ROOT,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(n_procs)]
+
+
+def _wait_ready(procs, gate: Path, n: int) -> None:
+    """Open the gate once every process has started (each touches gate.<pid>.ready)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(gate.parent.glob(gate.name + ".*.ready"))) < n:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    gate.touch()
+
+
+def test_concurrent_new_runs_get_distinct_folders(tmp_path):
+    """Processes and threads claiming run folders at the same instant all get distinct v<N>.
+
+    Before, two processes both listed the folder, both chose the same v<N>, and the second mkdir
+    failed (or, through `latest`, both trained into one folder).
+    """
+    import threading
+
+    from iepjax import runs
+
+    cat = tmp_path / "vae" / "textures" / "brick"
+    gate = tmp_path / "gate"
+    n_procs, per_proc, n_threads = 6, 4, 4
+    procs = _start_claimers("claim", cat, n_procs, per_proc, gate)
+    _wait_ready(procs, gate, n_procs)
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim():
+        try:
+            for _ in range(per_proc):
+                got.append(str(runs.new_run(cat)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in procs:
+        out, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err[-3000:]
+        got += out.split()
+    assert not errors, errors
+    total = (n_procs + n_threads) * per_proc
+    assert len(got) == total and len(set(got)) == total, sorted(got)
+    assert sorted(runs.versions(cat)) == list(range(total))
+    assert runs.latest_run(cat) is not None and runs.latest_run(cat).name in {Path(g).name for g in got}
+
+
+def test_runs_started_together_never_share_a_folder(tmp_path):
+    """What train.py does to choose its folder (resume the latest run, else a new one), by several
+    processes at once: each ends up alone in its folder while it trains; a run no process holds is
+    resumed."""
+    from iepjax import runs
+
+    cat = tmp_path / "vae" / "textures" / "brick"
+    first = runs.new_run(cat)
+    runs.release(first)  # as if the training that made it had ended
+    gate = tmp_path / "gate"
+    procs = _start_claimers("resume", cat, 5, 1, gate)
+    _wait_ready(procs, gate, 5)
+    got = []
+    for p in procs:
+        out, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err[-3000:]
+        got += out.split()
+    assert len(set(got)) == 5, got
+    assert str(first) in got  # the free run was resumed by one of them, the others got new folders
+
+
+def _claim_worker(mode: str, cat: str, per_proc: str, gate: str) -> None:
+    from iepjax import runs
+    cat_dir, gate_path = Path(cat), Path(gate)
+    Path(f"{gate}.{os.getpid()}.ready").touch()
+    while not gate_path.exists():
+        time.sleep(0.001)
+    claimed = []
+    for _ in range(int(per_proc)):
+        if mode == "claim":
+            claimed.append(runs.new_run(cat_dir))
+        else:
+            claimed.append(runs.resume_or_new(cat_dir, runs.latest_run(cat_dir)))
+    print("\n".join(str(c) for c in claimed), flush=True)
+    if mode == "resume":  # keep the runs held until every process has chosen (as a training would)
+        time.sleep(2.0)
+
+
+# --------------------------------------------------------------------------- killed writers
+
+
+N_FILES = 12
+
+
+def _expected(i: int) -> bytes:
+    return bytes([i % 251]) * (20_000 + 997 * i)
+
+
+def _complete(folder: Path) -> bool:
+    files = {p.name for p in folder.iterdir()}
+    want = {f"part{i:02d}.bin" for i in range(N_FILES)} | {"metrics.json"}
+    if files != want:
+        return False
+    if any((folder / f"part{i:02d}.bin").read_bytes() != _expected(i) for i in range(N_FILES)):
+        return False
+    return json.loads((folder / "metrics.json").read_text()) == {"files": N_FILES, "auroc": None}
+
+
+def _check_invariant(parent: Path) -> None:
+    """Every v<N> under parent is complete; `latest`, if any, points at one of them."""
+    from iepjax import runs
+    for n in runs.versions(parent):
+        assert _complete(parent / f"v{n}"), sorted(p.name for p in (parent / f"v{n}").iterdir())
+    link = parent / "latest"
+    if link.is_symlink():
+        target = link.resolve()
+        assert target.is_dir() and target.parent == parent.resolve() and _complete(target), os.readlink(link)
+
+
+def test_a_killed_writer_leaves_a_complete_folder_or_none(tmp_path):
+    """A writer of numbered output folders (`runs.new_output`, as project.py writes projections/v<N>)
+    killed with SIGKILL at random points: every v<N> is complete, `latest` never points at an
+    incomplete folder, and the next writer removes the leftover and completes its own folder.
+
+    Before, project.py created projections/v<N>, pointed `latest` at it and then wrote the files
+    one by one: a kill left a folder of 0-byte or missing files that looked finished.
+    """
+    parent = tmp_path / "projections"
+    rng = random.Random(7)
+    points = sorted(rng.sample(range(N_FILES + 2), 6))  # after the k-th progress line (0: folder begun)
+    for k in points:
+        p = subprocess.Popen([sys.executable, __file__, "write", str(parent)], cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(k + 1):
+            line = p.stdout.readline()
+            assert line, p.communicate()[1][-3000:]
+        time.sleep(rng.uniform(0.0, 0.02))  # land anywhere in the next step, the rename included
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=TIMEOUT)
+        _check_invariant(parent)
+    leftovers = [q for q in parent.iterdir() if q.name.startswith(".v")]
+    done = _worker_run("write", str(parent))
+    _check_invariant(parent)
+    final = Path(done.stdout.split()[-1])
+    assert final.parent == parent and _complete(final) and (parent / "latest").resolve() == final.resolve()
+    assert not [q for q in parent.iterdir() if q.name.startswith(".v")], "leftovers were not removed"
+    assert not leftovers or "incomplete output of an interrupted run" in done.stderr
+
+
+def test_an_exception_while_writing_leaves_nothing(tmp_path):
+    from iepjax import runs
+
+    parent = tmp_path / "projections"
+    with pytest.raises(RuntimeError, match="boom"):
+        with runs.new_output(parent) as out:
+            (out.path / "metrics.json").write_text("{}")
+            raise RuntimeError("boom")
+    assert [p.name for p in parent.iterdir() if not p.name.startswith(".claim")] == []
+    with runs.new_output(parent) as out:
+        (out.path / "a.txt").write_text("a")
+    assert out.final == parent / "v0" and (parent / "v0" / "a.txt").read_text() == "a"
+    assert os.readlink(parent / "latest") == "v0"
+
+
+def _write_worker(parent: str) -> None:
+    from iepjax import atomic, runs
+    with runs.new_output(Path(parent)) as out:
+        print("begun", flush=True)
+        for i in range(N_FILES):
+            with open(out.path / f"part{i:02d}.bin", "wb") as f:  # plain writes: the folder is what is atomic
+                f.write(_expected(i)[: len(_expected(i)) // 2])
+                f.flush()
+                time.sleep(0.005)
+                f.write(_expected(i)[len(_expected(i)) // 2:])
+            print(f"file {i}", flush=True)
+        atomic.write_json(out.path / "metrics.json", {"files": N_FILES, "auroc": float("nan")})
+    print("done", out.final, flush=True)
+
+
 # --------------------------------------------------------------------------- strict JSON, atomic files
 
 
@@ -157,13 +346,77 @@ def test_output_folder_with_a_fixed_name(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
 
 
+# --------------------------------------------------------------------------- clear errors before long work
+
+
+def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True) -> Path:
+    """A run folder as train.py leaves it (config.json, holdout.json, checkpoints/), with the tiny
+    model's initial parameters as its checkpoint instead of trained ones (no training needed)."""
+    import jax
+
+    from iepjax import ModelConfig, TrainConfig, checkpointing, runs, training
+    from iepjax.config import to_dict
+    cfg = TrainConfig(model=ModelConfig(size=SIZE, channels=1, latent=4), steps=1, batch_size=2)
+    run = runs.new_run(runs.category_dir(results, "vae", "textures", category))
+    runs.release(run)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": category, "ids": ["train/0"]}))
+    mngr = checkpointing.manager(run / "checkpoints")  # creates checkpoints/, as training does at its start
+    if checkpoint:
+        checkpointing.save(mngr, 1, training.init_state(cfg, key=jax.random.key(0)), to_dict(cfg))
+    checkpointing.close(mngr)
+    return run
+
+
+def _project_main(argv: list[str], capsys) -> tuple[int, str]:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_project_script", ROOT / "project.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        code = module.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_a_run_without_a_checkpoint_yet_gives_one_message(tmp_path, capsys):
+    from iepjax import runs
+    results = tmp_path / "results"
+    run = _fake_run(results, checkpoint=False)  # killed (or still training) before its first checkpoint
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+        runs.find_run(results, "vae", "textures", "brick")
+    code, err = _project_main(["--category", "brick", "--results", str(results), "--tfds-dir",
+                               str(tmp_path / "tfds"), "--no-progress"], capsys)
+    assert code == 2 and "has no checkpoint yet" in err and "train.py" in err and "Traceback" not in err, err
+    assert str(run) in err and not (tmp_path / "tfds").exists()  # before any data was prepared
+
+
+def test_a_run_of_another_category_is_refused_before_restoring(tmp_path, capsys):
+    from iepjax import runs
+    results = tmp_path / "results"
+    brick = _fake_run(results, "brick")
+    with pytest.raises(ValueError, match="trained on textures/brick, not textures/grass"):
+        runs.find_run(results, "vae", "textures", "grass", str(brick))
+    assert runs.find_run(results, "vae", "textures", "brick", str(brick)) == brick.resolve()
+    code, err = _project_main(["--category", "grass", "--run", str(brick), "--results", str(results),
+                               "--tfds-dir", str(tmp_path / "tfds"), "--no-progress"], capsys)
+    assert code == 2 and "does not fit" in err and "--category brick" in err and "Traceback" not in err, err
+    assert not (tmp_path / "tfds").exists()
+    with pytest.raises(ValueError, match="channels 1 \\(wanted 3\\)"):
+        runs.check_run_fits(brick, "textures", "brick", {"channels": 3})
+
+
 # --------------------------------------------------------------------------- worker entry point
 
 
 def _worker(argv: list[str]) -> None:
     mode, *args = argv
     {"train": _train_worker,
-     "project": _project_worker}[mode](*args)
+     "project": _project_worker,
+     "claim": lambda *a: _claim_worker("claim", *a),
+     "resume": lambda *a: _claim_worker("resume", *a),
+     "write": _write_worker}[mode](*args)
 
 
 if __name__ == "__main__":
