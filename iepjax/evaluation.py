@@ -60,7 +60,7 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
     n = len(images)
     if n == 0:
         raise ValueError("no images to localise")
-    check_images(images[:1].astype(np.float32), config)
+    check_images(images[:1].astype(np.float32) / 255.0, config)
     # --- issue 6: sharded / multi-process projection
     n_all = n
     if mesh is not None:

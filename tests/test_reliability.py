@@ -407,6 +407,32 @@ def test_a_run_of_another_category_is_refused_before_restoring(tmp_path, capsys)
         runs.check_run_fits(brick, "textures", "brick", {"channels": 3})
 
 
+# --------------------------------------------------------------------------- images outside [0, 1]
+
+
+def test_project_fn_rejects_images_outside_0_1(params, model_cfg):
+    import jax
+    import jax.numpy as jnp
+
+    from iepjax import ProjectionConfig, project_fn
+    from iepjax.projection import check_images
+    cfg = ProjectionConfig(model=model_cfg, steps=1)
+    x = np.random.default_rng(0).random((2, SIZE, SIZE, 1)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"values in \[[\d.e-]+, 25\d.*outside \[0, 1\].*divide by 255"):
+        project_fn(params, x * 255, cfg)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*divide by 255"):
+        project_fn(params, jnp.asarray(x * 255), cfg)  # a committed jax array is checked too
+    with pytest.raises(ValueError, match=r"values in \[-0\.4\d+, 0\.4\d+\].*clip them to \[0, 1\]"):
+        project_fn(params, x - 0.5, cfg)
+    # NaN and inf pass (their own maps are non-finite), so do in-range values and traced arrays
+    y = x.copy()
+    y[0, 0, 0, 0], y[1, 0, 0, 0] = np.nan, np.inf
+    check_images(y, cfg)
+    check_images(np.clip(x + 5e-4, 0, 1 + 5e-4), cfg)  # round-off of a resize
+    jax.jit(lambda a: check_images(a * 255, cfg))(x)
+    jax.vmap(lambda a: check_images(a[None] * 255, cfg))(x)
+
+
 # --------------------------------------------------------------------------- worker entry point
 
 
