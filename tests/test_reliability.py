@@ -407,6 +407,74 @@ def test_a_run_of_another_category_is_refused_before_restoring(tmp_path, capsys)
         runs.check_run_fits(brick, "textures", "brick", {"channels": 3})
 
 
+@pytest.fixture
+def read_only():
+    """`read_only(folder)` makes folder and everything under it read-only until the test ends."""
+    made: list[Path] = []
+
+    def make(folder: Path) -> None:
+        for p in [folder, *folder.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o555)
+                made.append(p)
+    yield make
+    for p in made:
+        p.chmod(0o755)
+
+
+# Root ignores permission bits (capability CAP_DAC_OVERRIDE). As root, the command runs behind a
+# one-line wrapper that drops that capability from its bounding set (prctl PR_CAPBSET_DROP) and then
+# execs it: the command's root then obeys permission bits as any other user does (capabilities(7)).
+# prctl option 24 is PR_CAPBSET_DROP, capability 1 is CAP_DAC_OVERRIDE (linux/prctl.h, linux/capability.h).
+_DROP_DAC_OVERRIDE = ("import ctypes, os, sys\n"
+                      "if ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0):\n"
+                      "    sys.exit(97)\n"
+                      "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def _without_override(cmd: list[str]) -> list[str]:
+    """`cmd` made to respect permission bits even when this test runs as root."""
+    if os.geteuid() != 0:
+        return cmd
+    probe = subprocess.run([sys.executable, "-c", _DROP_DAC_OVERRIDE, "/bin/true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: cannot make a folder read-only")
+    return [sys.executable, "-c", _DROP_DAC_OVERRIDE, sys.executable, *cmd[1:]] if cmd[0] == sys.executable else \
+        [sys.executable, "-c", _DROP_DAC_OVERRIDE, *cmd]
+
+
+def test_a_read_only_output_folder_is_reported_before_any_work(tmp_path, read_only):
+    """project.py on a run folder it may not write: one message, exit 2, before data or model are
+    touched. (Before: two PermissionError tracebacks, one after the whole projection had run.)"""
+    results = tmp_path / "results"
+    run = _fake_run(results)
+    read_only(results)
+    proc = subprocess.run(_without_override([sys.executable, str(ROOT / "project.py"), "--category", "brick",
+                                             "--results", str(results), "--tfds-dir", str(tmp_path / "tfds"),
+                                             "--no-progress"]), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot write the run folder" in proc.stderr and str(run) in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "tfds").exists()
+
+
+def test_check_writable(tmp_path, read_only):
+    from iepjax import atomic
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    read_only(ro)
+    code = ("import sys; from iepjax import atomic\n"
+            "try:\n    atomic.check_writable(sys.argv[1])\nexcept PermissionError as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run(_without_override([sys.executable, "-c", code, str(ro / "not" / "yet")]), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 3 and f"{ro} does not accept new files" in proc.stdout, proc.stdout + proc.stderr
+    assert atomic.check_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(atomic.NotWritableError, match="is a file, not a folder"):
+        atomic.check_writable(tmp_path / "file" / "sub")
+
+
 # --------------------------------------------------------------------------- images outside [0, 1]
 
 
