@@ -152,7 +152,10 @@ def holder(run_dir: Path) -> int | None:
     run_dir = Path(run_dir)
     if str(run_dir.resolve()) in _OWNED or not (run_dir / OWNER_LOCK).exists():
         return None
-    lock = atomic.try_lock(run_dir / OWNER_LOCK)
+    try:
+        lock = atomic.try_lock(run_dir / OWNER_LOCK)
+    except OSError:  # a run folder this process may only read: nobody it could see trains there
+        return None
     if lock is not None:
         lock.release()
         return None

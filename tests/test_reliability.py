@@ -198,6 +198,22 @@ def test_runs_started_together_never_share_a_folder(tmp_path):
     assert str(first) in got  # the free run was resumed by one of them, the others got new folders
 
 
+def test_taking_a_run_removes_the_unfinished_checkpoints_of_a_killed_owner(tmp_path, capsys):
+    """orbax leaves `<step>.orbax-checkpoint-tmp-*` folders when a save is killed; the next process to
+    take the run removes them (the owner lock says nobody writes them), a finished step is kept."""
+    from iepjax import runs
+
+    cat = tmp_path / "vae" / "textures" / "brick"
+    run = runs.new_run(cat)
+    runs.release(run)  # its training was killed
+    stray = run / "checkpoints" / "200.orbax-checkpoint-tmp-1730000000"
+    (stray / "state").mkdir(parents=True)
+    (run / "checkpoints" / "100").mkdir()
+    assert runs.resume_or_new(cat, run) == run
+    assert not stray.exists() and (run / "checkpoints" / "100").is_dir()
+    assert "had not finished writing" in capsys.readouterr().err
+
+
 def _claim_worker(mode: str, cat: str, per_proc: str, gate: str) -> None:
     from iepjax import runs
     cat_dir, gate_path = Path(cat), Path(gate)
