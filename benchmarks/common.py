@@ -45,23 +45,25 @@ def load_torch_reference(path: str | Path):
 
 
 def record_convs(fn, *args, batch: int) -> list[tuple]:
-    """(x shape, w shape, strides, padding, lhs_dilation) of every `iepjax.model.conv` call made while
-    `fn(*args)` is traced (`jax.eval_shape`, nothing runs). x's leading axis is reported as `batch`:
-    under vmap the per-image code sees a batch of 1."""
+    """(x shape, w shape, strides, padding, lhs_dilation) of every `iepjax.xla_cpu_convs.conv` call made
+    while `fn(*args)` is traced (`jax.eval_shape`, nothing runs) with the XLA:CPU formulation of the
+    model's convolutions. x's leading axis is reported as `batch`: under vmap the per-image code sees a
+    batch of 1."""
     import jax
 
-    import iepjax.model as model_lib
-    calls, raw = [], model_lib.conv
+    from iepjax import model, xla_cpu_convs
+    calls, raw = [], xla_cpu_convs.conv
 
     def recording(x, w, strides, padding, lhs_dilation):
         calls.append(((batch,) + tuple(x.shape[1:]), tuple(w.shape), strides, padding, lhs_dilation))
         return raw(x, w, strides, padding, lhs_dilation)
 
-    model_lib.conv = recording
+    xla_cpu_convs.conv = recording
     try:
-        jax.eval_shape(fn, *args)
+        with model.using_conv("xla_cpu"):
+            jax.eval_shape(fn, *args)
     finally:
-        model_lib.conv = raw
+        xla_cpu_convs.conv = raw
     return calls
 
 

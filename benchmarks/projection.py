@@ -187,7 +187,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
 def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) -> list[dict]:
     """Where the time of one projection step goes: every convolution of the step, timed alone.
 
-    The convolutions are recorded by wrapping `iepjax.model.conv` while one step is traced (the
+    The convolutions are recorded by wrapping `iepjax.xla_cpu_convs.conv` while one step is traced (the
     transposed and upsampling layers appear as their sub-pixel phases), then each is jitted alone
     as forward + input-gradient (what the projection computes) on random inputs of the recorded
     shapes and timed (median of `repeats`). The last row is the whole vmapped step; the time it
@@ -198,7 +198,7 @@ def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) ->
     import jax.numpy as jnp
     import numpy as np
 
-    import iepjax.model as model_lib
+    from iepjax import xla_cpu_convs as model_lib
     from iepjax import ModelConfig, ProjectionConfig, init_params, projection_step
 
     model = ModelConfig(size=size, channels=channels, decoder=decoder)

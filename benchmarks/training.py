@@ -80,9 +80,9 @@ def jax_side(a) -> dict:
 def profile(a) -> list[dict]:
     """Where the time of one JAX train step goes, on one CPU device (the per-core work) by default.
 
-    Rows: every convolution of the step (recorded by wrapping `iepjax.model.conv` while the step is
+    Rows: every convolution of the step (recorded by wrapping `iepjax.xla_cpu_convs.conv` while the step is
     traced; transposed layers are one conv with input dilation), each timed alone on random inputs
-    of its shapes as forward, input-gradient and kernel-gradient (the forms `model.conv`'s custom
+    of its shapes as forward, input-gradient and kernel-gradient (the forms `xla_cpu_convs.conv`'s custom
     VJP uses; median of `--steps` calls); then the whole step; then the step's op time by kind,
     summed from a `jax.profiler` trace (`ynn_fusion`: convolutions run by YNNPACK, `convolution`:
     by Eigen; transposes, selects (LeakyReLU), copies, ...). benchmarks/README.md, item 9.
@@ -104,7 +104,7 @@ def profile(a) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    import iepjax.model as model_lib
+    from iepjax import xla_cpu_convs as model_lib
     from iepjax import training
     state = training.init_state(cfg, key=jax.random.key(0))
     batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
