@@ -269,18 +269,18 @@ def init_params(config: ModelConfig, *, key: jax.Array) -> dict:
     """
     if isinstance(key, jax.core.Tracer):
         return _init(config, key)
-    return _compiled_init(config, key.shape, key.dtype)(key)
+    return _compiled_init(config, key.shape, key.dtype, resolve_conv())(key)
 
 
-def _init(config: ModelConfig, key: jax.Array) -> dict:
+def _init(config: ModelConfig, key: jax.Array, conv: str | None = None) -> dict:
     x = jnp.zeros((1, config.size, config.size, config.channels), jnp.float32)
-    return VAE(config).init(key, x)
+    return VAE(config, conv=conv).init(key, x)
 
 
 @functools.cache
-def _compiled_init(config: ModelConfig, key_shape: tuple[int, ...], key_dtype):
+def _compiled_init(config: ModelConfig, key_shape: tuple[int, ...], key_dtype, conv: str):
     # XLA:CPU's default optimisation level spends long compiling the initialisers' random-bit
     # generators; level 1 is several times faster and gives the same bits and values as the eager
     # init (level 0 does not: its float rounding differs). Other backends keep their defaults.
-    lowered = jax.jit(functools.partial(_init, config)).lower(jax.ShapeDtypeStruct(key_shape, key_dtype))
+    lowered = jax.jit(functools.partial(_init, config, conv=conv)).lower(jax.ShapeDtypeStruct(key_shape, key_dtype))
     return lowered.compile({"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None)
