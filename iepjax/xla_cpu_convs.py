@@ -43,7 +43,8 @@ _PAD1 = ((1, 1), (1, 1))
 Pads = tuple[tuple[int, int], ...]
 
 
-def _lax_conv(x, w, strides, padding, lhs_dilation):
+def lax_conv(x, w, strides, padding, lhs_dilation):
+    """The plain `lax.conv_general_dilated` in NHWC/HWIO that `conv` reformulates (JAX's own gradients)."""
     return lax.conv_general_dilated(x, w, tuple(strides), tuple(padding), lhs_dilation=tuple(lhs_dilation),
                                     dimension_numbers=_DN)
 
@@ -99,7 +100,7 @@ def _dilated_conv_phases(x, w, padding, lhs_dilation):
         cols = []
         for k0w, pad_w in pw:
             xx, pads = _crop_negative_pads(x, (pad_h, pad_w))
-            cols.append(_lax_conv(xx, w[k0h::dh, k0w::dw], (1, 1), pads, (1, 1)))
+            cols.append(lax_conv(xx, w[k0h::dh, k0w::dw], (1, 1), pads, (1, 1)))
         rows.append(jnp.stack(cols, axis=3))  # (B, mh, mw, dw, O)
     y = jnp.stack(rows, axis=2)  # (B, mh, dh, mw, dw, O)
     return y.reshape(y.shape[0], mh * dh, mw * dw, y.shape[-1])
@@ -217,7 +218,7 @@ def _conv_raw(x, w, strides, padding, lhs_dilation):
             y = _dilated_conv_phases(x, w, padding, lhs_dilation)
     if y is None and _uses_patches(x.shape, w.shape, strides, lhs_dilation):
         y = _strided_conv_patches(x, w, strides, padding)
-    return _lax_conv(x, w, strides, padding, lhs_dilation) if y is None else y
+    return lax_conv(x, w, strides, padding, lhs_dilation) if y is None else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -275,7 +276,7 @@ def _conv_bwd(strides, padding, lhs_dilation, res, g):
     # JAX's transpose of the formulation that measured fastest for it (benchmarks/README.md). For
     # strided convs that is the plain lax conv; for input-dilated ones the phases.
     strided = any(s > 1 for s in strides) and all(d == 1 for d in lhs_dilation)
-    fwd = _lax_conv if strided else _conv_raw
+    fwd = lax_conv if strided else _conv_raw
     _, vjp_w = jax.vjp(lambda w_: fwd(x, w_, strides, padding, lhs_dilation), w)
     return dx, vjp_w(g)[0]
 
