@@ -82,7 +82,10 @@ def resolve_conv(conv: str | None = None, *, platform: str | None = None) -> str
     conv: "plain" or "xla_cpu" (returned as is), "auto" ("xla_cpu" on the CPU platform, "plain" on
     any other), or None (the process setting, `default_conv`). platform: the platform "auto"
     decides for (default: where computations are placed, `jax.default_device` or the default
-    backend). Resolved when the model is traced: a jitted function keeps the choice of its trace.
+    backend). Resolved when the model is traced. The process setting and `jax.default_device` are
+    part of `jax.jit`'s cache key, so a change of either retraces; the platform of the arguments
+    is not: to run on a platform other than the default, place it with `jax.default_device` or
+    choose explicitly.
     """
     conv = default_conv() if conv is None else _checked(conv)
     if conv != "auto":
