@@ -17,6 +17,7 @@ import numpy as np
 from iepjax.anomaly_maps import difference_map
 from iepjax.config import ProjectionConfig
 from iepjax.energy import energy
+from iepjax.model import resolve_conv, using_conv
 
 
 class ProjectionResult(NamedTuple):
@@ -188,16 +189,22 @@ def _value_range(x) -> tuple[float, float] | None:
     return float(finite.min()), float(finite.max())
 
 
-def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
+               conv: str | None = None) -> ProjectionResult:
     """Project a batch of images onto the normal-data manifold and return their anomaly maps.
 
-    One jitted XLA program per (shape, config): `vmap` over the batch of a `lax.scan` over
-    `config.steps` gradient updates (paper eq. 4) of the energy E(x) = L_r(x) + lam ||x - x0||_1.
+    One jitted XLA program per (shape, config, convolution implementation): `vmap` over the batch
+    of a `lax.scan` over `config.steps` gradient updates (paper eq. 4) of the energy
+    E(x) = L_r(x) + lam ||x - x0||_1 (docs/method.md, Projection).
 
     Args:
-      params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint).
+      params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint),
+        whichever convolution implementation made them.
       x0_BxHxWxC: images (B, size, size, channels), float in [0, 1] (uint8 images: x / 255.0).
       config: a `ProjectionConfig` (static: hashable, part of the compile key).
+      conv: the model's convolutions, "plain", "xla_cpu" or "auto" (`iepjax.model.resolve_conv`);
+        None follows the process setting. Resolved here, outside the jitted program, and part
+        of its compile key.
     Returns:
       ProjectionResult(x_T (B, H, W, C), maps (B, H, W), energies (B, T)).
     Raises:
@@ -209,4 +216,5 @@ def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) ->
       TypeError: integer images (divide uint8 images by 255.0 first).
     """
     check_images(x0_BxHxWxC, config)
-    return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)
+    with using_conv(resolve_conv(conv)):
+        return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)
