@@ -51,9 +51,10 @@ def main(argv=None) -> int:
     try:
         presets.check(source.dataset, source.category)  # an unknown category is named before a missing run
         run_dir = runs.find_run(a.results, "vae", source.dataset, source.category, a.run)
+        runs.check_outputs_writable(run_dir, a.out if a.input_dir else None, inference=a.input_dir is not None)
         # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
         config = presets.projection_config(source.dataset, source.category, runs.model_config(run_dir).get("likelihood"))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_ERROR
     config = dataclasses.replace(cli.override(config, steps=a.steps, alpha=a.alpha, lam=a.lam, smoothing_sigma=a.sigma),

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from iepjax import cli, presets, report
+from iepjax.atomic import check_writable
 from iepjax.config import DECODERS, LIKELIHOODS
 from iepjax.pipelines import train_category
 
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
         config = cli.override(config, model=cli.override(config.model, likelihood=a.likelihood, decoder=a.decoder),
                               steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed)
         prep = presets.preprocess(source.dataset, source.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride)
-    except ValueError as e:
+        check_writable(a.results, what="--results folder")  # before any data is prepared or a step trained
+    except (ValueError, PermissionError) as e:
         p.error(str(e))
     mesh = cli.start_runtime(a, train=config)
     status, out = cli.guarded(train_category, config, prep, cli.threshold_config(a), source, results=a.results,

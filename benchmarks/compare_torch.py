@@ -3,26 +3,30 @@
     python benchmarks/compare_torch.py --torch-python /work/torchvenv/bin/python
     python benchmarks/compare_torch.py --torch-python ... --decoder transposed --batch 16 --iters 100
     python benchmarks/compare_torch.py --torch-python ... --check      # same maths? (weights copied)
+    python benchmarks/compare_torch.py --torch-python ... --conv plain # the model's plain flax/lax convolutions
 
 Installs nothing: `--torch-python` (default: this interpreter, or $TORCH_PYTHON) must import torch,
 e.g. a separate venv made with `python3 -m venv V && V/bin/pip install torch==2.13.0`.
 
 Timing: for each decoder, the JAX projection (`benchmarks/projection.py`, fresh process, batch
-`--batch`) and `../shared/bench/torch_reference.py` (batch 1, the same size, channels, steps and
+`--batch`) and `benchmarks/torch_reference.py` (batch 1, the same size, channels, steps and
 decoder, gradient through the network) run one after the other in this run. The reference runs
 once per `--torch-env` setting (default: PyTorch's defaults, and OMP_WAIT_POLICY=PASSIVE, which
 stops OpenMP from spin-waiting when another process shares the cores); the ratio is taken
 against the FASTEST PyTorch setting. One JSON line per decoder with both throughputs and
 `ratio` = JAX image-steps/s / PyTorch image-steps/s.
 
-`--check`: copies the JAX model's initial parameters into the reference's `VAE` (conv kernels
-HWIO -> OIHW, transposed-conv kernels flipped and laid out (I, O, K, K), dense kernels
-transposed), runs `--check-steps` projection steps of the same images in both, and prints the
-maximum differences of f(x0), E(x0) and x_T. The L1 prior's subgradient at x = x0 is 0 on both
-sides (sign(0); iepjax.energy), so they agree to float32 rounding with or without it.
+`--check`: copies the JAX model's initial parameters into the reference's `VAE`
+(`torch_reference.load_flax_params` converts the kernel layouts), runs `--check-steps` steps of the
+paper's loop (no backtracking) on the same images in both, and prints the maximum differences of
+f(x0), E(x0) and x_T (`torch_reference.agreement`). At x = x0 the reference keeps PyTorch's
+subgradient 0 of |x - x0| and iepjax takes the least-magnitude one, so with `--check-lam` > 0
+they differ by design; `tests/test_benchmarks.py` checks that rule too.
 
 JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in the scripts):
 XLA:CPU runs each convolution on one core, PyTorch uses the cores through its intra-op threads.
+`--conv` chooses the model's convolutions (iepjax.model; default auto: the XLA:CPU formulation on
+CPU, plain flax/lax elsewhere), for the timing and the check alike; `jax_conv` says which ran.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, imports_torch, ROOT, TORCH_ENVS, load_torch_reference, positive_int
+from common import (CONV_HELP, CONVS, DEFAULT_REFERENCE, ROOT, TORCH_ENVS, imports_torch, load_torch_reference,
+                    positive_int, use_conv)
 from common import env as _env
 
 
@@ -49,7 +54,7 @@ def compare(a) -> int:
     for dec in a.decoder:
         jax_row = _last_json([sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--size", str(a.size),
                               "--channels", str(a.channels), "--iters", str(a.iters), "--batch", str(a.batch),
-                              "--decoder", dec, "--repeats", str(a.repeats)]
+                              "--decoder", dec, "--conv", a.conv, "--repeats", str(a.repeats)]
                              + ([] if a.cpu_devices is None else ["--cpu-devices", str(a.cpu_devices)]), _env())
         torch_rows = {}
         for name in a.torch_env:
@@ -60,7 +65,7 @@ def compare(a) -> int:
         best = max(torch_rows, key=lambda k: torch_rows[k]["iter_img_per_s"])
         tb = torch_rows[best]["iter_img_per_s"]
         print(json.dumps({
-            "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec,
+            "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec, "jax_conv": jax_row["conv"],
             "jax_batch": a.batch, "jax_devices": jax_row["devices"], "jax_iter_img_per_s": jax_row["iter_img_per_s"], "jax_img_per_s": jax_row["img_per_s"],
             "jax_gflops": jax_row["gflops"], "matmul_gflops": jax_row["matmul_gflops"],
             "torch_batch": 1, "torch_iter_img_per_s": {k: v["iter_img_per_s"] for k, v in torch_rows.items()},
@@ -79,6 +84,7 @@ def _jax_side(a, dec: str, npz: str) -> None:
 
     from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
 
+    conv = use_conv(a.conv)
     model = ModelConfig(size=a.size, channels=a.channels, decoder=dec)
     # the reference is the paper's plain loop: no backtracking safeguard (ProjectionConfig.backtrack)
     cfg = ProjectionConfig(model=model, steps=a.check_steps, lam=a.check_lam, alpha=a.check_alpha, backtrack=False)
@@ -87,63 +93,32 @@ def _jax_side(a, dec: str, npz: str) -> None:
     res = project_fn(params, x0, cfg)
     f0 = jax.vmap(lambda x: reconstruct(params, x, cfg))(x0)
     e0 = jax.vmap(lambda x: energy(params, x, x, cfg)[0])(x0)  # prior term 0 at x = x0
-    out = {}
-    for part in ("encoder", "decoder"):
-        layers = [(k, v) for k, v in params["params"][part].items() if k.startswith(("Conv", "ConvTranspose"))]
-        for i, (k, v) in enumerate(layers):  # dicts keep creation order = the network's order
-            w = np.asarray(v["kernel"])
-            if k.startswith("ConvTranspose"):  # conv of the dilated input, kernel not flipped
-                w = np.flip(w, (0, 1)).transpose(2, 3, 0, 1)  # -> torch ConvTranspose2d (I, O, K, K)
-            else:
-                w = w.transpose(3, 2, 0, 1)  # -> torch Conv2d (O, I, K, K)
-            out[f"{part}.{i}.weight"] = np.ascontiguousarray(w)
-            out[f"{part}.{i}.bias"] = np.asarray(v["bias"])
-    for head in ("mu", "logvar"):
-        out[f"{head}.weight"] = np.asarray(params["params"]["encoder"][head]["kernel"]).T.copy()
-        out[f"{head}.bias"] = np.asarray(params["params"]["encoder"][head]["bias"])
-    np.savez(npz, x0=x0, x_T=np.asarray(res.x_T), f0=np.asarray(f0), e0=np.asarray(e0), **out)
+    # iepjax's parameters as they are ("params/encoder/Conv_0/kernel", ...): torch_reference converts them
+    out = {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(npz, x0=x0, x_T=np.asarray(res.x_T), f0=np.asarray(f0), e0=np.asarray(e0), jax_conv=np.array(conv), **out)
 
 
 def _torch_side(a, dec: str, npz: str) -> None:
     """Load the JAX params into torch_reference.VAE, run the reference's `project`, print differences."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
     ref = load_torch_reference(a.torch_reference)
     d = np.load(npz)
-    model = ref.VAE(a.channels, size=a.size, decoder=dec).eval()
-    for part in ("encoder", "decoder"):
-        convs = [m for m in getattr(model, part) if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-        for i, m in enumerate(convs):
-            w = torch.from_numpy(d[f"{part}.{i}.weight"])
-            if w.shape != m.weight.shape:
-                raise SystemExit(f"{part} layer {i}: JAX {tuple(w.shape)} vs torch {tuple(m.weight.shape)}")
-            m.weight.data.copy_(w)
-            m.bias.data.copy_(torch.from_numpy(d[f"{part}.{i}.bias"]))
-    for head in ("mu", "logvar"):
-        getattr(model, head).weight.data.copy_(torch.from_numpy(d[f"{head}.weight"]))
-        getattr(model, head).bias.data.copy_(torch.from_numpy(d[f"{head}.bias"]))
-    x0 = torch.from_numpy(d["x0"]).permute(0, 3, 1, 2).contiguous()
-    with torch.no_grad():
-        rec, mu, logvar = model(x0)
-        e0 = [float(F.binary_cross_entropy(rec[i], x0[i], reduction="sum")
-                    - 0.5 * torch.sum(1 + logvar[i] - mu[i] ** 2 - logvar[i].exp())) for i in range(len(x0))]
-    xt = torch.cat([ref.project(model, x0[i:i + 1], a.check_steps, alpha=a.check_alpha, lam=a.check_lam) for i in range(len(x0))])
-    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    print(json.dumps({"decoder": dec, "size": a.size, "channels": a.channels, "steps": a.check_steps, "alpha": a.check_alpha, "lam": a.check_lam,
-                      "n_params_torch": sum(p.numel() for p in model.parameters()),
-                      "max_abs_diff_f_x0": float(np.abs(nhwc(rec) - d["f0"]).max()),
-                      "max_rel_diff_energy_x0": float(np.max(np.abs(np.array(e0) - d["e0"]) / np.abs(d["e0"]))),
-                      "max_abs_diff_x_T": float(np.abs(nhwc(xt) - d["x_T"]).max()),
-                      "mean_abs_update_x_T": float(np.abs(d["x_T"] - d["x0"]).mean())}), flush=True)
+    model = ref.load_flax_params(ref.VAE(a.channels, size=a.size, decoder=dec).eval(),
+                                 {k: d[k] for k in d.files if k.startswith("params/")})
+    # least_magnitude=False: the reference's own rule at x = x0 (PyTorch's sign(0) = 0), see --check-lam
+    diffs = ref.agreement(model, d["x0"], d["f0"], d["e0"], d["x_T"], a.check_steps, a.check_alpha, a.check_lam,
+                          least_magnitude=False)
+    print(json.dumps({"decoder": dec, "jax_conv": str(d["jax_conv"]), "size": a.size, "channels": a.channels, "steps": a.check_steps, "alpha": a.check_alpha, "lam": a.check_lam,
+                      "n_params_torch": sum(p.numel() for p in model.parameters()), **diffs}), flush=True)
 
 
 def check(a) -> int:
     for dec in a.decoder:
         with tempfile.TemporaryDirectory() as tmp:
             npz = os.path.join(tmp, "check.npz")
-            common = ["--size", str(a.size), "--channels", str(a.channels), "--check-steps", str(a.check_steps),
+            common = ["--size", str(a.size), "--channels", str(a.channels), "--conv", a.conv,
+                      "--check-steps", str(a.check_steps),
                       "--check-lam", str(a.check_lam), "--check-alpha", str(a.check_alpha),
                       "--decoder", dec, "--torch-reference", str(a.torch_reference)]
             subprocess.run([sys.executable, __file__, "--jax-side", npz] + common, env=_env(), check=True)
@@ -159,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive_int, default=16, help="JAX batch (the reference always uses 1)")
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
     p.add_argument("--repeats", type=positive_int, default=3, help="JAX timed calls (median)")
+    p.add_argument("--conv", default="auto", choices=CONVS, help="JAX side: " + CONV_HELP)
     p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, like the scripts; PyTorch "
                         "uses the cores through its own threads)")

@@ -60,7 +60,7 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
     n_all = len(images)
     if n_all == 0:
         raise ValueError("no images to localise")
-    check_images(images[:1].astype(np.float32), config)
+    check_images(images[:1].astype(np.float32) / 255.0, config)
     mesh = sharding.make_mesh(1) if mesh is None else mesh
     rows, _ = distributed.process_rows(n_all)
     images, n = images[rows], len(rows)

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from iepjax import visualize
+from iepjax.atomic import dumps_json
 from iepjax.config import ProjectionConfig, to_dict
 from iepjax.runs import atomic_write_bytes, atomic_write_text
 from iepjax.scoring import ROWS
@@ -36,7 +37,7 @@ def write_results(out_dir: Path, result: dict, loc, ids: list[str], config: Proj
     buf = io.BytesIO()
     np.savez_compressed(buf, grad=loc.grad_maps, recon=loc.recon_maps, ids=np.asarray(ids), energies=loc.energies)
     atomic_write_bytes(out_dir / "maps.npz", buf.getvalue())
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "metrics.json", dumps_json(result))  # strict JSON: NaN -> null
     atomic_write_text(out_dir / "thresholds.json", json.dumps(
         {"source": source, "projection": to_dict(config), **{row: stats[row]._asdict() for row in ("grad", "recon")}},
         indent=2))

@@ -66,6 +66,10 @@ def env(jax_cache_env):
     e.pop("IEPJAX_DATA_DIR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # The scripts' default is one CPU device per core: fix the count so that the runs (and the float
+    # sums the batch split decides) are the same on every machine, and the two-device path is tested.
+    e["JAX_NUM_CPU_DEVICES"] = "2"
+    e.pop("XLA_FLAGS", None)
     return e
 
 

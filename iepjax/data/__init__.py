@@ -22,7 +22,8 @@ import numpy as np
 
 from iepjax.data.layout import DataError, MVTEC_CATEGORIES, TEXTURE_CATEGORIES  # no TFDS import
 
-CATEGORIES: dict[str, tuple[str, ...]] = {"textures": ("brick", "grass"), "mvtec_ad": MVTEC_CATEGORIES,
+CATEGORIES: dict[str, tuple[str, ...]] = {"textures": ("brick", "grass", "tissue", "tissue_gray", "weave"),
+                                          "mvtec_ad": MVTEC_CATEGORIES,
                                           "folder": ()}  # folder: any category name
 SPLITS = ("train", "test")
 

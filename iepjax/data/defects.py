@@ -1,4 +1,13 @@
-"""Synthetic surface defects drawn on texture crops (pure numpy).
+"""Synthetic surface defects drawn on texture crops (numpy, plus scipy.ndimage filters).
+
+Two families:
+
+* defects that *add* structure (:data:`STRUCTURE_KINDS`): ``scratch``, ``spot``, ``stain``,
+  ``foreign``;
+* defects that *remove* detail (:data:`DETAIL_LOSS_KINDS`): ``blur``, ``smooth``,
+  ``lost_texture``. They keep the region's opacity-weighted mean (per channel) exactly, before
+  clipping and quantisation, so that a map of intensity differences alone cannot see them; what
+  changes is the local variance of the texture.
 
 Every defect function has the signature ``fn(image, rng) -> (defected, mask)``:
 
@@ -34,6 +43,12 @@ STAIN_RADIUS_PX = (6.0, 14.0)
 STAIN_DARKENING = (0.10, 0.20)
 FOREIGN_SIZE_PX = (12, 24)
 FOREIGN_STD_RATIO = (0.7, 1.1)
+BLUR_RADIUS_PX = (7.0, 14.0)
+BLUR_SIGMA_PX = (1.2, 2.5)
+SMOOTH_RADIUS_PX = (7.0, 14.0)
+SMOOTH_MEAN_SIGMA_PX = (4.0, 6.0)  # scale of the local mean the texture is flattened toward
+SMOOTH_KEEP = (0.15, 0.4)  # fraction of the texture's deviation from that mean that is kept
+LOST_RADIUS_PX = (5.0, 10.0)
 
 DefectFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -241,6 +256,75 @@ def foreign(
     return _finish(img, alpha, target, squeeze)
 
 
+def _opacity(alpha: np.ndarray) -> np.ndarray:
+    """The opacity `_composite` blends with: `alpha` rescaled from [MASK_THRESHOLD, 1] to [0, 1]."""
+    return np.clip((alpha - MASK_THRESHOLD) / (1.0 - MASK_THRESHOLD), 0.0, 1.0)
+
+
+def _mean_matched(img: np.ndarray, alpha: np.ndarray, filtered: np.ndarray) -> np.ndarray:
+    """`filtered` (H, W, C) shifted per channel so its opacity-weighted mean equals `img`'s."""
+    a = _opacity(alpha)[..., None]
+    total = max(float(a.sum()), 1e-12)
+    shift = ((a * img).sum((0, 1)) - (a * filtered).sum((0, 1))) / total
+    return filtered + shift.astype(np.float32)
+
+
+def _detail_loss_alpha(rng: np.random.Generator, h: int, w: int, radius_px) -> np.ndarray:
+    """Soft irregular blob (as for `stain`) that a detail-loss defect is drawn in."""
+    radius = rng.uniform(*radius_px)
+    cy, cx = _center(rng, h, w, radius * 1.3 + 3)
+    return _blob_alpha(rng, h, w, cy, cx, radius, wobble=0.25, edge=4.0).astype(np.float32)
+
+
+def blur(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Soft blob (radius 7-14 px) Gaussian-blurred (sigma 1.2-2.5 px), mean kept: a defocused or smeared spot."""
+    from scipy import ndimage
+
+    img, squeeze = _to_hwc(image)
+    h, w, _ = img.shape
+    alpha = _detail_loss_alpha(rng, h, w, BLUR_RADIUS_PX)
+    sigma = rng.uniform(*BLUR_SIGMA_PX)
+    blurred = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0.0), mode="reflect")
+    return _finish(img, alpha, _mean_matched(img, alpha, blurred), squeeze)
+
+
+def smooth(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Soft blob (radius 7-14 px) whose texture keeps 15-40 % of its contrast around the local mean: a worn patch."""
+    from scipy import ndimage
+
+    img, squeeze = _to_hwc(image)
+    h, w, _ = img.shape
+    alpha = _detail_loss_alpha(rng, h, w, SMOOTH_RADIUS_PX)
+    sigma = rng.uniform(*SMOOTH_MEAN_SIGMA_PX)
+    keep = np.float32(rng.uniform(*SMOOTH_KEEP))
+    # Unlike `blur`, which removes the finest detail and keeps the rest, every scale below
+    # ~sigma is flattened by the same factor: a faint copy of the texture stays.
+    local_mean = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0.0), mode="reflect")
+    target = _mean_matched(img, alpha, local_mean + keep * (img - local_mean))
+    return _finish(img, alpha, target, squeeze)
+
+
+def lost_texture(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Soft blob (radius 5-10 px) whose texture is replaced by its best-fit linear ramp: a patch of missing texture."""
+    img, squeeze = _to_hwc(image)
+    h, w, _ = img.shape
+    alpha = _detail_loss_alpha(rng, h, w, LOST_RADIUS_PX)
+    if not (alpha > MASK_THRESHOLD).any():  # image too small for the blob: nothing drawn
+        return _finish(img, alpha, img, squeeze)
+    # Weighted least squares plane a + b*y + c*x per channel, weights = the blend's opacity: the
+    # ramp keeps the region's weighted mean (the intercept's normal equation) and its shading.
+    a = _opacity(alpha).astype(np.float64)
+    yy, xx = _grid(h, w)
+    sel = a > 0
+    cy, cx = float((a * yy).sum() / a.sum()), float((a * xx).sum() / a.sum())
+    design = np.stack([np.ones(int(sel.sum())), yy[sel] - cy, xx[sel] - cx], axis=1)
+    sw = np.sqrt(a[sel])[:, None]
+    coef, *_ = np.linalg.lstsq(design * sw, img[sel].astype(np.float64) * sw, rcond=None)  # (3, C)
+    full = np.stack([np.ones_like(yy), yy - cy, xx - cx], axis=-1).astype(np.float64)  # (H, W, 3)
+    ramp = (full @ coef).astype(np.float32)  # (H, W, C)
+    return _finish(img, alpha, ramp, squeeze)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -265,8 +349,13 @@ DEFECTS: dict[str, DefectFn] = _Registry(
     spot=spot,
     stain=stain,
     foreign=foreign,
+    blur=blur,
+    smooth=smooth,
+    lost_texture=lost_texture,
 )
-DEFECT_KINDS: tuple[str, ...] = tuple(DEFECTS)
+DEFECT_KINDS: tuple[str, ...] = tuple(DEFECTS)  # every kind
+STRUCTURE_KINDS: tuple[str, ...] = ("scratch", "spot", "stain", "foreign")  # add structure
+DETAIL_LOSS_KINDS: tuple[str, ...] = ("blur", "smooth", "lost_texture")  # remove detail
 
 
 def apply_defect(

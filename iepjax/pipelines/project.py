@@ -82,8 +82,6 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         official = official_metrics(res.maps, test)
         if official["protocol"].get("note"):
             print(f"note: {official['protocol']['note']}", file=sys.stderr)
-        out_dir = runs.new_run(Path(run_dir) / "projections")
-        official["protocol"]["tiff_maps"] = outputs.write_maps(out_dir, source.category, test.ids, res.maps)
         test, loc = test._replace(images=res.view_images, masks=resize_masks(test.masks, size)), res.loc
     else:  # a run without preprocess.json: the test images resized to the model size
         test = data.load_split(source.dataset, source.category, "test", source.tfds_dir)
@@ -91,10 +89,15 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         loc = localize(run.params, test.images, run.config, batch_size=batch_size, progress=progress, mesh=mesh)
         if not distributed.is_main():
             return None, {}
-        out_dir = runs.new_run(Path(run_dir) / "projections")
-    return out_dir, evaluate(run.params, run.config, test, loc, run.stats, out_dir, source=run.source,
-                             official=official, batch_size=batch_size, overlays=overlays,
-                             compiled_in_calibration=run.compile_s)
+    with runs.new_output(Path(run_dir) / "projections") as out:  # complete or absent (iepjax.atomic)
+        if official is not None:  # TIFF maps at the original sizes; paths as they will be once complete
+            official["protocol"]["tiff_maps"] = {
+                row: str(out.final / Path(root).relative_to(out.path))
+                for row, root in outputs.write_maps(out.path, source.category, test.ids, res.maps).items()}
+        result = evaluate(run.params, run.config, test, loc, run.stats, out.path, source=run.source,
+                          official=official, batch_size=batch_size, overlays=overlays,
+                          compiled_in_calibration=run.compile_s)
+    return out.final, result
 
 
 def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,

@@ -90,8 +90,7 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
                 run_dir = None  # a different config is a new run
             elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
                 run_dir = None  # other preprocessing or another image folder: a new run
-        if run_dir is None:
-            run_dir = runs.new_run(cat_dir)
+        run_dir = runs.resume_or_new(cat_dir, run_dir)  # held by this process: concurrent runs never share it
         runs.atomic_write_text(run_dir / "config.json", cfg_json)
         prep.save(run_dir)
         runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
