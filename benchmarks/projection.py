@@ -1,4 +1,4 @@
-"""Speed of `iepjax.project_fn` (issue 5): one JSON line per configuration.
+"""Speed of `iepjax.project_fn`: one JSON line per configuration.
 
     python benchmarks/projection.py                                   # 128x128x3, 100 steps, batch 16, both decoders
     python benchmarks/projection.py --iters 10 1000 --batch 1 --repeats 1     # compile time / memory vs steps
@@ -75,7 +75,7 @@ def _flops(compiled) -> float:
 
 class HeapSampler:
     """Context manager: `growth` = the most bytes held from malloc while inside, minus the bytes held on
-    entry (`iepjax.hostmem.heap_in_use`, sampled every `period` s by a thread); None off glibc."""
+    entry (`iepjax.cpu_runtime.heap_in_use`, sampled every `period` s by a thread); None off glibc."""
 
     def __init__(self, period: float = 0.02):
         self.period, self.growth = period, None
@@ -83,8 +83,8 @@ class HeapSampler:
     def __enter__(self):
         import threading
 
-        from iepjax import hostmem
-        self._read = hostmem.heap_in_use
+        from iepjax import cpu_runtime
+        self._read = cpu_runtime.heap_in_use
         self._start = self._read()
         if self._start is not None:
             self._peak, self._stop = self._start, threading.Event()
@@ -109,8 +109,8 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     """Time one configuration in this process (call it in a fresh process)."""
     import jax
 
-    from iepjax import distributed
-    distributed.use_cpu_cores(cpu_devices)  # before any JAX computation
+    from iepjax import cpu_runtime
+    cpu_runtime.use_cpu_cores(cpu_devices)  # before any JAX computation
     impl = common.use_conv(conv)
     import numpy as np
 
@@ -121,12 +121,11 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     config = ProjectionConfig(model=model, steps=iters)
     params = init_params(model, key=jax.random.key(0))
     x0_host = np.random.default_rng(0).random((batch, size, size, channels), np.float32)
+    # the batch split over the devices (a mesh of one device is still a mesh); project_fn's jit
+    # follows the inputs' shardings
     mesh = sharding.make_mesh(divides=batch)
-    if mesh is None:
-        x0 = jax.device_put(x0_host)
-    else:  # the batch split over the devices; project_fn's jit follows the inputs' shardings
-        params = sharding.replicate(params, mesh)
-        x0 = sharding.shard_batch(x0_host, mesh)
+    params = sharding.replicate(params, mesh)
+    x0 = sharding.shard_batch(x0_host, mesh)
     step = jax.jit(jax.vmap(lambda x, x0: projection_step(params, x, x0, config)))
 
     if strategy == "hostloop":
@@ -169,7 +168,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     lower_compile_s = float(np.median(compile_times))
     mem = whole.memory_analysis()
     temp_mb = None if mem is None else mem.temp_size_in_bytes / 2 ** 20
-    scan_flops = _flops(whole) / batch * (1 if mesh is None else mesh.size)
+    scan_flops = _flops(whole) / batch * mesh.size
     return {"size": size, "channels": channels, "iters": iters, "batch": batch, "decoder": decoder,
             "conv": impl, "strategy": strategy, "repeats": repeats,
             "iter_img_per_s": round(batch * iters / dt, 2), "img_per_s": round(batch / dt, 4),
@@ -182,7 +181,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
             "scan_cost_analysis_gflop_per_img": round(scan_flops / 1e9, 4),
             "gflops": round(step_flops * batch * iters / dt / 1e9, 2),
             "matmul_gflops": round(matmul_gflops(), 2),
-            "devices": 1 if mesh is None else int(mesh.size),
+            "devices": int(mesh.size),
             "platform": jax.devices()[0].platform, "cores": os.cpu_count(), "loadavg": round(load, 2),
             "cpu_util": round(cpu_util, 2), "jax": jax.__version__}
 

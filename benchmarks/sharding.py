@@ -1,4 +1,4 @@
-"""Projection throughput with the batch split over 1, 2 and 4 devices (issue 6); one JSON line each.
+"""Projection throughput with the batch split over 1, 2 and 4 devices; one JSON line each.
 
     python benchmarks/sharding.py                       # CPU, fake devices: 1, 2, 4
     python benchmarks/sharding.py --devices 1 2 4 8 --size 128 --steps 20 --batch 16
@@ -31,18 +31,15 @@ def measure(devices: int, size: int, steps: int, batch: int, repeats: int) -> di
     import jax
     import numpy as np
 
-    from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, sharding
+    from iepjax import ModelConfig, ProjectionConfig, init_params, sharding
 
     model = ModelConfig(size=size, channels=1)
     config = ProjectionConfig(model=model, steps=steps)
     params = init_params(model, key=jax.random.key(0))
     x = np.random.default_rng(0).random((batch, size, size, 1), np.float32)
     mesh = sharding.make_mesh(devices)
-    if mesh is None:
-        run = lambda: jax.block_until_ready(project_fn(params, x, config))  # noqa: E731
-    else:
-        params = sharding.replicate(params, mesh)
-        run = lambda: sharding.project_sharded(params, x, config, mesh)  # noqa: E731 (numpy out: synchronous)
+    params = sharding.replicate(params, mesh)
+    run = lambda: sharding.project_sharded(params, x, config, mesh)  # noqa: E731 (numpy out: synchronous)
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0
@@ -50,7 +47,7 @@ def measure(devices: int, size: int, steps: int, batch: int, repeats: int) -> di
     for _ in range(repeats):
         run()
     dt = (time.perf_counter() - t0) / repeats
-    return {"devices": 1 if mesh is None else int(mesh.size), "platform": jax.devices()[0].platform,
+    return {"devices": int(mesh.size), "platform": jax.devices()[0].platform,
             "cores": os.cpu_count(), "size": size, "steps": steps, "batch": batch, "repeats": repeats,
             "compile_s": round(compile_s, 3), "batch_s": round(dt, 4), "img_per_s": round(batch / dt, 3),
             "img_steps_per_s": round(batch * steps / dt, 2)}

@@ -1,4 +1,4 @@
-"""Training images/s: `iepjax.training.train_step` vs the same PyTorch train step (issue 5); JSON lines.
+"""Training images/s: `iepjax.training_step.train_step` vs the same PyTorch train step; JSON lines.
 
     python benchmarks/training.py --torch-python /work/torchvenv/bin/python
     python benchmarks/training.py --batch 32 --decoder transposed --steps 10
@@ -15,7 +15,7 @@ Installs nothing: `--torch-python` must import torch (skipped with a note when i
 JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in train.py), the
 data-parallel step of `iepjax.sharding` (gradients averaged over the devices); PyTorch uses the
 cores through its intra-op threads. Like train.py, the JAX side keeps freed host memory for reuse
-when the step's XLA buffers are large (`iepjax.hostmem`; `--malloc` overrides it) and reports its
+when the step's XLA buffers are large (`iepjax.cpu_runtime`; `--malloc` overrides it) and reports its
 page faults and system time per step. `--conv` chooses the model's convolutions (default auto:
 the XLA:CPU formulation on CPU, plain flax/lax elsewhere); the rows say which ran.
 """
@@ -36,28 +36,28 @@ from common import (CONV_HELP, CONVS, DEFAULT_REFERENCE, TORCH_ENVS, conv_fn, en
 
 
 def _host_memory(a, cfg, devices: int) -> bool:
-    """glibc's malloc as `--malloc` says (auto: as train.py, `iepjax.hostmem.for_training`); True if reused."""
-    from iepjax import hostmem
+    """glibc's malloc as `--malloc` says (auto: as train.py, `iepjax.cpu_runtime.for_training`); True if reused."""
+    from iepjax import cpu_runtime
     if a.malloc == "auto":
-        return hostmem.for_training(cfg, devices)
-    return a.malloc == "reuse" and hostmem.reuse_freed_memory()
+        return cpu_runtime.for_training(cfg, devices)
+    return a.malloc == "reuse" and cpu_runtime.reuse_freed_memory()
 
 
 def jax_side(a) -> dict:
     import jax
 
-    from iepjax import distributed
+    from iepjax import cpu_runtime
     from iepjax.config import ModelConfig, TrainConfig
 
     cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
                       batch_size=a.batch, augment=False)
-    distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
-    reused = _host_memory(a, cfg, distributed.cpu_devices_chosen())
+    cpu_runtime.use_cpu_cores(a.cpu_devices)  # before any JAX computation
+    reused = _host_memory(a, cfg, cpu_runtime.cpu_devices_chosen())
     impl = use_conv(a.conv)
     import numpy as np
 
-    from iepjax import sharding, training
-    state = training.init_state(cfg, key=jax.random.key(0))
+    from iepjax import sharding, training_step
+    state = training_step.init_state(cfg, key=jax.random.key(0))
     u8 = np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8)
     mesh = sharding.make_mesh(divides=a.batch)
     state, step, put = sharding.training_on(mesh, state)
@@ -72,10 +72,10 @@ def jax_side(a) -> dict:
         state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
     dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    return {"impl": "iepjax", "conv": impl, "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
+    return {"impl": "iepjax", "conv": impl, "devices": int(mesh.size), "first_s": round(first, 3),
             "seconds": round(dt, 3), "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total),
             "host_memory_reused": reused,
-            # the kernel's share: page faults and system CPU time per step (iepjax.hostmem)
+            # the kernel's share: page faults and system CPU time per step (iepjax.cpu_runtime)
             "page_faults_per_step": round((r1.ru_minflt - r0.ru_minflt) / a.steps),
             "sys_ms_per_step": round((r1.ru_stime - r0.ru_stime) / a.steps * 1e3, 1),
             "user_ms_per_step": round((r1.ru_utime - r0.ru_utime) / a.steps * 1e3, 1)}
@@ -99,22 +99,22 @@ def profile(a) -> list[dict]:
 
     import jax
 
-    from iepjax import distributed
+    from iepjax import cpu_runtime
     from iepjax.config import ModelConfig, TrainConfig
 
     cfg = TrainConfig(model=ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder),
                       batch_size=a.batch, augment=False)
-    distributed.use_cpu_cores(a.cpu_devices or 1)  # before any JAX computation
-    _host_memory(a, cfg, distributed.cpu_devices_chosen())
+    cpu_runtime.use_cpu_cores(a.cpu_devices or 1)  # before any JAX computation
+    _host_memory(a, cfg, cpu_runtime.cpu_devices_chosen())
     import jax.numpy as jnp
     import numpy as np
 
-    from iepjax import training, xla_cpu_convs
+    from iepjax import training_step, xla_cpu_convs
     impl = use_conv(a.conv)
-    state = training.init_state(cfg, key=jax.random.key(0))
+    state = training_step.init_state(cfg, key=jax.random.key(0))
     batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
     raw = conv_fn(impl)
-    calls = record_convs(lambda s, b: training.train_step(s, b, cfg), state, batch, batch=a.batch, conv=impl)
+    calls = record_convs(lambda s, b: training_step.train_step(s, b, cfg), state, batch, batch=a.batch, conv=impl)
 
     def timed(f, *args):  # ms
         return median_seconds(f, *args, repeats=a.steps) * 1e3
@@ -138,7 +138,7 @@ def profile(a) -> list[dict]:
         rows.append({"layer": i, "x": list(xs), "w": list(ws), "strides": list(st), "lhs_dilation": list(dil),
                      "fwd_ms": round(fwd, 2), "input_grad_ms": round(dx, 2), "kernel_grad_ms": round(dw, 2),
                      "input_grad_in_step": in_step})
-    step = jax.jit(training.train_step, static_argnames="config")  # not donating: the state is reused
+    step = jax.jit(training_step.train_step, static_argnames="config")  # not donating: the state is reused
     ms = timed(lambda s, b: step(s, b, cfg)[1], state, batch)
     rows.append({"layer": "step", "devices": jax.device_count(), "batch": a.batch, "decoder": a.decoder, "conv": impl,
                  "ms": round(ms, 1), "img_per_s": round(a.batch / ms * 1e3, 1), "convs_ms": round(conv_ms, 1),
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, as train.py)")
     p.add_argument("--malloc", default="auto", choices=["auto", "reuse", "system"],
-                   help="JAX side: glibc's malloc keeps freed memory for reuse (iepjax.hostmem): auto = as train.py "
+                   help="JAX side: glibc's malloc keeps freed memory for reuse (iepjax.cpu_runtime): auto = as train.py "
                         "(when the step's buffers are large), reuse = always, system = never")
     p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable))
     p.add_argument("--torch-reference", type=Path, default=DEFAULT_REFERENCE)

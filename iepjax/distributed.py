@@ -121,13 +121,5 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def __getattr__(name: str) -> Any:
-    """The CPU device count moved to `iepjax.cpu_runtime`; the benchmark scripts still call it here."""
-    if name in ("use_cpu_cores", "cpu_devices_chosen", "cpu_cores"):
-        from iepjax import cpu_runtime
-        return getattr(cpu_runtime, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["initialize", "requested", "is_main", "process_rows", "gather_rows", "broadcast_text", "main_first",
            "barrier"]

@@ -53,7 +53,7 @@ def test_projection_reports_a_row_with_the_heap_growth():
     `--conv plain`) and prints its row; `heap_growth_mb` (item 14) is measured on glibc and None elsewhere."""
     import json
 
-    from iepjax import hostmem
+    from iepjax import cpu_runtime
     r = subprocess.run([sys.executable, str(BENCH / "projection.py"), "--size", "32", "--iters", "3", "--batch",
                         "2", "--repeats", "1", "--decoder", "transposed", "--cpu-devices", "1", "--conv", "plain"],
                        capture_output=True, text=True, timeout=300)
@@ -61,7 +61,7 @@ def test_projection_reports_a_row_with_the_heap_growth():
     row = json.loads(r.stdout.splitlines()[-1])
     assert (row["size"], row["iters"], row["batch"], row["devices"], row["conv"]) == (32, 3, 2, 1, "plain")
     assert row["iter_img_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["lower_compile_s"] > 0
-    if hostmem.glibc() is None:
+    if cpu_runtime.glibc() is None:
         assert row["heap_growth_mb"] is None
     else:
         assert 0 <= row["heap_growth_mb"] < 100, row  # a 3-step projection of 32 px images holds no more
@@ -102,8 +102,8 @@ def test_training_profile_lists_every_conv_and_the_step():
 
 def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
     """`benchmarks/gpu.py` (the prepared GPU check) runs on CPU on tiny shapes, with both implementations of the
-    model's convolutions by default; without torch (here: no such interpreter, which used to raise
-    FileNotFoundError) the PyTorch side is skipped with a note, never silently."""
+    model's convolutions by default; without torch (here: no such interpreter) the PyTorch side is
+    skipped with a note, never silently."""
     import json
     r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--size", "32", "--iters", "2", "--batch", "1", "2",
                         "--repeats", "1", "--decoder", "transposed", "--torch-python", str(BENCH / "no_such_python")],
@@ -122,7 +122,7 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
     freed host memory was kept for reuse (`--malloc reuse` forces it, `auto` follows train.py: not at 32 px)."""
     import json
 
-    from iepjax import hostmem
+    from iepjax import cpu_runtime
 
     rows = {}
     for malloc, conv in (("reuse", "plain"), ("auto", "auto")):  # and the --conv flag: plain, then auto
@@ -134,7 +134,7 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
     for row in rows.values():
         assert row["jax_img_per_s"] > 0 and row["jax_page_faults_per_step"] >= 0 and row["jax_sys_ms_per_step"] >= 0
         assert "skipped" in row["torch"]
-    assert rows["reuse"]["jax_host_memory_reused"] is (hostmem.glibc() is not None)
+    assert rows["reuse"]["jax_host_memory_reused"] is (cpu_runtime.glibc() is not None)
     assert rows["auto"]["jax_host_memory_reused"] is False
     assert (rows["reuse"]["jax_conv"], rows["auto"]["jax_conv"]) == ("plain", "xla_cpu")
 
