@@ -1,4 +1,4 @@
-"""iepjax's projection side by side with the PyTorch eager loop (issue 5); prints JSON lines.
+"""iepjax's projection side by side with the PyTorch eager loop; prints JSON lines.
 
     python benchmarks/compare_torch.py --torch-python /work/torchvenv/bin/python
     python benchmarks/compare_torch.py --torch-python ... --decoder transposed --batch 16 --iters 100

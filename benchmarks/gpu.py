@@ -1,4 +1,4 @@
-"""GPU: the batched iepjax projection against the PyTorch eager loop on the same GPU (issue 5); JSON lines.
+"""GPU: the batched iepjax projection against the PyTorch eager loop on the same GPU; JSON lines.
 
     python benchmarks/gpu.py                          # a machine with an NVIDIA GPU, jax[cuda] and torch
     python benchmarks/gpu.py --size 32 --iters 2 --batch 1 2 --torch-images 1   # a quick check, any machine

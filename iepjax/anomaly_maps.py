@@ -1,4 +1,4 @@
-"""Anomaly maps: per-pixel scores from a projection or a reconstruction (method.md, Projection).
+"""Anomaly maps: per-pixel scores from a projection or a reconstruction (docs/method.md, Anomaly maps).
 
 grad map:  A(x0) = mean_c |x_T - x0|        (paper, Sec. 3: the difference the projection made)
 recon map: A(x0) = mean_c |x0 - f(x0)|      (the plain autoencoder baseline, paper Table 1 "VAE")

@@ -1,4 +1,4 @@
-"""The energy minimised by the projection, for one image (method.md, Projection; paper eq. 3).
+"""The energy minimised by the projection, for one image (docs/method.md, Projection, (1); paper eq. 3).
 
 E(x) = L_r(x) + lam * ||x - x0||_1, where L_r is the trained model's own loss of x evaluated with
 the posterior mean (no sampling), so E is deterministic and its gradient flows through the

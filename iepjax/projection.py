@@ -1,6 +1,6 @@
-"""The iterative energy-based projection onto the normal-data manifold (method.md; paper eq. 4).
+"""The iterative energy-based projection onto the normal-data manifold (docs/method.md, Projection).
 
-For t = 0 .. T-1:
+For t = 0 .. T-1 (docs/method.md's update (2); paper eq. 4):
     x_{t+1} = clip(x_t - alpha * grad_x E(x_t) * (x_t - f(x_t))^2, 0, 1)
 with E the energy of `iepjax.energy`. The maths is written for one image; `project_fn` vmaps it
 over the batch and runs the T steps as one `lax.scan` inside one jitted XLA program.

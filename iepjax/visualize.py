@@ -44,10 +44,10 @@ def _show(ax, img_HxWxC: np.ndarray, title: str) -> None:
 class PanelFigure:
     """Draws `panel` PNGs on one reused matplotlib figure: new pixels, titles and contours per image.
 
-    Building the five axes and the colorbar, and a tight bounding box (a second draw), took about
-    half of each panel's time: 0.24 s per panel at 64 px with a new figure each, 0.13 s redrawing
-    this one with new data (idle 2-core machine; `write_overlays` uses it). `vmax`: the dataset-level map bound; the image shape may change from
-    call to call (the figure is then built again).
+    Building the five axes and the colorbar, and a tight bounding box (a second draw), are about
+    half of the time of drawing a panel on a new figure; redrawing this one with new data skips
+    them (`write_overlays` uses it). `vmax`: the dataset-level map bound; the image shape may
+    change from call to call (the figure is then built again).
     """
 
     def __init__(self, vmax: float):

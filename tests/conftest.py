@@ -32,19 +32,19 @@ _CACHE_ENV: dict[str, str] = {}
 # The suite runs on one pytest-xdist worker per core, at most 8, a test file to a worker (pyproject's
 # addopts: `-n auto --maxprocesses 8 --dist loadfile --no-loadscope-reorder`; `-n 0` runs it in one
 # process). More workers would not help: each holds a JAX runtime (~0.3 GB), and the slowest file
-# alone takes a quarter of the suite's time on 2 cores. Files are
-# handed out in collection order, so the slowest go first and the workers finish at about the same
-# time. Seconds per file with 2 workers on the 2-core machine (fresh clone, 2026-11-29):
-SLOWEST_FIRST = ("test_projection.py",    # 123 s
-                 "test_scripts.py",       # 104 s: train.py / project.py end to end
-                 "test_folder.py",        # 88 s: reproduce.py end to end
-                 "test_sharding.py",      # 84 s: 4- and 8-device subprocesses
-                 "test_conv.py",          # 55 s
-                 "test_energy.py",        # 53 s
-                 "test_benchmarks.py",    # 31 s + 22 s: the benchmark scripts on tiny shapes
-                 "test_training.py",      # 35 s
-                 "test_distributed.py",   # 33 s: two processes
-                 "test_model.py")         # 19 s; the rest take a few seconds
+# alone takes a quarter of the suite's time on 2 cores. Files are handed out in collection order,
+# so the slowest go first and the workers finish at about the same time (the seconds per file:
+# docs/results.md, "Time of the test suite").
+SLOWEST_FIRST = ("test_projection.py",
+                 "test_scripts.py",       # train.py / project.py end to end
+                 "test_folder.py",        # reproduce.py end to end
+                 "test_sharding.py",      # 4- and 8-device subprocesses
+                 "test_conv.py",
+                 "test_energy.py",
+                 "test_benchmarks.py",    # the benchmark scripts on tiny shapes
+                 "test_training.py",
+                 "test_distributed.py",   # two processes
+                 "test_model.py")         # the other files take a few seconds each
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,7 +50,7 @@ def test_conv_choices_and_recorded_layers_match_the_model():
 
 def test_projection_reports_a_row_with_the_heap_growth():
     """`benchmarks/projection.py` runs one configuration on tiny shapes (here with the plain convolutions,
-    `--conv plain`) and prints its row; `heap_growth_mb` (item 14) is measured on glibc and None elsewhere."""
+    `--conv plain`) and prints its row; `heap_growth_mb` (benchmarks/README.md, item 14) is measured on glibc and None elsewhere."""
     import json
 
     from iepjax import cpu_runtime
@@ -118,8 +118,9 @@ def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
 
 
 def test_training_reports_the_kernels_share_and_the_malloc_setting():
-    """`benchmarks/training.py` (item 12): the JAX row carries page faults and system time per step and whether
-    freed host memory was kept for reuse (`--malloc reuse` forces it, `auto` follows train.py: not at 32 px)."""
+    """`benchmarks/training.py` (benchmarks/README.md, item 12): the JAX row carries page faults and system
+    time per step and whether freed host memory was kept for reuse (`--malloc reuse` forces it, `auto`
+    follows train.py: not at 32 px)."""
     import json
 
     from iepjax import cpu_runtime

@@ -4,9 +4,9 @@
     python tools/seeds.py --category brick --seeds 0 1 --train-args "--steps 200"   # flags for train.py
 
 One training run gives one draw of the metrics: the trained model moves with the seed (and with
-float rounding, README "Results"). For each seed S this runs the README's first command's two
-scripts, `train.py --category C --seed S --results ROOT/seed<S>` and then `project.py` on that run,
-in subprocesses; a seed whose folder already holds a scored projection is read, not rerun
+float rounding: docs/results.md, "A model that differs only in float rounding"). For each seed S
+this runs the README's first command's two scripts, `train.py --category C --seed S --results
+ROOT/seed<S>` and then `project.py` on that run, in subprocesses; a seed whose folder already holds a scored projection is read, not rerun
 (`--rerun` to redo it). The test split is the reported one (data seed 0) for every run: only the
 training seed changes.
 
