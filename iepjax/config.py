@@ -36,7 +36,7 @@ class ModelConfig:
       decoder: "upsample" (nearest upsampling + 3x3 convs, the public port) or
         "transposed" (transposed convs, Bergmann et al. 2018).
       likelihood: reconstruction term L_r: "bce" (Bernoulli, summed binary cross-entropy, the
-        seed implementation) or "gaussian" (Gaussian decoder with one learned variance gamma^2,
+        public port's) or "gaussian" (Gaussian decoder with one learned variance gamma^2,
         Dai & Wipf 2019).
       use_kl: whether the model's loss includes KL(q(z|x) || N(0, I)) (a VAE); False gives a
         deterministic AE on the posterior mean.

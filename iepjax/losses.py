@@ -1,4 +1,4 @@
-"""The model's own training loss, for one image (method.md, Training).
+"""The model's own training loss, for one image (docs/method.md, Training).
 
 L(x) = L_r(x, f(x)) + KL(q(z|x) || N(0, I)), all terms summed over pixels and channels.
 Write the maths for one image; `jax.vmap` it over a batch.

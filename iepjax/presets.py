@@ -13,13 +13,7 @@ from __future__ import annotations
 from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
 from iepjax.data.preprocess import Preprocess
 
-# Built-in textures: 64 px model inputs (random patches of the 128 px crops, texture_fov 0.5; test
-# crops tiled into half-overlapping patches, tile_step 0.5, blended by distance from the tile
-# border), Gaussian likelihood with a learned gamma, the transposed-conv decoder of Bergmann et
-# al. 2018, Adam at 2.5x the paper's learning rate for a short budget. Projection: with the
-# Gaussian 'sum' loss a step moves a pixel by about alpha e^3 / gamma^2, so alpha is far below the
-# public ports' 0.5 for BCE, and lam must be on the scale of (x - f) / gamma^2 to hold pixels of
-# small error at x0 (docs/method.md, Projection; the values: docs/calibration.md).
+# Built-in textures: 64 px patches, Gaussian likelihood, the projection on its scale (docs/calibration.md).
 _TEXTURE = dict(kind="texture", size=64, channels=1, likelihood="gaussian", decoder="transposed",
                 train_steps=5000, batch_size=16, learning_rate=5e-4,
                 proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=1.0,
@@ -30,14 +24,7 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("textures", "grass"): dict(_TEXTURE),
 }
 
-# MVTec AD (docs/datasets.md). kind "texture": training on random crops (patches_per_epoch of them)
-# of the image brought to a working resolution whose short side is size / texture_fov, flips and
-# 90-degree rotations; test images tiled at that scale, without overlap (train.py --tile-stride
-# turns it on). kind "object": the whole image resized to size x size, no augmentation (a flipped
-# metal_nut or a rotated transistor is a defect). The paper gives no training length for MVTec
-# AD: 10 000 steps of 32 (32 epochs of 10 000 patches) is a documented guess. Likelihood, decoder
-# and projection as chosen on the built-in textures, not tuned on MVTec AD; sigma 2 px at 128 px
-# is the 1 px chosen at 64 px.
+# MVTec AD: 128 px, textures tiled at a working resolution, objects resized (docs/calibration.md).
 _MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 _MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
                   "transistor", "zipper")
@@ -49,13 +36,10 @@ _MVTEC_OBJECT = dict(_MVTEC, kind="object", augment=False)
 for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
     PRESETS[("mvtec_ad", _c)] = dict(_MVTEC_TEXTURE if _c in _MVTEC_TEXTURES else _MVTEC_OBJECT,
                                      channels=1 if _c in _MVTEC_GRAY else 3)
-# Own folders (dataset "folder", any category name): an MVTec AD category name gets that
-# category's row; any other name the object row (train.py --kind texture switches).
+# Own folders: an MVTec AD category's name gets its row, any other the object row (docs/calibration.md).
 FOLDER_DEFAULT = dict(_MVTEC_OBJECT, channels=3)
 
-# alpha and lam follow the scale of the model's loss (docs/method.md, Projection): the values above
-# are for the Gaussian likelihood the presets train with. A model trained with `--likelihood bce`
-# gets the public ports' BCE values (alpha 0.5, lam 0.05), not calibrated here.
+# alpha and lam for a model trained with another likelihood: the public ports' BCE values (docs/calibration.md).
 LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05)}
 
 

@@ -22,8 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
-# The three end-to-end tests share one train/project/retrain sequence: ~90-110 s on the loaded 2-core
-# machine (45 s of it project.py drawing 48 overlay panels). Deselect them with -m "not slow".
+# The three end-to-end tests share one train/project/retrain sequence, the slowest part of the suite
+# (most of it project.py drawing the overlay panels). Deselect them with -m "not slow".
 slow = pytest.mark.slow
 
 
@@ -167,8 +167,8 @@ def _decode_png(path: Path) -> np.ndarray:
 
 
 @slow
-def test_every_output_of_issue_4_exists_and_is_well_formed(e2e):
-    """Issue 4, 'What it must show', first point: all files of a run and of a projection, well formed."""
+def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
+    """All files of a run and of a projection exist and are well formed."""
     from iepjax import metrics as M
     from iepjax.report import SCORE_COLUMNS
     from iepjax.training import LOG_COLUMNS
@@ -285,7 +285,7 @@ def test_every_output_of_issue_4_exists_and_is_well_formed(e2e):
 
 
 def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_computed_at_them(tmp_path, monkeypatch):
-    """Issue 4, 'What it must show', second point, on numpy maps (no model, no training).
+    """Thresholds and F1 on numpy maps (no model, no training).
 
     Thresholds from `normal_stats` on a normal set flag about (1 - quantile) of that set's pixels
     / images; `evaluate` reports the F1 of predictions at exactly those thresholds.
@@ -357,7 +357,7 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
 
 
 # The failure cases run main() in-process: they stop before any JAX work, and a subprocess would
-# only add ~4 s of interpreter start and imports each.
+# only add an interpreter start and the imports to each.
 
 def test_project_unknown_category_fails_clearly(tmp_path, capsys):
     code, err = _main("project.py", ["--category", "nope", "--results", str(tmp_path), "--no-progress"], capsys)
