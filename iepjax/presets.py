@@ -28,6 +28,9 @@ _TEXTURE = dict(kind="texture", size=64, channels=1, likelihood="gaussian", deco
 PRESETS: dict[tuple[str, str], dict] = {
     ("textures", "brick"): dict(_TEXTURE),
     ("textures", "grass"): dict(_TEXTURE),
+    ("textures", "tissue"): dict(_TEXTURE, channels=3),
+    ("textures", "tissue_gray"): dict(_TEXTURE),
+    ("textures", "weave"): dict(_TEXTURE),
 }
 
 # MVTec AD (docs/datasets.md). kind "texture": training on random crops (patches_per_epoch of them)
@@ -82,7 +85,8 @@ def train_config(dataset: str, category: str, *, size: int | None = None, kind: 
     model = ModelConfig(size=size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
                         decoder=pre["decoder"])
     return TrainConfig(model=model, steps=pre["train_steps"], batch_size=pre["batch_size"],
-                       learning_rate=pre["learning_rate"],
+                       learning_rate=pre["learning_rate"], free_bits=pre.get("free_bits", 0.0),
+                       kl_warmup=pre.get("kl_warmup", 0),
                        augment=pre.get("augment", True) if kind is None else kind == "texture")
 
 
