@@ -32,6 +32,9 @@ def main(argv=None) -> int:
                    help="textures: stride of the test tiles in pixels at the model size; overlaps are blended "
                         "(default: the preset, half a tile for the built-in textures; --size for no overlap). Rerun on a "
                         "trained run, it changes only the run's test tiling (thresholds are fitted again)")
+    p.add_argument("--texture-fov", type=cli.unit_fraction,
+                   help="textures: working scale, the fraction of the working image's short side one model input "
+                        "covers (default: the preset; 0.25 for MVTec AD). Own folders never upsample their images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
         config = cli.override(config, model=cli.override(config.model, likelihood=a.likelihood, decoder=a.decoder),
                               steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
                               free_bits=a.free_bits, kl_warmup=a.kl_warmup)
-        prep = presets.preprocess(source.dataset, source.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride)
+        prep = presets.preprocess(source.dataset, source.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride,
+                                  texture_fov=a.texture_fov)
         check_writable(a.results, what="--results folder")  # before any data is prepared or a step trained
     except (ValueError, PermissionError) as e:
         p.error(str(e))
