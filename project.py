@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from iepjax import cli, presets, report, runs
+from iepjax import cli, loss_scale, presets, report, runs
 from iepjax.pipelines import infer_folder, project_run
 
 
@@ -26,6 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=cli.nonnegative_float, help="step size")
     p.add_argument("--lam", type=cli.nonnegative_float, help="weight of the L1 prior ||x - x0||_1")
     p.add_argument("--sigma", type=cli.nonnegative_float, help="Gaussian smoothing of the maps, pixels")
+    p.add_argument("--hold", type=cli.fraction,
+                   help="lam in the model's own units: the fraction of held-out normal pixels the L1 prior keeps "
+                        "at x0 (iepjax.loss_scale; replaces --lam; written to loss_scale.json)")
+    p.add_argument("--step", type=cli.positive_float,
+                   help="alpha in the model's own units: a typical normal pixel's first step (replaces --alpha)")
     p.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
     p.add_argument("--no-backtrack", action="store_true",
                    help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
@@ -59,6 +64,11 @@ def main(argv=None) -> int:
         return cli.EXIT_ERROR
     config = dataclasses.replace(cli.override(config, steps=a.steps, alpha=a.alpha, lam=a.lam, smoothing_sigma=a.sigma),
                                  weighting=not a.no_weighting, use_kl=not a.no_kl, backtrack=not a.no_backtrack)
+    relative = None
+    if a.hold is not None or a.step is not None:
+        if a.input_dir is not None:
+            p.error("--hold / --step resolve alpha and lam for a run's test split; with --input-dir give --alpha / --lam")
+        relative = cli.override(loss_scale.RelativeSettings(), hold=a.hold, step=a.step)
     mesh = cli.start_runtime(a, projection_steps=config.steps)
     run = dict(batch_size=a.batch_size, overlays=not a.no_overlays, progress=not a.no_progress)
     if a.input_dir is not None:  # plain-folder inference, on one device per process
@@ -69,7 +79,8 @@ def main(argv=None) -> int:
             print(report.format_inference(summary))
             print(f"output folder: {out} (scores.csv, maps/*.tiff, overlays/)")
         return status
-    status, out = cli.guarded(project_run, run_dir, source, config, cli.threshold_config(a), mesh=mesh, **run)
+    status, out = cli.guarded(project_run, run_dir, source, config, cli.threshold_config(a), mesh=mesh,
+                              relative=relative, **run)
     out_dir, result = out or (None, None)
     if out_dir is not None:  # process 0 reports
         print(report.format_projection(result))

@@ -32,9 +32,16 @@ def main(argv=None) -> int:
                    help="textures: stride of the test tiles in pixels at the model size; overlaps are blended "
                         "(default: the preset, half a tile for the built-in textures; --size for no overlap). Rerun on a "
                         "trained run, it changes only the run's test tiling (thresholds are fitted again)")
+    p.add_argument("--texture-fov", type=cli.unit_fraction,
+                   help="textures: working scale, the fraction of the working image's short side one model input "
+                        "covers (default: the preset; 0.25 for MVTec AD). Own folders never upsample their images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="reconstruction term: bce or gaussian (learned gamma)")
     p.add_argument("--decoder", choices=DECODERS, help="upsample+conv or transposed convs")
+    p.add_argument("--free-bits", type=cli.nonnegative_float,
+                   help="floor in nats on each latent dimension's KL (free bits; 0 = plain KL; default: the preset)")
+    p.add_argument("--kl-warmup", type=cli.nonnegative_int,
+                   help="steps over which the KL weight rises from 0 to 1 (0 = none; default: the preset)")
     p.add_argument("--holdout", type=cli.fraction, help="fraction of normal training images kept for thresholds (0.1)")
     p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
     cli.add_threshold_flags(p)
@@ -46,8 +53,10 @@ def main(argv=None) -> int:
         source = cli.data_config(a)
         config = presets.train_config(source.dataset, source.category, size=a.size, kind=a.kind)
         config = cli.override(config, model=cli.override(config.model, likelihood=a.likelihood, decoder=a.decoder),
-                              steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed)
-        prep = presets.preprocess(source.dataset, source.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride)
+                              steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
+                              free_bits=a.free_bits, kl_warmup=a.kl_warmup)
+        prep = presets.preprocess(source.dataset, source.category, size=a.size, kind=a.kind, tile_stride=a.tile_stride,
+                                  texture_fov=a.texture_fov)
         check_writable(a.results, what="--results folder")  # before any data is prepared or a step trained
     except (ValueError, PermissionError) as e:
         p.error(str(e))
@@ -61,7 +70,8 @@ def main(argv=None) -> int:
         print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
               "predictor's, ratio >= 0.97). "
               + ("Try --likelihood gaussian, " if out.summary.config.model.likelihood == "bce" else "Try ")
-              + "more --steps, another --lr or --seed; see docs/calibration.md.", file=sys.stderr)
+              + "--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, more --steps, "
+              "another --lr or --seed; see docs/calibration.md.", file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {out.run_dir}")
             return cli.EXIT_COLLAPSED

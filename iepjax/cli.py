@@ -84,6 +84,14 @@ def fraction(text: str) -> float:
     return x
 
 
+def unit_fraction(text: str) -> float:
+    """argparse type for a share in (0, 1], such as train.py --texture-fov 0.25."""
+    x = _float(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"{x}: give a fraction in (0, 1], e.g. 0.25")
+    return x
+
+
 def model_size(text: str) -> int:
     """argparse type for a model input size (train.py --size, reproduce.py --image-size): ModelConfig's rule."""
     n = _int(text, 1)

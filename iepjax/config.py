@@ -121,6 +121,11 @@ class TrainConfig:
       learning_rate, b1, b2: Adam (the paper: 2e-4, 0.5, 0.999).
       seed: seed of every PRNG key (parameters, sampling, augmentation).
       augment: random flips and 90-degree rotations (textures).
+      free_bits: a floor, in nats, on each latent dimension's KL term of an image
+        (`losses.kl_free_bits`; 0 = the plain KL): below it the encoder is not pushed towards the
+        prior, a remedy for posterior collapse (docs/method.md, Training).
+      kl_warmup: steps over which the KL term's weight rises linearly from 0 to 1 (0 = weight 1
+        from the first step): the model first learns to reconstruct, then to match the prior.
       checkpoint_every: save an orbax checkpoint every this many steps (and at the end).
       log_every: write a row of the training log every this many steps.
     """
@@ -133,12 +138,16 @@ class TrainConfig:
     b2: float = 0.999
     seed: int = 0
     augment: bool = True
+    free_bits: float = 0.0
+    kl_warmup: int = 0
     checkpoint_every: int = 500
     log_every: int = 25
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("TrainConfig: steps and batch_size must be >= 1")
+        if not (self.free_bits >= 0 and math.isfinite(self.free_bits)) or self.kl_warmup < 0:
+            raise ValueError(f"TrainConfig: free_bits ({self.free_bits}) and kl_warmup ({self.kl_warmup}) must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,9 @@ _TEXTURE = dict(kind="texture", size=64, channels=1, likelihood="gaussian", deco
 PRESETS: dict[tuple[str, str], dict] = {
     ("textures", "brick"): dict(_TEXTURE),
     ("textures", "grass"): dict(_TEXTURE),
+    ("textures", "tissue"): dict(_TEXTURE, channels=3),
+    ("textures", "tissue_gray"): dict(_TEXTURE),
+    ("textures", "weave"): dict(_TEXTURE),
 }
 
 # MVTec AD: 128 px, textures tiled at a working resolution, objects resized (docs/calibration.md).
@@ -66,25 +69,31 @@ def train_config(dataset: str, category: str, *, size: int | None = None, kind: 
     model = ModelConfig(size=size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
                         decoder=pre["decoder"])
     return TrainConfig(model=model, steps=pre["train_steps"], batch_size=pre["batch_size"],
-                       learning_rate=pre["learning_rate"],
+                       learning_rate=pre["learning_rate"], free_bits=pre.get("free_bits", 0.0),
+                       kl_warmup=pre.get("kl_warmup", 0),
                        augment=pre.get("augment", True) if kind is None else kind == "texture")
 
 
 def preprocess(dataset: str, category: str, *, size: int | None = None, kind: str | None = None,
-               tile_stride: int | None = None) -> Preprocess:
-    """The category's preprocessing (size / kind / tile_stride override the preset).
+               tile_stride: int | None = None, texture_fov: float | None = None) -> Preprocess:
+    """The category's preprocessing (size / kind / tile_stride / texture_fov override the preset).
 
     The preset's `tile_step` is the test-time tile stride as a fraction of the model size (0.5 for
     the built-in textures: tiles overlap by half); `tile_stride` gives it in pixels instead.
+    `texture_fov`: textures are brought to a working resolution whose short side is
+    size / texture_fov. Own folders (dataset "folder") never work above their images' own
+    resolution: a 128 px photo is not upsampled to reach the MVTec AD scale.
     """
     pre = _row(dataset, category)
     kind = kind or pre.get("kind", "object")
     size = size or pre["size"]
     if tile_stride is None:
         tile_stride = max(1, int(round(pre.get("tile_step", 1.0) * size)))
-    return Preprocess(kind=kind, size=size,
-                      texture_fov=pre.get("texture_fov", 0.25 if kind == "texture" else 1.0),
-                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=tile_stride)
+    if texture_fov is None:
+        texture_fov = pre.get("texture_fov", 0.25 if kind == "texture" else 1.0)
+    return Preprocess(kind=kind, size=size, texture_fov=texture_fov,
+                      patches_per_epoch=pre.get("patches_per_epoch", 10000), tile_stride=tile_stride,
+                      upsample=dataset != "folder")
 
 
 def projection_config(dataset: str, category: str, likelihood: str | None = None) -> ProjectionConfig:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from iepjax.config import ModelConfig, TrainConfig
-from iepjax.losses import LossTerms, model_loss
+from iepjax.losses import LossTerms, kl_free_bits, model_loss
 from iepjax.model import VAE, init_params
 
 
@@ -66,9 +66,12 @@ class BatchAux(NamedTuple):
     mse: jax.Array
 
 
-def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: jax.Array) -> tuple[jax.Array, BatchAux]:
+def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: jax.Array,
+               free_bits: float = 0.0, kl_weight: jax.Array | None = None) -> tuple[jax.Array, BatchAux]:
     """Mean over the batch of the per-image loss, z sampled with one key per image.
 
+    L_r + kl_weight * KL, the KL with a floor of `free_bits` nats per latent dimension
+    (`losses.kl_free_bits`); `free_bits` 0 and `kl_weight` None are the model's own loss.
     Gaussian likelihood: gamma is the calibrated decoder std (Dai & Wipf 2019; Rybkin et al. 2021,
     "sigma-VAE"): gamma^2 = the batch's mean squared error, its maximum-likelihood value, so the
     balance between L_r and KL is right from the first step.
@@ -90,6 +93,10 @@ def batch_loss(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig, *, key: 
     log_gamma = 0.5 * jnp.log(jnp.maximum(jax.lax.stop_gradient(mse), GAMMA_MIN ** 2))
     terms = jax.vmap(model_loss, in_axes=(0, 0, 0, 0, None, None))(logits, x_BxHxWxC, mu, logvar, log_gamma, config)
     terms = jax.tree.map(jnp.mean, terms)
+    if config.use_kl and (free_bits > 0 or kl_weight is not None):  # the collapse remedies (TrainConfig)
+        kl = jnp.mean(jax.vmap(kl_free_bits, in_axes=(0, 0, None))(mu, logvar, free_bits))
+        total = terms.recon + (kl if kl_weight is None else kl_weight * kl)
+        return total, BatchAux(terms, mse)  # the plain KL is what the log reports
     return terms.total, BatchAux(terms, mse)
 
 
@@ -105,7 +112,11 @@ def train_step(state: TrainState, batch_BxHxWxC: jax.Array, config: TrainConfig)
     x = batch_BxHxWxC.astype(jnp.float32) / 255.0
     if config.augment:
         x = jax.vmap(lambda a, k: augment(a, key=k))(x, jax.random.split(k_aug, x.shape[0]))
-    (_, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, x, config.model, key=k_z)
+    kl_weight = None
+    if config.kl_warmup > 0:
+        kl_weight = jnp.minimum(1.0, state.step.astype(jnp.float32) / config.kl_warmup)
+    (_, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, x, config.model, key=k_z,
+                                                                   free_bits=config.free_bits, kl_weight=kl_weight)
     updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if config.model.likelihood == "gaussian":

@@ -246,3 +246,19 @@ def test_official_metrics_skip_images_without_masks_and_tiffs(tmp_path, splits):
         assert p == tmp_path / "grid" / "test" / id_.split("/")[0] / (id_.split("/")[1] + ".tiff")
         t = tifffile.imread(p)
         assert t.dtype == np.float32 and t.shape == m.shape
+
+
+def test_own_folders_never_upsample_textures(tmp_path):
+    """An own folder's texture is worked on at its resolution or below (a 128 px photo is not blown
+    up to the MVTec AD working scale of size / 0.25); --texture-fov sets the scale; the choice is
+    recorded in preprocess.json."""
+    from iepjax import presets
+    own = presets.preprocess("folder", "widget", size=64, kind="texture")
+    assert (own.texture_fov, own.upsample) == (0.25, False)
+    assert own.working_shape(128, 160) == (128, 160)  # size / 0.25 = 256 would upsample 2x
+    assert own.working_shape(1024, 1024) == (256, 256)  # large photos are still brought down to the scale
+    assert presets.preprocess("folder", "widget", size=64, kind="texture", texture_fov=0.5).working_shape(512, 512) == (128, 128)
+    mvtec = presets.preprocess("mvtec_ad", "carpet", size=64)
+    assert mvtec.upsample and mvtec.working_shape(128, 128) == (256, 256)
+    own.save(tmp_path)
+    assert Preprocess.load(tmp_path) == own and '"upsample": false' in (tmp_path / "preprocess.json").read_text()

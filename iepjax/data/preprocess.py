@@ -39,6 +39,7 @@ class Preprocess:
     texture_fov: float = 0.25
     patches_per_epoch: int = 10000
     tile_stride: int = 0  # 0: size (tiles do not overlap)
+    upsample: bool = True  # textures: the working resolution may exceed the image's own (False: never)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +61,8 @@ class Preprocess:
             return self.size, self.size
         short = self.size / self.texture_fov
         scale = short / min(h, w)
+        if not self.upsample:  # own photos: work at their resolution or below, never invent pixels
+            scale = min(scale, 1.0)
         return max(self.size, int(round(h * scale))), max(self.size, int(round(w * scale)))
 
     def to_dict(self) -> dict:

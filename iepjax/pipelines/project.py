@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iepjax import data, distributed, metrics, outputs, presets, report, runs
+from iepjax import data, distributed, loss_scale, metrics, outputs, presets, report, runs
+from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
-from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
+from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, localize, localize_images, trajectory
 from iepjax.scoring import official_metrics, split_metrics
@@ -29,7 +30,8 @@ class PreparedRun(NamedTuple):
     """A trained run ready to project: its parameters, the projection config (the run's model and,
     with early stopping, the stopping loss), its preprocessing (None for runs without
     preprocess.json), the thresholds used ({"grad", "recon"} -> NormalStats), where they come
-    from, and the compile seconds of a threshold calibration done now (else None)."""
+    from, the compile seconds of a threshold calibration done now (else None), and the record of
+    alpha and lam resolved in the model's units (`loss_scale.resolve`; None when given directly)."""
 
     params: dict
     config: ProjectionConfig
@@ -37,13 +39,15 @@ class PreparedRun(NamedTuple):
     stats: dict
     source: str
     compile_s: float | None
+    scale: dict | None = None
 
 
 def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, progress: bool = True,
-                mesh=None) -> PreparedRun:
+                mesh=None, relative: loss_scale.RelativeSettings | None = None) -> PreparedRun:
     """Load a run and fit (or read) its thresholds on its held-out normal images for `config`
-    (default: the category preset's, for the run's likelihood)."""
+    (default: the category preset's, for the run's likelihood). With `relative`, alpha and lam are
+    first resolved in units of the model's loss on those normal images (`loss_scale.resolve`)."""
     params, tcfg = load_params(run_dir)
     if config is None:
         config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
@@ -51,17 +55,22 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
         lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir, source_dir=source.source_dir))
     prep = Preprocess.load(run_dir)
+    scale = None
+    if relative is not None:  # normal images only: the same inputs the test images become
+        x = model_inputs(normal, prep)[0] if prep is not None else resize_images(normal, config.model.size)
+        config, scale = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0, relative)
     if thresholds.early_stop and config.stop_loss is None:
         config = with_early_stop(params, config, normal, prep)
     stats, compile_s = load_or_calibrate(run_dir, params, config, normal, thresholds, batch_size=batch_size,
                                          progress=progress, mesh=mesh)
     stats, where = given(stats, thresholds)
-    return PreparedRun(params, config, prep, stats, where, compile_s)
+    return PreparedRun(params, config, prep, stats, where, compile_s, scale)
 
 
 def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, overlays: bool = True,
-                progress: bool = True, mesh=None) -> tuple[Path | None, dict]:
+                progress: bool = True, mesh=None,
+                relative: loss_scale.RelativeSettings | None = None) -> tuple[Path | None, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
     `config` defaults to the category preset's projection settings; its model is the run's. The
@@ -70,7 +79,8 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     run was trained on). `mesh`: as in `localization.localize`; with several processes each
     projects its share and process 0 writes everything, the others return (None, {}).
     """
-    run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh)
+    run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh,
+                      relative=relative)
     size, official = run.config.model.size, None
     if run.prep is not None:  # the official protocol at the original image sizes
         test = data.load_split(source.dataset, source.category, "test", source.tfds_dir,
@@ -90,6 +100,8 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         if not distributed.is_main():
             return None, {}
     with runs.new_output(Path(run_dir) / "projections") as out:  # complete or absent (iepjax.atomic)
+        if run.scale is not None:  # how alpha and lam were resolved (docs/method.md, Projection)
+            runs.atomic_write_text(out.path / "loss_scale.json", dumps_json(run.scale))
         if official is not None:  # TIFF maps at the original sizes; paths as they will be once complete
             official["protocol"]["tiff_maps"] = {
                 row: str(out.final / Path(root).relative_to(out.path))
