@@ -6,7 +6,10 @@ Public API::
     result = project_fn(params, x0_BxHxWxC, ProjectionConfig(model=ModelConfig(channels=1)))
     result.maps  # (B, H, W) anomaly maps
 
-The names are imported on first use (PEP 562), so `import iepjax` does not
+    from iepjax import Predictor  # an exported model (export.py): needs jax and numpy only
+    Predictor("exported/brick").predict(["part.png"])
+
+The names are imported on first use (PEP 562), so `import iepjax` and `iepjax.Predictor` do not
 import flax, optax, orbax or TensorFlow Datasets; `iepjax.VAE` and the training code do.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ _SOURCES = {
     "projection_step": "iepjax.projection", "descent_direction": "iepjax.projection",
     "ProjectionResult": "iepjax.projection",
     "difference_map": "iepjax.anomaly_maps", "gaussian_smooth": "iepjax.anomaly_maps", "recon_map": "iepjax.anomaly_maps",
+    "Predictor": "iepjax.predictor",
 }
 
 __all__ = list(_SOURCES)
@@ -55,4 +59,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from iepjax.energy import energy, reconstruct
     from iepjax.losses import kl_divergence, model_loss
     from iepjax.model import VAE, init_params
+    from iepjax.predictor import Predictor
     from iepjax.projection import ProjectionResult, descent_direction, project_fn, project_image, projection_step
