@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     if a.category is None and a.run is None:
         p.error("give --category (or --run with a run folder)")
     platforms = tuple(s.strip() for s in a.platforms.split(",") if s.strip())
+    from iepjax import distributed
+    distributed.use_cpu_cores()  # as train.py: a checkpoint restores onto the device count it was saved from
     from iepjax.data import DataError
     from iepjax.export import export_run
     from iepjax.predictor import METADATA_FILE

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         p.error("--batch-size: give 1 or more")
+    from iepjax import distributed
+    distributed.use_cpu_cores()  # on a CPU, one JAX device per core: batches run side by side
     from iepjax.predictor import ExportError, predict_paths
     try:
         s = predict_paths(a.model, a.images, a.out, batch_size=a.batch_size, overlays=not a.no_overlays,

@@ -207,9 +207,12 @@ class Predictor:
       batch_size: model inputs (size x size images or tiles) per program call. Every call has this
         batch size (the last batch padded), so one compiled program serves any number of images
         of any sizes; a job of fewer inputs runs as one batch padded to a power of two.
+      devices: where the batches run, dealt in turn and dispatched asynchronously (default: all
+        local devices of the default backend). XLA:CPU runs a convolution on one core, so on a
+        CPU give JAX one device per core (predict.py does, `iepjax.distributed.use_cpu_cores`).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 16):
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 16, devices: Sequence | None = None):
         import jax
 
         if batch_size < 1:
@@ -219,7 +222,9 @@ class Predictor:
         self.batch_size = int(batch_size)
         self._exported = {"projection": load_program(self.model_dir, meta, "projection")}
         self._calls = {"projection": jax.jit(self._exported["projection"].call)}
-        self._params = jax.device_put(load_params(self.model_dir, meta))
+        self.devices = list(devices) if devices else jax.local_devices()
+        params = load_params(self.model_dir, meta)
+        self._params = {d: jax.device_put(params, d) for d in self.devices}
         from iepjax.data.preprocess import Preprocess
         pre = meta["preprocessing"]
         self.prep = Preprocess(kind=pre["kind"], size=pre["size"], texture_fov=pre["texture_fov"],
@@ -252,17 +257,20 @@ class Predictor:
         outs: list[list[np.ndarray]] = []
         # one batch shape (one compile) for everything but jobs smaller than a batch
         b = self.batch_size if len(x) >= self.batch_size else _pow2_at_most(len(x), self.batch_size)
-        for i in range(0, len(x), b):
-            xb = x[i:i + b]
-            real = len(xb)
-            if real < b:
-                xb = np.concatenate([xb, np.repeat(xb[-1:], b - real, axis=0)])
-            try:
-                got = jax.device_get(call(self._params, xb))
-            except Exception as e:  # a program that loads but does not run on this jax/backend
-                raise ExportError(f"running {self.metadata['artefacts'][name]['file']} failed ({_versions(self.metadata)}): "
-                                  f"{type(e).__name__}: {e}; if the versions differ, {_reexport(self.metadata)}") from e
-            outs.append([np.asarray(a)[:real] for a in got])
+        pending = []
+        try:
+            for k, i in enumerate(range(0, len(x), b)):
+                xb = x[i:i + b]
+                real = len(xb)
+                if real < b:
+                    xb = np.concatenate([xb, np.repeat(xb[-1:], b - real, axis=0)])
+                device = self.devices[k % len(self.devices)]  # batches dealt over the devices, run concurrently
+                pending.append((call(self._params[device], jax.device_put(xb, device)), real))
+            for got, real in pending:
+                outs.append([np.asarray(a)[:real] for a in jax.device_get(got)])
+        except Exception as e:  # a program that loads but does not run on this jax/backend
+            raise ExportError(f"running {self.metadata['artefacts'][name]['file']} failed ({_versions(self.metadata)}): "
+                              f"{type(e).__name__}: {e}; if the versions differ, {_reexport(self.metadata)}") from e
         if not outs:
             raise ValueError("no model inputs")
         return [np.concatenate(parts) for parts in zip(*outs)]
