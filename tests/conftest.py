@@ -37,6 +37,7 @@ _CACHE_ENV: dict[str, str] = {}
 # time. Seconds per file with 2 workers on the 2-core machine (fresh clone, 2026-11-29):
 SLOWEST_FIRST = ("test_projection.py",    # 123 s
                  "test_scripts.py",       # 104 s: train.py / project.py end to end
+                 "test_export.py",        # train.py / project.py / export.py, then predict.py in a fresh process
                  "test_folder.py",        # 88 s: reproduce.py end to end
                  "test_sharding.py",      # 84 s: 4- and 8-device subprocesses
                  "test_conv.py",          # 55 s

@@ -418,3 +418,15 @@ def test_predict_py_reports_an_unusable_model_folder_with_status_2(e2e, tmp_path
     code = main(["--model", str(model), str(e2e["images"]), "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "sha256" in err and "re-export" in err and "Traceback" not in err, err
+
+
+@slow
+def test_the_predict_benchmark_runs_and_agrees_with_project_py(e2e, tmp_path):
+    """benchmarks/predict.py on the tiny run: one JSON row; its maps of all test images equal project.py's."""
+    r = _run(["benchmarks/predict.py", "--run", str(e2e["run_dir"]), "--work", str(tmp_path),
+              "--tfds-dir", str(e2e["tmp"] / "tfds")], e2e["env"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["images"] == 48 and row["training_modules_imported"] == [] and row["devices"] == 2
+    assert row["predict_py_s"] > 0 and row["steady_per_image_s"] > 0 and row["load_s"] > 0
+    assert row["max_abs_diff_vs_project"] <= 1e-5 and row["labels_agree"] == "48/48"
