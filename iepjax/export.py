@@ -395,7 +395,9 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                        "vmax": g.get("vmax"),
                        "meaning": (f"pixel: the {th['pixel_quantile']} quantile of the anomaly-map pixels of the "
                                    f"{th['n_images']} held-out normal images; image: the {th['image_quantile']} quantile "
-                                   "of their image scores (max of the map at the model size)"),
+                                   "of their image scores (max of the map at the model size)"
+                                   + ("; replaced by the values given to project.py" if th["source"].startswith("given")
+                                      else "")),
                        "pixel_quantiles": g.get("pixel_quantiles"), "image_quantiles": g.get("image_quantiles"),
                        "recon": {k: r.get(k) for k in ("pixel_threshold", "image_threshold", "vmax")}},
         "scores": {"image_score": f"max of the anomaly map resized from the stitched working resolution to {s}x{s} "

@@ -205,11 +205,13 @@ class Predictor:
     Args:
       model_dir: a folder written by export.py / `iepjax.export.export_run`.
       batch_size: model inputs (size x size images or tiles) per program call. Every call has this
-        batch size (the last batch padded), so one compiled program serves any number of images
-        of any sizes; a job of fewer inputs runs as one batch padded to a power of two.
-      devices: where the batches run, dealt in turn and dispatched asynchronously (default: all
-        local devices of the default backend). XLA:CPU runs a convolution on one core, so on a
-        CPU give JAX one device per core (predict.py does, `iepjax.distributed.use_cpu_cores`).
+        batch size (the last batch padded; rounded up to a multiple of the devices), so one
+        compiled program serves any number of images of any sizes; a job of fewer inputs runs as
+        one batch padded to a power of two.
+      devices: the devices each batch is split over, each running the exported single-device
+        program on its share (default: all local devices of the default backend), as project.py
+        splits its batches. XLA:CPU runs a convolution on one core, so on a CPU give JAX one
+        device per core (predict.py does, `iepjax.distributed.use_cpu_cores`).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 16, devices: Sequence | None = None):
@@ -220,11 +222,18 @@ class Predictor:
         self.model_dir = Path(model_dir)
         self.metadata = meta = read_metadata(self.model_dir)
         self.batch_size = int(batch_size)
-        self._exported = {"projection": load_program(self.model_dir, meta, "projection")}
-        self._calls = {"projection": jax.jit(self._exported["projection"].call)}
         self.devices = list(devices) if devices else jax.local_devices()
-        params = load_params(self.model_dir, meta)
-        self._params = {d: jax.device_put(params, d) for d in self.devices}
+        if len(self.devices) > 1:  # the batch split over the devices: one program, compiled once
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+            self._mesh = Mesh(np.array(self.devices), ("batch",))
+            self._x_sharding = NamedSharding(self._mesh, PartitionSpec("batch"))
+            where = NamedSharding(self._mesh, PartitionSpec())  # parameters replicated
+        else:
+            self._mesh, self._x_sharding = None, self.devices[0]
+            where = self.devices[0]
+        self._exported, self._calls = {}, {}
+        self._program("projection")
+        self._params = jax.device_put(load_params(self.model_dir, meta), where)
         from iepjax.data.preprocess import Preprocess
         pre = meta["preprocessing"]
         self.prep = Preprocess(kind=pre["kind"], size=pre["size"], texture_fov=pre["texture_fov"],
@@ -238,10 +247,17 @@ class Predictor:
     # ------------------------------------------------------------------ the programs
 
     def _program(self, name: str):
+        """The jitted call of program `name` (loaded and checked on first use); with several devices, each
+        runs the single-device program on its share of the batch (`shard_map`)."""
         if name not in self._calls:
             import jax
-            self._exported[name] = load_program(self.model_dir, self.metadata, name)
-            self._calls[name] = jax.jit(self._exported[name].call)
+            exported = load_program(self.model_dir, self.metadata, name)
+            call = exported.call
+            if self._mesh is not None:
+                from jax.sharding import PartitionSpec
+                call = jax.shard_map(call, mesh=self._mesh, in_specs=(PartitionSpec(), PartitionSpec("batch")),
+                                     out_specs=PartitionSpec("batch"), check_vma=False)
+            self._exported[name], self._calls[name] = exported, jax.jit(call)
         return self._calls[name]
 
     def _run(self, name: str, x_MxSxSxC: np.ndarray) -> list[np.ndarray]:
@@ -255,19 +271,17 @@ class Predictor:
             raise ValueError(f"model inputs must be (M, {s}, {s}, {c}) floats in [0, 1], got {x.shape}")
         call = self._program(name)
         outs: list[list[np.ndarray]] = []
-        # one batch shape (one compile) for everything but jobs smaller than a batch
+        # one batch shape (one compile) for everything but jobs smaller than a batch; a multiple of the devices
         b = self.batch_size if len(x) >= self.batch_size else _pow2_at_most(len(x), self.batch_size)
-        pending = []
+        b = -(-b // len(self.devices)) * len(self.devices)
         try:
-            for k, i in enumerate(range(0, len(x), b)):
+            for i in range(0, len(x), b):
                 xb = x[i:i + b]
                 real = len(xb)
                 if real < b:
                     xb = np.concatenate([xb, np.repeat(xb[-1:], b - real, axis=0)])
-                device = self.devices[k % len(self.devices)]  # batches dealt over the devices, run concurrently
-                pending.append((call(self._params[device], jax.device_put(xb, device)), real))
-            for got, real in pending:
-                outs.append([np.asarray(a)[:real] for a in jax.device_get(got)])
+                got = jax.device_get(call(self._params, jax.device_put(xb, self._x_sharding)))
+                outs.append([np.asarray(a)[:real] for a in got])
         except Exception as e:  # a program that loads but does not run on this jax/backend
             raise ExportError(f"running {self.metadata['artefacts'][name]['file']} failed ({_versions(self.metadata)}): "
                               f"{type(e).__name__}: {e}; if the versions differ, {_reexport(self.metadata)}") from e

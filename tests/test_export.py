@@ -188,7 +188,8 @@ inputs, _ = model_inputs([read_image(f, p3.channels) for f in files], p3.prep)
 x = inputs[:7].astype(np.float32) / 255.0
 a, b = p3.project(x), p5.project(x)
 one = p3.project(x[:1])
-np.savez({npz!r}, maps3=a.maps, maps5=b.maps, xT3=a.x_T, e3=a.energies, maps1=one.maps, x=x)
+f, m = p5.reconstruct(x[:2])
+np.savez({npz!r}, maps3=a.maps, maps5=b.maps, xT3=a.x_T, e3=a.energies, maps1=one.maps, x=x, recon=f, recon_maps=m)
 r = p3.predict(files[:1])[0]
 out.update(score=r.score, normalised=r.normalised, label=r.label, map_shape=list(r.map.shape),
            n_inputs=len(x), devices=len(p3.devices))
@@ -333,6 +334,10 @@ def test_mixed_sizes_equal_project_fn_with_the_same_preprocessing(e2e, fresh):
     np.testing.assert_allclose(a["maps3"], np.asarray(ref.maps), atol=1e-5)
     np.testing.assert_allclose(a["xT3"], np.asarray(ref.x_T), atol=1e-5)
     assert fresh["result"]["n_inputs"] == 7 and fresh["result"]["devices"] == 2
+    from iepjax.anomaly_maps import recon_map
+    from iepjax.energy import reconstruct
+    np.testing.assert_allclose(a["recon"], np.stack([reconstruct(params, xi, cfg) for xi in a["x"][:2]]), atol=1e-5)
+    np.testing.assert_allclose(a["recon_maps"], np.stack([recon_map(params, xi, cfg) for xi in a["x"][:2]]), atol=1e-5)
 
 
 def _checkpoint_params(e2e):
