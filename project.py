@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     try:
         preset(a.dataset, a.category)  # an unknown category is named before a missing run
         run_dir = runs.find_run(a.results, "vae", a.dataset, a.category, a.run)
+        runs.check_outputs_writable(run_dir, a.out if a.input_dir else None, inference=a.input_dir is not None)
         # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
         pre = projection_preset(a.dataset, a.category, runs.model_config(run_dir).get("likelihood"))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config = ProjectionConfig(steps=pre["proj_steps"] if a.steps is None else a.steps,

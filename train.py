@@ -71,7 +71,9 @@ def main(argv=None) -> int:
         config = TrainConfig(model=model, steps=a.steps or pre["train_steps"],
                              batch_size=a.batch_size or pre["batch_size"], learning_rate=a.lr or pre["learning_rate"],
                              seed=a.seed, augment=pre.get("augment", True))
-    except ValueError as e:
+        from iepjax.atomic import check_writable
+        check_writable(a.results, what="--results folder")  # before any data is prepared or a step trained
+    except (ValueError, PermissionError) as e:
         p.error(str(e))
     from iepjax import hostmem  # large training steps on CPU: freed host memory kept for reuse (before any JAX work)
     hostmem.for_training(config, a.devices or distributed.cpu_devices_chosen())

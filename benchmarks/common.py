@@ -44,25 +44,82 @@ def load_torch_reference(path: str | Path):
     return load_module(path, "torch_reference")
 
 
-def record_convs(fn, *args, batch: int) -> list[tuple]:
-    """(x shape, w shape, strides, padding, lhs_dilation) of every `iepjax.model.conv` call made while
-    `fn(*args)` is traced (`jax.eval_shape`, nothing runs). x's leading axis is reported as `batch`:
-    under vmap the per-image code sees a batch of 1."""
+# The implementations of the model's convolutions (`iepjax.model.CONV_CHOICES`, checked by a test),
+# spelled out here because these scripts also run under a PyTorch-only interpreter.
+CONVS = ("auto", "plain", "xla_cpu")
+CONV_HELP = ("the model's convolutions: plain (flax/lax), xla_cpu (the XLA:CPU formulation, "
+             "iepjax/xla_cpu_convs.py) or auto (xla_cpu on CPU, plain elsewhere)")
+
+
+def use_conv(conv: str) -> str:
+    """Make `conv` the process's convolution implementation (`iepjax.model.set_default_conv`) before
+    anything is traced; return the implementation it resolves to here ("plain" or "xla_cpu")."""
+    from iepjax import model
+    model.set_default_conv(conv)
+    return model.resolve_conv()
+
+
+def record_convs(fn, *args, batch: int, conv: str = "xla_cpu") -> list[tuple]:
+    """(x shape, w shape, strides, padding, lhs_dilation) of every convolution of the model while
+    `fn(*args)` is traced (nothing runs) with the implementation `conv`, in the order they are made.
+
+    "xla_cpu": every `iepjax.xla_cpu_convs.conv` call (before its formulation splits it into phases
+    or matmuls). "plain": every forward `conv_general_dilated` of the traced program (canonical
+    NHWC/HWIO layout; the gradients' convolutions, in other layouts, are left out). x's leading
+    axis is reported as `batch`: under vmap the per-image code sees a batch of 1.
+    """
     import jax
 
-    import iepjax.model as model_lib
-    calls, raw = [], model_lib.conv
+    from iepjax import model, xla_cpu_convs
+    if model.resolve_conv(conv) == "plain":
+        return [((batch,) + c[0][1:],) + c[1:] for c in _forward_lax_convs(fn, *args)]
+    calls, raw = [], xla_cpu_convs.conv
 
     def recording(x, w, strides, padding, lhs_dilation):
         calls.append(((batch,) + tuple(x.shape[1:]), tuple(w.shape), strides, padding, lhs_dilation))
         return raw(x, w, strides, padding, lhs_dilation)
 
-    model_lib.conv = recording
+    xla_cpu_convs.conv = recording
     try:
-        jax.eval_shape(fn, *args)
+        with model.using_conv("xla_cpu"):
+            jax.eval_shape(fn, *args)
     finally:
-        model_lib.conv = raw
+        xla_cpu_convs.conv = raw
     return calls
+
+
+def _forward_lax_convs(fn, *args) -> list[tuple]:
+    """The NHWC/HWIO `conv_general_dilated` equations of fn's plain-model jaxpr, nested ones included."""
+    import jax
+    from jax import lax
+    from jax.extend import core as jcore
+
+    from iepjax import model
+    nhwc = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            p = eqn.params
+            if (eqn.primitive.name == "conv_general_dilated" and p["dimension_numbers"] == nhwc
+                    and p["feature_group_count"] == 1 and all(d == 1 for d in p["rhs_dilation"])):
+                yield (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape), tuple(p["window_strides"]),
+                       tuple(tuple(pp) for pp in p["padding"]), tuple(p["lhs_dilation"]))
+            for value in p.values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(item, jcore.ClosedJaxpr):
+                        yield from walk(item.jaxpr)
+                    elif isinstance(item, jcore.Jaxpr):
+                        yield from walk(item)
+
+    with model.using_conv("plain"):
+        return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def conv_fn(conv: str):
+    """The function (x, w, strides, padding, lhs_dilation) -> y that computes one recorded convolution
+    with the implementation `conv`: `xla_cpu_convs.conv` (custom VJP) or the plain lax convolution."""
+    from iepjax import model, xla_cpu_convs
+    return xla_cpu_convs.conv if model.resolve_conv(conv) == "xla_cpu" else xla_cpu_convs.lax_conv
 
 
 def median_seconds(f, *args, repeats: int) -> float:

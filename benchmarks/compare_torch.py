@@ -3,6 +3,7 @@
     python benchmarks/compare_torch.py --torch-python /work/torchvenv/bin/python
     python benchmarks/compare_torch.py --torch-python ... --decoder transposed --batch 16 --iters 100
     python benchmarks/compare_torch.py --torch-python ... --check      # same maths? (weights copied)
+    python benchmarks/compare_torch.py --torch-python ... --conv plain # the model's plain flax/lax convolutions
 
 Installs nothing: `--torch-python` (default: this interpreter, or $TORCH_PYTHON) must import torch,
 e.g. a separate venv made with `python3 -m venv V && V/bin/pip install torch==2.13.0`.
@@ -24,6 +25,8 @@ they differ by design; `tests/test_benchmarks.py` checks that rule too.
 
 JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in the scripts):
 XLA:CPU runs each convolution on one core, PyTorch uses the cores through its intra-op threads.
+`--conv` chooses the model's convolutions (iepjax.model; default auto: the XLA:CPU formulation on
+CPU, plain flax/lax elsewhere), for the timing and the check alike; `jax_conv` says which ran.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, imports_torch, ROOT, TORCH_ENVS, load_torch_reference, positive_int
+from common import (CONV_HELP, CONVS, DEFAULT_REFERENCE, ROOT, TORCH_ENVS, imports_torch, load_torch_reference,
+                    positive_int, use_conv)
 from common import env as _env
 
 
@@ -50,7 +54,7 @@ def compare(a) -> int:
     for dec in a.decoder:
         jax_row = _last_json([sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--size", str(a.size),
                               "--channels", str(a.channels), "--iters", str(a.iters), "--batch", str(a.batch),
-                              "--decoder", dec, "--repeats", str(a.repeats)]
+                              "--decoder", dec, "--conv", a.conv, "--repeats", str(a.repeats)]
                              + ([] if a.cpu_devices is None else ["--cpu-devices", str(a.cpu_devices)]), _env())
         torch_rows = {}
         for name in a.torch_env:
@@ -61,7 +65,7 @@ def compare(a) -> int:
         best = max(torch_rows, key=lambda k: torch_rows[k]["iter_img_per_s"])
         tb = torch_rows[best]["iter_img_per_s"]
         print(json.dumps({
-            "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec,
+            "size": a.size, "channels": a.channels, "iters": a.iters, "decoder": dec, "jax_conv": jax_row["conv"],
             "jax_batch": a.batch, "jax_devices": jax_row["devices"], "jax_iter_img_per_s": jax_row["iter_img_per_s"], "jax_img_per_s": jax_row["img_per_s"],
             "jax_gflops": jax_row["gflops"], "matmul_gflops": jax_row["matmul_gflops"],
             "torch_batch": 1, "torch_iter_img_per_s": {k: v["iter_img_per_s"] for k, v in torch_rows.items()},
@@ -80,6 +84,7 @@ def _jax_side(a, dec: str, npz: str) -> None:
 
     from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
 
+    conv = use_conv(a.conv)
     model = ModelConfig(size=a.size, channels=a.channels, decoder=dec)
     # the reference is the paper's plain loop: no backtracking safeguard (ProjectionConfig.backtrack)
     cfg = ProjectionConfig(model=model, steps=a.check_steps, lam=a.check_lam, alpha=a.check_alpha, backtrack=False)
@@ -90,7 +95,7 @@ def _jax_side(a, dec: str, npz: str) -> None:
     e0 = jax.vmap(lambda x: energy(params, x, x, cfg)[0])(x0)  # prior term 0 at x = x0
     # iepjax's parameters as they are ("params/encoder/Conv_0/kernel", ...): torch_reference converts them
     out = {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(npz, x0=x0, x_T=np.asarray(res.x_T), f0=np.asarray(f0), e0=np.asarray(e0), **out)
+    np.savez(npz, x0=x0, x_T=np.asarray(res.x_T), f0=np.asarray(f0), e0=np.asarray(e0), jax_conv=np.array(conv), **out)
 
 
 def _torch_side(a, dec: str, npz: str) -> None:
@@ -104,7 +109,7 @@ def _torch_side(a, dec: str, npz: str) -> None:
     # least_magnitude=False: the reference's own rule at x = x0 (PyTorch's sign(0) = 0), see --check-lam
     diffs = ref.agreement(model, d["x0"], d["f0"], d["e0"], d["x_T"], a.check_steps, a.check_alpha, a.check_lam,
                           least_magnitude=False)
-    print(json.dumps({"decoder": dec, "size": a.size, "channels": a.channels, "steps": a.check_steps, "alpha": a.check_alpha, "lam": a.check_lam,
+    print(json.dumps({"decoder": dec, "jax_conv": str(d["jax_conv"]), "size": a.size, "channels": a.channels, "steps": a.check_steps, "alpha": a.check_alpha, "lam": a.check_lam,
                       "n_params_torch": sum(p.numel() for p in model.parameters()), **diffs}), flush=True)
 
 
@@ -112,7 +117,8 @@ def check(a) -> int:
     for dec in a.decoder:
         with tempfile.TemporaryDirectory() as tmp:
             npz = os.path.join(tmp, "check.npz")
-            common = ["--size", str(a.size), "--channels", str(a.channels), "--check-steps", str(a.check_steps),
+            common = ["--size", str(a.size), "--channels", str(a.channels), "--conv", a.conv,
+                      "--check-steps", str(a.check_steps),
                       "--check-lam", str(a.check_lam), "--check-alpha", str(a.check_alpha),
                       "--decoder", dec, "--torch-reference", str(a.torch_reference)]
             subprocess.run([sys.executable, __file__, "--jax-side", npz] + common, env=_env(), check=True)
@@ -128,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive_int, default=16, help="JAX batch (the reference always uses 1)")
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
     p.add_argument("--repeats", type=positive_int, default=3, help="JAX timed calls (median)")
+    p.add_argument("--conv", default="auto", choices=CONVS, help="JAX side: " + CONV_HELP)
     p.add_argument("--cpu-devices", type=positive_int, default=None,
                    help="JAX CPU devices the batch is split over (default: one per core, like the scripts; PyTorch "
                         "uses the cores through its own threads)")

@@ -4,14 +4,15 @@
     python benchmarks/gpu.py --size 32 --iters 2 --batch 1 2 --torch-images 1   # a quick check, any machine
 
 JAX side: `iepjax.project_fn` (one jitted program: a `lax.scan` over the steps, vmapped over the
-batch) for each `--batch`, 128x128x3 and `--iters` steps by default; the first call (compile +
-run) is timed apart, then the median of `--repeats` calls. PyTorch side: the `project` loop and
+batch) for each `--batch` and each implementation of the model's convolutions (`--conv`: plain
+flax/lax and the XLA:CPU formulation by default, iepjax.model), 128x128x3 and `--iters` steps by
+default; the first call (compile + run) is timed apart, then the median of `--repeats` calls. PyTorch side: the `project` loop and
 `VAE` of `benchmarks/torch_reference.py` (the same architecture and maths, see
 compare_torch.py) moved to the same device: one image at a time as the public ports run it, and
 the same loop on `--torch-batch` images at once. Each side runs in its own process (JAX's GPU
 memory is not preallocated, so the sides never hold the card together). Both decoders by
-default. A last line per decoder gives JAX's best throughput over the eager loop's, and over the
-batched PyTorch loop's. On a machine without a GPU, both sides run on the CPU (JAX on one
+default. A last line per decoder gives JAX's best throughput per convolution implementation
+(`jax_by_conv`) and the best of all over the eager loop's, and over the batched PyTorch loop's. On a machine without a GPU, both sides run on the CPU (JAX on one
 device): a check that the script works, not a GPU number.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, imports_torch, env, load_torch_reference, positive_int
+from common import CONV_HELP, CONVS, DEFAULT_REFERENCE, env, imports_torch, load_torch_reference, positive_int, use_conv
 
 
 def jax_side(a) -> list[dict]:
@@ -34,6 +35,7 @@ def jax_side(a) -> list[dict]:
 
     from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn
 
+    conv = use_conv(a.conv[0])
     model = ModelConfig(size=a.size, channels=a.channels, decoder=a.decoder)
     config = ProjectionConfig(model=model, steps=a.iters, alpha=0.5, lam=0.05)  # the reference's alpha, lam
     params = init_params(model, key=jax.random.key(0))
@@ -50,7 +52,8 @@ def jax_side(a) -> list[dict]:
             jax.block_until_ready(project_fn(params, x, config))
             ts.append(time.perf_counter() - t0)
         dt = statistics.median(ts)
-        rows.append({"impl": "iepjax", "platform": dev.platform, "device": dev.device_kind, "decoder": a.decoder,
+        rows.append({"impl": "iepjax", "conv": conv, "platform": dev.platform, "device": dev.device_kind,
+                     "decoder": a.decoder,
                      "size": a.size, "channels": a.channels, "iters": a.iters, "batch": b,
                      "first_call_s": round(first, 3), "seconds": round(dt, 4),
                      "img_per_s": round(b / dt, 2), "iter_img_per_s": round(b * a.iters / dt, 1)})
@@ -86,8 +89,9 @@ def torch_side(a) -> list[dict]:
     return rows
 
 
-def _side(python: str, a, side: str, decoder: str) -> list[dict]:
-    cmd = [python, __file__, side, "--decoder", decoder, "--size", str(a.size), "--channels", str(a.channels),
+def _side(python: str, a, side: str, decoder: str, conv: str = "auto") -> list[dict]:
+    cmd = [python, __file__, side, "--decoder", decoder, "--conv", conv, "--size", str(a.size),
+           "--channels", str(a.channels),
            "--iters", str(a.iters), "--batch", *map(str, a.batch), "--repeats", str(a.repeats),
            "--torch-images", str(a.torch_images), "--torch-batch", str(a.torch_batch),
            "--torch-reference", str(a.torch_reference)]
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=positive_int, default=100, help="projection steps (both sides)")
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16, 64, 256], help="JAX batch sizes")
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
+    p.add_argument("--conv", nargs="+", default=["plain", "xla_cpu"], choices=CONVS,
+                   help="JAX side, each timed in turn: " + CONV_HELP)
     p.add_argument("--repeats", type=positive_int, default=5, help="JAX timed calls per batch (median)")
     p.add_argument("--torch-images", type=positive_int, default=16, help="images the eager loop projects one by one")
     p.add_argument("--torch-batch", type=positive_int, default=64, help="images of the batched PyTorch loop")
@@ -119,11 +125,19 @@ def main(argv=None) -> int:
         return 0
     have_torch = imports_torch(a.torch_python) and a.torch_reference.exists()
     for decoder in a.decoder:
-        jax_rows = _side(sys.executable, a, "--jax-side", decoder)
-        for row in jax_rows:
-            print(json.dumps(row), flush=True)
+        jax_rows = []
+        for conv in a.conv:
+            rows = _side(sys.executable, a, "--jax-side", decoder, conv)
+            for row in rows:
+                print(json.dumps(row), flush=True)
+            jax_rows += rows
         best = max(jax_rows, key=lambda r: r["iter_img_per_s"])
-        summary = {"decoder": decoder, "jax_best_batch": best["batch"], "jax_iter_img_per_s": best["iter_img_per_s"]}
+        by_conv = {}
+        for row in jax_rows:
+            if row["iter_img_per_s"] > by_conv.get(row["conv"], {}).get("iter_img_per_s", 0):
+                by_conv[row["conv"]] = {"batch": row["batch"], "iter_img_per_s": row["iter_img_per_s"]}
+        summary = {"decoder": decoder, "jax_best_conv": best["conv"], "jax_best_batch": best["batch"],
+                   "jax_iter_img_per_s": best["iter_img_per_s"], "jax_by_conv": by_conv}
         if not have_torch:
             summary["torch"] = f"skipped: {a.torch_python} cannot import torch or {a.torch_reference} is missing"
         else:

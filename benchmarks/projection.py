@@ -5,6 +5,7 @@
     python benchmarks/projection.py --batch 1 4 16 --iters 10                 # memory vs batch
     python benchmarks/projection.py --strategy scan hostloop                  # scan vs a host loop of jitted steps
     python benchmarks/projection.py --profile --decoder transposed            # time of each conv of one step
+    python benchmarks/projection.py --conv plain xla_cpu                      # both convolution implementations
 
 Every configuration runs in a fresh subprocess, so `peak_rss_mb` (the process's peak resident
 memory: JAX runtime + compilation + buffers) and `compile_s` of different configurations are
@@ -26,6 +27,7 @@ comparable. Keys of each line:
                   the loop body once (it reports flops/iters), so the step's count times iters is used.
   gflops          achieved GFLOP/s = gflop_per_img_step * iter_img_per_s
   matmul_gflops   a jitted float32 2048x2048 matmul in the same subprocess, right after the timing
+  conv            the model's convolutions it ran (`--conv`, resolved: "plain" or "xla_cpu"; iepjax.model)
   loadavg         1-minute load average when the configuration started (the machine may be shared)
   cpu_util        CPU seconds / wall seconds of this process during the timed calls (cores it used)
   devices         JAX devices the batch is split over (`--cpu-devices`, default one per core as in
@@ -103,12 +105,13 @@ class HeapSampler:
 
 
 def measure(size: int, channels: int, iters: int, batch: int, decoder: str, strategy: str, repeats: int,
-            cpu_devices: int | None = None) -> dict:
+            cpu_devices: int | None = None, conv: str = "auto") -> dict:
     """Time one configuration in this process (call it in a fresh process)."""
     import jax
 
     from iepjax import distributed
     distributed.use_cpu_cores(cpu_devices)  # before any JAX computation
+    impl = common.use_conv(conv)
     import numpy as np
 
     from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, projection_step, sharding
@@ -168,7 +171,7 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
     temp_mb = None if mem is None else mem.temp_size_in_bytes / 2 ** 20
     scan_flops = _flops(whole) / batch * (1 if mesh is None else mesh.size)
     return {"size": size, "channels": channels, "iters": iters, "batch": batch, "decoder": decoder,
-            "strategy": strategy, "repeats": repeats,
+            "conv": impl, "strategy": strategy, "repeats": repeats,
             "iter_img_per_s": round(batch * iters / dt, 2), "img_per_s": round(batch / dt, 4),
             "seconds": round(dt, 4), "compile_s": round(first - dt, 3), "first_call_s": round(first, 3),
             "lower_compile_s": round(lower_compile_s, 3), "lower_compile_all_s": [round(t, 3) for t in compile_times],
@@ -184,30 +187,30 @@ def measure(size: int, channels: int, iters: int, batch: int, decoder: str, stra
             "cpu_util": round(cpu_util, 2), "jax": jax.__version__}
 
 
-def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) -> list[dict]:
+def profile(size: int, channels: int, batch: int, decoder: str, repeats: int, conv: str = "auto") -> list[dict]:
     """Where the time of one projection step goes: every convolution of the step, timed alone.
 
-    The convolutions are recorded by wrapping `iepjax.model.conv` while one step is traced (the
-    transposed and upsampling layers appear as their sub-pixel phases), then each is jitted alone
-    as forward + input-gradient (what the projection computes) on random inputs of the recorded
-    shapes and timed (median of `repeats`). The last row is the whole vmapped step; the time it
-    spends outside the listed convolutions (activations, loss, interleaving of phases, the update)
-    is its `rest_ms`.
+    The convolutions are recorded while one step is traced (`common.record_convs`; with the XLA:CPU
+    implementation the upsampling layers appear as their sub-pixel phases), then each is jitted
+    alone as forward + input-gradient (what the projection computes) with the implementation
+    `conv` on random inputs of the recorded shapes and timed (median of `repeats`). The last row
+    is the whole vmapped step; the time it spends outside the listed convolutions (activations,
+    loss, interleaving of phases, the update) is its `rest_ms`.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    import iepjax.model as model_lib
     from iepjax import ModelConfig, ProjectionConfig, init_params, projection_step
+    impl = common.use_conv(conv)
 
     model = ModelConfig(size=size, channels=channels, decoder=decoder)
     config = ProjectionConfig(model=model, steps=1)
     params = init_params(model, key=jax.random.key(0))
     x0 = jax.device_put(np.random.default_rng(0).random((batch, size, size, channels), np.float32))
-    raw = model_lib.conv
+    raw = common.conv_fn(impl)
     step = jax.jit(jax.vmap(lambda x, x0: projection_step(params, x, x0, config)))
-    calls = common.record_convs(step, x0, x0, batch=batch)
+    calls = common.record_convs(step, x0, x0, batch=batch, conv=impl)
     timed = functools.partial(common.median_seconds, repeats=repeats)
 
     rows, rng, total_conv = [], np.random.default_rng(1), 0.0
@@ -227,7 +230,7 @@ def profile(size: int, channels: int, batch: int, decoder: str, repeats: int) ->
                      "ms": round(dt * 1e3, 3), "gflop": round(flops / 1e9, 4), "gflops": round(flops / dt / 1e9, 1)})
     dt = timed(step, x0, x0)
     flops = _flops(step.lower(x0, x0).compile())
-    rows.append({"layer": "step", "batch": batch, "decoder": decoder, "ms": round(dt * 1e3, 3),
+    rows.append({"layer": "step", "batch": batch, "decoder": decoder, "conv": impl, "ms": round(dt * 1e3, 3),
                  "gflop": round(flops / 1e9, 4), "gflops": round(flops / dt / 1e9, 1),
                  "convs_ms": round(total_conv * 1e3, 3), "rest_ms": round((dt - total_conv) * 1e3, 3),
                  "matmul_gflops": round(matmul_gflops(), 2)})
@@ -241,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=positive_int, nargs="+", default=[100])
     p.add_argument("--batch", type=positive_int, nargs="+", default=[16])
     p.add_argument("--decoder", nargs="+", default=["upsample", "transposed"], choices=["upsample", "transposed"])
+    p.add_argument("--conv", nargs="+", default=["auto"], choices=common.CONVS, help=common.CONV_HELP)
     # `project_fn` has one strategy, the scan (measured faster than a host loop on CPU too).
     p.add_argument("--strategy", nargs="+", default=["scan"], choices=["scan", "hostloop"])
     p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after the first (median reported)")
@@ -253,23 +257,24 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(measure(a.size[0], a.channels[0], a.iters[0], a.batch[0], a.decoder[0],
-                                 a.strategy[0], a.repeats, a.cpu_devices)), flush=True)
+                                 a.strategy[0], a.repeats, a.cpu_devices, a.conv[0])), flush=True)
         return 0
     if a.profile:
-        for row in profile(a.size[0], a.channels[0], a.batch[0], a.decoder[0], max(a.repeats, 5)):
+        for row in profile(a.size[0], a.channels[0], a.batch[0], a.decoder[0], max(a.repeats, 5), a.conv[0]):
             print(json.dumps(row), flush=True)
         return 0
     env = common.env()
     rc = 0
-    for size, ch, it, b, dec, st in itertools.product(a.size, a.channels, a.iters, a.batch, a.decoder, a.strategy):
+    for size, ch, it, b, dec, conv, st in itertools.product(a.size, a.channels, a.iters, a.batch, a.decoder, a.conv,
+                                                            a.strategy):
         cmd = [sys.executable, __file__, "--one", "--size", str(size), "--channels", str(ch), "--iters", str(it),
-               "--batch", str(b), "--decoder", dec, "--strategy", st, "--repeats", str(a.repeats)]
+               "--batch", str(b), "--decoder", dec, "--conv", conv, "--strategy", st, "--repeats", str(a.repeats)]
         if a.cpu_devices is not None:
             cmd += ["--cpu-devices", str(a.cpu_devices)]
         r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
         if r.returncode:
             rc = r.returncode
-            print(json.dumps({"size": size, "channels": ch, "iters": it, "batch": b, "decoder": dec,
+            print(json.dumps({"size": size, "channels": ch, "iters": it, "batch": b, "decoder": dec, "conv": conv,
                               "strategy": st, "error": f"exit {r.returncode}"}), flush=True)
         else:
             print(r.stdout.strip().splitlines()[-1], flush=True)

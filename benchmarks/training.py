@@ -3,6 +3,7 @@
     python benchmarks/training.py --torch-python /work/torchvenv/bin/python
     python benchmarks/training.py --batch 32 --decoder transposed --steps 10
     python benchmarks/training.py --profile --batch 16 --decoder transposed   # where the JAX step's time goes
+    python benchmarks/training.py --conv plain                               # flax/lax convolutions (iepjax.model)
 
 Both sides: the method's VAE (`benchmarks/torch_reference.py`'s `VAE` for PyTorch), loss =
 summed BCE + KL with z sampled by the reparameterisation trick, averaged over the batch,
@@ -15,7 +16,8 @@ JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as i
 data-parallel step of `iepjax.sharding` (gradients averaged over the devices); PyTorch uses the
 cores through its intra-op threads. Like train.py, the JAX side keeps freed host memory for reuse
 when the step's XLA buffers are large (`iepjax.hostmem`; `--malloc` overrides it) and reports its
-page faults and system time per step.
+page faults and system time per step. `--conv` chooses the model's convolutions (default auto:
+the XLA:CPU formulation on CPU, plain flax/lax elsewhere); the rows say which ran.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_REFERENCE, imports_torch, TORCH_ENVS, env, load_torch_reference, median_seconds, positive_int, record_convs
+from common import (CONV_HELP, CONVS, DEFAULT_REFERENCE, TORCH_ENVS, conv_fn, env, imports_torch, load_torch_reference,
+                    median_seconds, positive_int, record_convs, use_conv)
 
 
 def _host_memory(a, cfg, devices: int) -> bool:
@@ -50,6 +53,7 @@ def jax_side(a) -> dict:
                       batch_size=a.batch, augment=False)
     distributed.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     reused = _host_memory(a, cfg, distributed.cpu_devices_chosen())
+    impl = use_conv(a.conv)
     import numpy as np
 
     from iepjax import sharding, training
@@ -68,7 +72,7 @@ def jax_side(a) -> dict:
         state, terms = step(state, batch, cfg)
     jax.block_until_ready(state)
     dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    return {"impl": "iepjax", "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
+    return {"impl": "iepjax", "conv": impl, "devices": 1 if mesh is None else int(mesh.size), "first_s": round(first, 3),
             "seconds": round(dt, 3), "img_per_s": round(a.batch * a.steps / dt, 2), "loss": float(terms.total),
             "host_memory_reused": reused,
             # the kernel's share: page faults and system CPU time per step (iepjax.hostmem)
@@ -80,10 +84,11 @@ def jax_side(a) -> dict:
 def profile(a) -> list[dict]:
     """Where the time of one JAX train step goes, on one CPU device (the per-core work) by default.
 
-    Rows: every convolution of the step (recorded by wrapping `iepjax.model.conv` while the step is
-    traced; transposed layers are one conv with input dilation), each timed alone on random inputs
-    of its shapes as forward, input-gradient and kernel-gradient (the forms `model.conv`'s custom
-    VJP uses; median of `--steps` calls); then the whole step; then the step's op time by kind,
+    Rows: every convolution of the step (recorded while the step is traced, `common.record_convs`;
+    transposed layers are one conv with input dilation), each timed alone on random inputs of its
+    shapes as forward, input-gradient and kernel-gradient (with `--conv xla_cpu` the forms
+    `xla_cpu_convs.conv`'s custom VJP uses, with plain JAX's own; median of `--steps` calls); then
+    the whole step; then the step's op time by kind,
     summed from a `jax.profiler` trace (`ynn_fusion`: convolutions run by YNNPACK, `convolution`:
     by Eigen; transposes, selects (LeakyReLU), copies, ...). benchmarks/README.md, item 9.
     """
@@ -104,12 +109,12 @@ def profile(a) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    import iepjax.model as model_lib
-    from iepjax import training
+    from iepjax import training, xla_cpu_convs
+    impl = use_conv(a.conv)
     state = training.init_state(cfg, key=jax.random.key(0))
     batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (a.batch, a.size, a.size, a.channels), np.uint8))
-    raw = model_lib.conv
-    calls = record_convs(lambda s, b: training.train_step(s, b, cfg), state, batch, batch=a.batch)
+    raw = conv_fn(impl)
+    calls = record_convs(lambda s, b: training.train_step(s, b, cfg), state, batch, batch=a.batch, conv=impl)
 
     def timed(f, *args):  # ms
         return median_seconds(f, *args, repeats=a.steps) * 1e3
@@ -120,9 +125,14 @@ def profile(a) -> list[dict]:
         w = jnp.asarray(rng.standard_normal(ws, np.float32) * 0.1)
         g = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda x, w: raw(x, w, st, pad, dil), x, w).shape,
                                             np.float32))
-        fwd = timed(jax.jit(lambda x, w: model_lib._conv_raw(x, w, st, pad, dil)), x, w)
-        dx = timed(jax.jit(lambda g, w: model_lib.conv_input_grad(g, w, xs[1:3], st, pad, dil)), g, w)
-        dw = timed(jax.jit(lambda x, w, g: model_lib._conv_bwd(st, pad, dil, (x, w), g)[1]), x, w, g)
+        if impl == "xla_cpu":
+            fwd = timed(jax.jit(lambda x, w: xla_cpu_convs._conv_raw(x, w, st, pad, dil)), x, w)
+            dx = timed(jax.jit(lambda g, w: xla_cpu_convs.conv_input_grad(g, w, xs[1:3], st, pad, dil)), g, w)
+            dw = timed(jax.jit(lambda x, w, g: xla_cpu_convs._conv_bwd(st, pad, dil, (x, w), g)[1]), x, w, g)
+        else:  # JAX's own transposes of the lax convolution
+            fwd = timed(jax.jit(lambda x, w: raw(x, w, st, pad, dil)), x, w)
+            dx = timed(jax.jit(lambda x, w, g: jax.vjp(lambda x: raw(x, w, st, pad, dil), x)[1](g)[0]), x, w, g)
+            dw = timed(jax.jit(lambda x, w, g: jax.vjp(lambda w: raw(x, w, st, pad, dil), w)[1](g)[0]), x, w, g)
         in_step = i > 0  # the step needs no gradient with respect to the data (the first layer's input)
         conv_ms += fwd + dw + (dx if in_step else 0.0)
         rows.append({"layer": i, "x": list(xs), "w": list(ws), "strides": list(st), "lhs_dilation": list(dil),
@@ -130,7 +140,7 @@ def profile(a) -> list[dict]:
                      "input_grad_in_step": in_step})
     step = jax.jit(training.train_step, static_argnames="config")  # not donating: the state is reused
     ms = timed(lambda s, b: step(s, b, cfg)[1], state, batch)
-    rows.append({"layer": "step", "devices": jax.device_count(), "batch": a.batch, "decoder": a.decoder,
+    rows.append({"layer": "step", "devices": jax.device_count(), "batch": a.batch, "decoder": a.decoder, "conv": impl,
                  "ms": round(ms, 1), "img_per_s": round(a.batch / ms * 1e3, 1), "convs_ms": round(conv_ms, 1),
                  "rest_ms": round(ms - conv_ms, 1)})
     with tempfile.TemporaryDirectory() as d:
@@ -188,7 +198,7 @@ def torch_side(a) -> dict:
 
 def _run(python: str, a, side: str, extra_env: dict) -> dict:
     cmd = [python, __file__, side, "--size", str(a.size), "--channels", str(a.channels), "--batch", str(a.batch),
-           "--decoder", a.decoder, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--decoder", a.decoder, "--conv", a.conv, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--torch-reference", str(a.torch_reference)]
     if a.cpu_devices is not None:
         cmd += ["--cpu-devices", str(a.cpu_devices)]
@@ -205,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=positive_int, default=3)
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--decoder", default="upsample", choices=["upsample", "transposed"])
+    p.add_argument("--conv", default="auto", choices=CONVS, help="JAX side: " + CONV_HELP)
     p.add_argument("--steps", type=positive_int, default=5, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles in the first)")
     p.add_argument("--torch-env", nargs="+", default=["default", "passive", "1thread"], choices=sorted(TORCH_ENVS))
@@ -237,7 +248,7 @@ def main(argv=None) -> int:
         row = {"size": a.size, "channels": a.channels, "batch": a.batch, "decoder": a.decoder, "steps": a.steps,
                "round": r + 1, "loadavg": round(os.getloadavg()[0], 2)}
         j = _run(sys.executable, a, "--jax-side", {})
-        row["jax_img_per_s"], row["jax_devices"] = j["img_per_s"], j["devices"]
+        row["jax_img_per_s"], row["jax_devices"], row["jax_conv"] = j["img_per_s"], j["devices"], j["conv"]
         row.update(jax_host_memory_reused=j["host_memory_reused"], jax_page_faults_per_step=j["page_faults_per_step"],
                    jax_sys_ms_per_step=j["sys_ms_per_step"])
         if not have_torch:

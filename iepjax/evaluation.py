@@ -17,6 +17,7 @@ import numpy as np
 
 from iepjax import metrics
 from iepjax.anomaly_maps import recon_map
+from iepjax.atomic import dumps_json
 from iepjax.config import ProjectionConfig, to_dict
 from iepjax.energy import energy, reconstruct
 from iepjax.projection import check_images, project_fn, scan_parts
@@ -60,7 +61,7 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
     n = len(images)
     if n == 0:
         raise ValueError("no images to localise")
-    check_images(images[:1].astype(np.float32), config)
+    check_images(images[:1].astype(np.float32) / 255.0, config)
     # --- issue 6: sharded / multi-process projection
     n_all = n
     if mesh is not None:
@@ -120,7 +121,7 @@ def write_outputs(out_dir: Path, loc: Localization, masks: np.ndarray, labels: n
     """Write metrics.json, maps.npz (raw float maps), the projection config and timing; return the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"recon": score(loc.recon_maps, masks, labels), "grad": score(loc.grad_maps, masks, labels)}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "metrics.json", dumps_json(result))  # strict JSON: NaN -> null
     atomic_write_text(out_dir / "projection_config.json", json.dumps(to_dict(config), indent=2))
     atomic_write_text(out_dir / "timing.json", json.dumps(
         {"images": len(images), "steps": config.steps, "compile_s": loc.compile_s, "total_s": loc.run_s}, indent=2))
@@ -272,7 +273,7 @@ def evaluate(params: dict, config: ProjectionConfig, test, thresholds: dict, out
     if compiled_in_calibration is not None:  # the first test batch found the program compiled
         result["timing"].update(compile_s=round(compiled_in_calibration, 2), compiled_in="threshold calibration",
                                 first_batch_s=round(loc.compile_s, 2))
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "metrics.json", dumps_json(result))  # strict JSON: NaN -> null
     # the thresholds used here, kept with the projection: run_dir/thresholds.json holds one projection
     # config's and is refitted (overwritten) when another config is projected or calibrated
     atomic_write_text(out_dir / "thresholds.json", json.dumps(
@@ -376,21 +377,22 @@ def project_run(run_dir: Path, dataset: str, category: str, config: ProjectionCo
             return None, {}
         official = protocol.official_metrics(res.maps, test)
         protocol.warn_skipped(official)
-        out_dir = runs.new_run(Path(run_dir) / "projections")
-        official["protocol"]["tiff_maps"] = protocol.write_maps(out_dir, category, test, res.maps)
-        result = evaluate(params, config, protocol.view_split(test, res.view_images, size), thresholds, out_dir,
-                          batch_size=batch_size, overlays=overlays, progress=progress, threshold_source=source,
-                          loc=res.loc, official=official, compiled_in_calibration=cal_compile_s)
-        return out_dir, result
+        with runs.new_output(Path(run_dir) / "projections") as out:  # complete or absent (iepjax.atomic)
+            official["protocol"]["tiff_maps"] = {row: str(out.final / Path(root).relative_to(out.path)) for row, root
+                                                 in protocol.write_maps(out.path, category, test, res.maps).items()}
+            result = evaluate(params, config, protocol.view_split(test, res.view_images, size), thresholds, out.path,
+                              batch_size=batch_size, overlays=overlays, progress=progress, threshold_source=source,
+                              loc=res.loc, official=official, compiled_in_calibration=cal_compile_s)
+        return out.final, result
     test = data.load_split(dataset, category, "test", data_dir)
     test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
     loc = localize(params, test.images, config, batch_size=batch_size, progress=progress, mesh=mesh)
     if not distributed.is_main():  # issue 6
         return None, {}
-    out_dir = runs.new_run(Path(run_dir) / "projections")
-    result = evaluate(params, config, test, thresholds, out_dir, batch_size=batch_size, overlays=overlays,
-                      progress=progress, threshold_source=source, loc=loc, compiled_in_calibration=cal_compile_s)
-    return out_dir, result
+    with runs.new_output(Path(run_dir) / "projections") as out:  # complete or absent (iepjax.atomic)
+        result = evaluate(params, config, test, thresholds, out.path, batch_size=batch_size, overlays=overlays,
+                          progress=progress, threshold_source=source, loc=loc, compiled_in_calibration=cal_compile_s)
+    return out.final, result
 
 
 @functools.partial(jax.jit, static_argnames="config")

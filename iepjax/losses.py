@@ -53,6 +53,20 @@ def kl_divergence(mu_L: jax.Array, logvar_L: jax.Array) -> jax.Array:
     return -0.5 * jnp.sum(1.0 + logvar_L - jnp.square(mu_L) - jnp.exp(logvar_L))
 
 
+def kl_free_bits(mu_L: jax.Array, logvar_L: jax.Array, free_bits: float) -> jax.Array:
+    """KL(q(z|x) || N(0, I)) with a floor of `free_bits` nats on each latent dimension's term.
+
+    sum_d max(KL_d, free_bits), KL_d = -1/2 (1 + logvar_d - mu_d^2 - exp(logvar_d)) ("free bits",
+    Kingma et al. 2016, per image). Below the floor a dimension's KL has no gradient, so the encoder
+    is not pushed to make q(z|x) the prior, the usual remedy for posterior collapse
+    (docs/method.md, Training). free_bits = 0 is `kl_divergence`.
+    """
+    if free_bits <= 0:
+        return kl_divergence(mu_L, logvar_L)
+    kl_d = -0.5 * (1.0 + logvar_L - jnp.square(mu_L) - jnp.exp(logvar_L))
+    return jnp.sum(jnp.maximum(kl_d, free_bits))
+
+
 def model_loss(logits_HxWxC: jax.Array, x_HxWxC: jax.Array, mu_L: jax.Array, logvar_L: jax.Array,
                log_gamma: jax.Array, config: ModelConfig, use_kl: bool = True) -> LossTerms:
     """The model's loss of one image: L_r + KL (KL only when the model and `use_kl` both say so)."""

@@ -17,6 +17,7 @@ import numpy as np
 from iepjax.anomaly_maps import difference_map
 from iepjax.config import ProjectionConfig
 from iepjax.energy import energy
+from iepjax.model import resolve_conv, using_conv
 
 
 class ProjectionResult(NamedTuple):
@@ -126,7 +127,12 @@ def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig
 
 
 def check_images(x_BxHxWxC, config: ProjectionConfig) -> None:
-    """Raise a ValueError/TypeError that says what to do when a batch does not fit the model."""
+    """Raise a ValueError/TypeError that says what to do when a batch does not fit the model.
+
+    Checks the shape (B, size, size, channels), a float dtype and, for concrete arrays, that the
+    values lie in [0, 1] (within RANGE_SLACK; NaN and inf are let through). Traced arrays (inside
+    jit, vmap or grad) get the shape and dtype checks only.
+    """
     shape = getattr(x_BxHxWxC, "shape", None)
     m = config.model
     want = f"(B, {m.size}, {m.size}, {m.channels})"
@@ -143,20 +149,72 @@ def check_images(x_BxHxWxC, config: ProjectionConfig) -> None:
     dtype = np.dtype(getattr(x_BxHxWxC, "dtype", np.float32))
     if not np.issubdtype(dtype, np.floating):
         raise TypeError(f"expected float images in [0, 1], got dtype {dtype}; for uint8 images pass x / 255.0")
+    lo_hi = _value_range(x_BxHxWxC)
+    if lo_hi is not None and (lo_hi[0] < -RANGE_SLACK or lo_hi[1] > 1 + RANGE_SLACK):
+        hint = ("divide by 255 (uint8 pixel values)" if lo_hi[1] > 1 + RANGE_SLACK and lo_hi[1] <= 255 + RANGE_SLACK
+                and lo_hi[0] >= -RANGE_SLACK else "rescale or clip them to [0, 1] (np.clip(x, 0, 1))")
+        raise ValueError(f"the images have values in [{lo_hi[0]:.6g}, {lo_hi[1]:.6g}], outside [0, 1] that the model "
+                         f"was trained on: {hint}")
 
 
-def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+# Float round-off of a resize or colour conversion may leave values a hair outside [0, 1]; the
+# projection clips x_t to [0, 1] at every step anyway. Anything beyond this is a scaling mistake
+# (x * 255 gave maps up to 160 instead of at most 1).
+RANGE_SLACK = 1e-3
+
+
+def _value_range(x) -> tuple[float, float] | None:
+    """(min, max) of the finite values of a concrete array, None when it cannot or need not be checked.
+
+    Only concrete values are checked: numpy arrays and jax.Arrays outside tracing whose values this
+    process holds (inside jit / vmap / grad the values are abstract tracers; an array sharded over
+    several processes is checked by each process on its own rows, here skipped). NaN and inf pass:
+    a non-finite image gives a non-finite map of its own and leaves its batch-mates alone.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable or x.size == 0:
+            return None
+        finite = jnp.isfinite(x)
+        if not bool(jnp.any(finite)):
+            return None
+        lo = jnp.min(jnp.where(finite, x, jnp.inf))
+        hi = jnp.max(jnp.where(finite, x, -jnp.inf))
+        return float(lo), float(hi)
+    a = np.asarray(x)
+    finite = a[np.isfinite(a)] if a.size else a
+    if finite.size == 0:
+        return None
+    return float(finite.min()), float(finite.max())
+
+
+def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
+               conv: str | None = None) -> ProjectionResult:
     """Project a batch of images onto the normal-data manifold and return their anomaly maps.
 
-    One jitted XLA program per (shape, config): `vmap` over the batch of a `lax.scan` over
-    `config.steps` gradient updates (paper eq. 4) of the energy E(x) = L_r(x) + lam ||x - x0||_1.
+    One jitted XLA program per (shape, config, convolution implementation): `vmap` over the batch
+    of a `lax.scan` over `config.steps` gradient updates (paper eq. 4) of the energy
+    E(x) = L_r(x) + lam ||x - x0||_1 (docs/method.md, Projection).
 
     Args:
-      params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint).
-      x0_BxHxWxC: images (B, size, size, channels), float in [0, 1].
+      params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint),
+        whichever convolution implementation made them.
+      x0_BxHxWxC: images (B, size, size, channels), float in [0, 1] (uint8 images: x / 255.0).
       config: a `ProjectionConfig` (static: hashable, part of the compile key).
+      conv: the model's convolutions, "plain", "xla_cpu" or "auto" (`iepjax.model.resolve_conv`);
+        None follows the process setting. Resolved here, outside the jitted program, and part
+        of its compile key.
     Returns:
       ProjectionResult(x_T (B, H, W, C), maps (B, H, W), energies (B, T)).
+    Raises:
+      ValueError: images of the wrong shape, or (numpy or concrete jax arrays) with values outside
+        [0, 1] beyond float round-off: the message gives the range found and says to divide by 255
+        or clip. Such images are not clipped silently: a batch scaled by 255 would give maps up to
+        ~160 that look like results. NaN / inf values pass (their images get non-finite maps).
+        Inside jit or vmap only the shape and dtype are checked.
+      TypeError: integer images (divide uint8 images by 255.0 first).
     """
     check_images(x0_BxHxWxC, config)
-    return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)
+    with using_conv(resolve_conv(conv)):
+        return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)

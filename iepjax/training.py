@@ -359,8 +359,7 @@ def train_run(config: TrainConfig, dataset: str, category: str, *, results: str 
                 run_dir = None  # other preprocessing or another image folder: a new run
             # (a different test-time tile stride alone keeps the run: prep.save below updates it, and
             # the thresholds, keyed by the preprocessing, are fitted again)
-        if run_dir is None:
-            run_dir = runs.new_run(cat_dir)
+        run_dir = runs.resume_or_new(cat_dir, run_dir)  # held by this process: concurrent runs never share it
         runs.atomic_write_text(run_dir / "config.json", cfg_json)
         prep.save(run_dir)
         runs.atomic_write_text(run_dir / "holdout.json", json.dumps(

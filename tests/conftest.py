@@ -102,6 +102,21 @@ def libc():
     return lib
 
 
+CONVS = ("xla_cpu", "plain")  # the implementations of the model's convolutions (iepjax.model)
+
+
+@pytest.fixture(params=CONVS)
+def conv(request):
+    """Run the test once per implementation of the model's convolutions ("xla_cpu", "plain"):
+    every `VAE` without its own `conv` uses it (`iepjax.model.using_conv`), and jitted functions
+    retrace for it. Requested by the cheap property tests of the model, the energy and the
+    projection; the slow ones (trained models, end to end) run the default only. Fixtures of a
+    wider scope (`params`, `trained`, ...) are made before it, with the default."""
+    from iepjax.model import using_conv
+    with using_conv(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def model_cfg() -> ModelConfig:
     """The tiny model of the suite: 32x32 gray, BCE, upsampling decoder, VAE."""

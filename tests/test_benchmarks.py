@@ -1,4 +1,5 @@
-"""The benchmark scripts reject counts below 1 with a usage error that names the flag (before any work)."""
+"""The benchmark scripts on tiny shapes: usage errors before any work, the rows they print, and
+`--conv`, the implementation of the model's convolutions each JAX side runs (iepjax.model)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +20,46 @@ def test_counts_below_one_are_usage_errors(script, flag, value, says):
     assert flag in r.stderr and says in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("script", ["training.py", "compare_torch.py", "projection.py", "gpu.py"])
+def test_conv_flag_takes_the_models_choices(script):
+    r = subprocess.run([sys.executable, str(BENCH / script), "--conv", "cuda"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--conv" in r.stderr and "invalid choice" in r.stderr and "'plain', 'xla_cpu'" in r.stderr, r.stderr
+
+
+def test_conv_choices_and_recorded_layers_match_the_model():
+    """The scripts' `--conv` choices are the model's; `common.record_convs` lists the layers of a
+    train step under either implementation (the transposed decoder's are the same convolutions)."""
+    import jax
+    import jax.numpy as jnp
+
+    from conftest import bench_module
+    from iepjax import model, training
+    from iepjax.config import ModelConfig, TrainConfig
+    common = bench_module("common")
+    assert common.CONVS == model.CONV_CHOICES
+    cfg = TrainConfig(model=ModelConfig(size=32, channels=3, decoder="transposed"), batch_size=2, augment=False)
+    state = jax.eval_shape(lambda: training.init_state(cfg, key=jax.random.key(0)))
+    batch = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.uint8)
+    calls = {conv: common.record_convs(lambda s, b: training.train_step(s, b, cfg), state, batch, batch=2, conv=conv)
+             for conv in ("xla_cpu", "plain")}
+    assert len(calls["xla_cpu"]) == 18  # 9 encoder + 9 decoder convolutions
+    assert calls["plain"] == calls["xla_cpu"]
+
+
 def test_projection_reports_a_row_with_the_heap_growth():
-    """`benchmarks/projection.py` runs one configuration on tiny shapes and prints its row; `heap_growth_mb`
-    (item 14) is measured on glibc and None elsewhere."""
+    """`benchmarks/projection.py` runs one configuration on tiny shapes (here with the plain convolutions,
+    `--conv plain`) and prints its row; `heap_growth_mb` (item 14) is measured on glibc and None elsewhere."""
     import json
 
     from iepjax import hostmem
     r = subprocess.run([sys.executable, str(BENCH / "projection.py"), "--size", "32", "--iters", "3", "--batch",
-                        "2", "--repeats", "1", "--decoder", "transposed", "--cpu-devices", "1"],
+                        "2", "--repeats", "1", "--decoder", "transposed", "--cpu-devices", "1", "--conv", "plain"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.splitlines()[-1])
-    assert (row["size"], row["iters"], row["batch"], row["devices"]) == (32, 3, 2, 1)
+    assert (row["size"], row["iters"], row["batch"], row["devices"], row["conv"]) == (32, 3, 2, 1, "plain")
     assert row["iter_img_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["lower_compile_s"] > 0
     if hostmem.glibc() is None:
         assert row["heap_growth_mb"] is None
@@ -72,9 +101,9 @@ def test_training_profile_lists_every_conv_and_the_step():
 
 
 def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
-    """`benchmarks/gpu.py` (the prepared GPU check of issue 5) runs on CPU on tiny shapes; without torch (here:
-    no such interpreter, which used to raise FileNotFoundError) the PyTorch side is skipped with a note, never
-    silently."""
+    """`benchmarks/gpu.py` (the prepared GPU check) runs on CPU on tiny shapes, with both implementations of the
+    model's convolutions by default; without torch (here: no such interpreter, which used to raise
+    FileNotFoundError) the PyTorch side is skipped with a note, never silently."""
     import json
     r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--size", "32", "--iters", "2", "--batch", "1", "2",
                         "--repeats", "1", "--decoder", "transposed", "--torch-python", str(BENCH / "no_such_python")],
@@ -82,9 +111,10 @@ def test_gpu_script_runs_on_any_machine_and_reports_each_batch():
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     jax_rows = [row for row in rows if row.get("impl") == "iepjax"]
-    assert [row["batch"] for row in jax_rows] == [1, 2]
+    assert [(row["conv"], row["batch"]) for row in jax_rows] == [("plain", 1), ("plain", 2), ("xla_cpu", 1), ("xla_cpu", 2)]
     assert all(row["iter_img_per_s"] > 0 and row["first_call_s"] > 0 for row in jax_rows)
     assert rows[-1]["decoder"] == "transposed" and "skipped" in rows[-1]["torch"]
+    assert set(rows[-1]["jax_by_conv"]) == {"plain", "xla_cpu"} and rows[-1]["jax_best_conv"] in ("plain", "xla_cpu")
 
 
 def test_training_reports_the_kernels_share_and_the_malloc_setting():
@@ -95,9 +125,9 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
     from iepjax import hostmem
 
     rows = {}
-    for malloc in ("reuse", "auto"):
+    for malloc, conv in (("reuse", "plain"), ("auto", "auto")):  # and the --conv flag: plain, then auto
         r = subprocess.run([sys.executable, str(BENCH / "training.py"), "--size", "32", "--channels", "1", "--batch",
-                            "2", "--steps", "1", "--warmup", "1", "--malloc", malloc, "--torch-python",
+                            "2", "--steps", "1", "--warmup", "1", "--malloc", malloc, "--conv", conv, "--torch-python",
                             str(BENCH / "no_such_python")], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         rows[malloc] = json.loads(r.stdout.splitlines()[-1])
@@ -106,6 +136,7 @@ def test_training_reports_the_kernels_share_and_the_malloc_setting():
         assert "skipped" in row["torch"]
     assert rows["reuse"]["jax_host_memory_reused"] is (hostmem.glibc() is not None)
     assert rows["auto"]["jax_host_memory_reused"] is False
+    assert (rows["reuse"]["jax_conv"], rows["auto"]["jax_conv"]) == ("plain", "xla_cpu")
 
 
 @pytest.mark.parametrize("decoder,likelihood,lam", [("upsample", "bce", 0.0), ("transposed", "gaussian", 0.05)])

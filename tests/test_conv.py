@@ -1,4 +1,4 @@
-"""`iepjax.model.conv` (the XLA:CPU formulations of benchmarks/README.md) equals `lax.conv_general_dilated`.
+"""`iepjax.xla_cpu_convs.conv` (the XLA:CPU formulations of the model's convolutions) equals `lax.conv_general_dilated`.
 
 Each formulation of `_conv_raw` (matrix products, sub-pixel phases, im2col, col2im)
 is checked against the plain lax convolution: values, input-gradient (the custom VJP, what the
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import iepjax.model as M
+from iepjax import xla_cpu_convs
 from conftest import bench_module
 from iepjax import ModelConfig, VAE, init_params
 
@@ -27,7 +27,7 @@ def _compare(xs, ws, strides, padding, dilation, seed=0):
     x = jnp.asarray(rng.standard_normal(xs, np.float32))
     w = jnp.asarray(rng.standard_normal(ws, np.float32))
     ref, ref_vjp = jax.vjp(lambda x, w: _lax(x, w, strides, padding, dilation), x, w)
-    out, out_vjp = jax.vjp(lambda x, w: M.conv(x, w, strides, padding, dilation), x, w)
+    out, out_vjp = jax.vjp(lambda x, w: xla_cpu_convs.conv(x, w, strides, padding, dilation), x, w)
     assert out.shape == ref.shape
     g = jnp.asarray(rng.standard_normal(ref.shape, np.float32))
     scale = float(jnp.abs(ref).max())

@@ -2,7 +2,12 @@
 
 Properties: one `lax.scan` of length T in the compiled program; vmap == loop over images;
 T=0 returns x0; the energy falls at the preset's alpha/lam; jit == no-jit; one trace per shape;
-the (x - f(x))^2 weighting is zero where the reconstruction is exact; x_T in [0, 1]; clear errors.
+the (x - f(x))^2 weighting is zero where the reconstruction is exact; x_T in [0, 1]; clear errors;
+a checkpoint made with one implementation of the model's convolutions projects with the other.
+
+The cheap property tests take the `conv` fixture and run under both implementations; those on
+the module's shared calls (`calls`), the trained texture preset and early stopping run the
+default one.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def _eqns(closed, name):
 
 
 @pytest.mark.parametrize("steps", [3, 7])
-def test_program_is_one_scan_of_length_steps(params, model_cfg, steps):
+def test_program_is_one_scan_of_length_steps(params, model_cfg, steps, conv):
     cfg = ProjectionConfig(model=model_cfg, steps=steps)
     x = jnp.zeros((2, 32, 32, 1), jnp.float32)
     closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=cfg))(params, x)
@@ -51,7 +56,7 @@ def test_program_is_one_scan_of_length_steps(params, model_cfg, steps):
     assert out.energies.shape == (2, steps)
 
 
-def test_steps_zero_returns_x0_and_zero_maps(params, model_cfg):
+def test_steps_zero_returns_x0_and_zero_maps(params, model_cfg, conv):
     x0 = pattern_images(2)
     res = project_fn(params, x0, ProjectionConfig(model=model_cfg, steps=0))
     np.testing.assert_array_equal(np.asarray(res.x_T), x0)
@@ -232,7 +237,7 @@ def test_with_early_stop_refuses_a_model_with_non_finite_losses(trained_preset, 
         evaluation.with_early_stop(bad, ProjectionConfig(model=model_cfg, steps=3), images_u8[:4])
 
 
-def test_jit_equals_no_jit(trained, model_cfg):
+def test_jit_equals_no_jit(trained, model_cfg, conv):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
     x0 = pattern_images(1, phase=1.0, seed=4)
@@ -251,7 +256,7 @@ def step_fn():
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_cfg, step_fn, fraction):
+def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_cfg, step_fn, fraction, conv):
     """With f(x) = 0.3 for every x, pixels where x == 0.3 == f(x) must not move with the weighting,
     but do move with a plain gradient step (the ablation); the other pixels move in both."""
     params = constant_params(0.3)
@@ -275,7 +280,7 @@ def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_
     assert np.mean(x1_plain[exact] != x[exact]) > 0.9
 
 
-def test_x_T_stays_in_unit_interval(trained, model_cfg):
+def test_x_T_stays_in_unit_interval(trained, model_cfg, conv):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=1e4, lam=0.05, smoothing_sigma=0.0)
     x0 = np.random.default_rng(6).uniform(0.2, 0.8, (2, 32, 32, 1)).astype(np.float32)
@@ -315,3 +320,44 @@ def test_projection_defaults_follow_the_likelihood(tmp_path):
     (tmp_path / "config.json").write_text('{"model": {"likelihood": "bce", "size": 64}}')
     assert runs.model_config(tmp_path)["likelihood"] == "bce"
     assert runs.model_config(tmp_path / "missing") == {}
+
+
+def _maps_by_conv(params, cfg, x0):
+    return {conv: jax.device_get(project_fn(params, x0, cfg, conv=conv)) for conv in ("xla_cpu", "plain")}
+
+
+def _assert_same_projection(results):
+    a, b = results["xla_cpu"], results["plain"]
+    np.testing.assert_allclose(b.maps, a.maps, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(b.x_T, a.x_T, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(b.energies, a.energies, rtol=1e-5)
+    assert a.maps.max() > 1e-2  # the images did move: the comparison is not trivial
+
+
+def test_a_checkpoint_made_with_one_implementation_projects_with_the_other(tmp_path, trained, model_cfg, images_u8):
+    """A run trained with the plain convolutions saves the same checkpoint (config included: the
+    implementation is not recorded) and projects with the XLA:CPU ones to the same maps; the suite's
+    model, trained with the default (XLA:CPU on CPU), projects with the plain ones to the same maps.
+    `project_fn(conv=...)` compiles once per implementation and reuses the programs."""
+    from iepjax import checkpointing, training
+    from iepjax.config import TrainConfig, to_dict
+    from iepjax.model import using_conv
+
+    tcfg = TrainConfig(model=model_cfg, steps=2, batch_size=3, augment=False, checkpoint_every=2, log_every=2)
+    with using_conv("plain"):
+        training.train(tcfg, images_u8, tmp_path, progress=False)
+    saved = checkpointing.restore_config(tmp_path / "checkpoints")
+    assert saved["model"] == to_dict(model_cfg)
+    loaded, loaded_cfg = training.load_params(tmp_path)
+    assert loaded_cfg.model == model_cfg
+
+    cfg = ProjectionConfig(model=model_cfg, steps=3, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
+    x0 = pattern_images(2, phase=0.7, seed=7)
+    n0 = projection._project_batch._cache_size()
+    results = _maps_by_conv(loaded, cfg, x0)
+    assert projection._project_batch._cache_size() - n0 == 2  # one program per implementation
+    again = jax.device_get(project_fn(loaded, x0, cfg, conv="plain"))
+    assert projection._project_batch._cache_size() - n0 == 2  # reused, not retraced
+    np.testing.assert_array_equal(again.maps, results["plain"].maps)
+    _assert_same_projection(results)
+    _assert_same_projection(_maps_by_conv(trained[0], cfg, x0))
