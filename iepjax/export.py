@@ -177,31 +177,33 @@ def per_platform(build: Callable[[ProjectionConfig], Callable], config: Projecti
                  platforms: Sequence[str]) -> tuple[Callable, dict]:
     """The program to lower for `platforms`, and the convolution formulation each platform gets.
 
-    THE one place where the exported program chooses per platform. Today's `iepjax.model` has
-    one formulation, the XLA:CPU one (custom-VJP convolutions, im2col, sub-pixel phases), which
-    is exact on every platform, so every platform gets it. Once the model offers both (a
-    `conv` setting "plain" / "xla_cpu", `iepjax.model.using_conv`), this becomes::
-
-        def with_conv(conv):
-            def f(*args):
-                with model.using_conv(conv):
-                    return build(config)(*args)
-            return f
-        program = lambda *args: jax.lax.platform_dependent(
-            *args, cpu=with_conv("xla_cpu"), default=with_conv("plain"))
-        return program, {p: "xla_cpu" if p == "cpu" else "plain" for p in platforms}
-
-    (each branch is traced under its setting; lowered for one platform, only its branch is
-    emitted; for several, the program switches on the platform it is compiled for).
+    THE one place where the exported program chooses per platform: `jax.lax.platform_dependent`
+    picks the model's XLA:CPU formulation (`iepjax.xla_cpu_convs`) on CPU and flax's plain
+    convolutions everywhere else, as `iepjax.model.resolve_conv("auto")` does for project.py on
+    each platform. Each branch is traced under its setting (`iepjax.model.using_conv`); lowered
+    for one platform only that branch is emitted, for several the program switches on the
+    platform it is compiled for. Both formulations take the same parameters.
     """
-    return build(config), {p: "xla_cpu" for p in platforms}
+    from iepjax.model import using_conv
+
+    choice = {p: "xla_cpu" if p == "cpu" else "plain" for p in platforms}
+
+    def under(conv: str) -> Callable:
+        def branch(*args):
+            with using_conv(conv):
+                return build(config)(*args)
+        return branch
+
+    def program(*args):
+        return jax.lax.platform_dependent(*args, cpu=under("xla_cpu"), default=under("plain"))
+    return program, choice
 
 
 def without_dead_code(fn: Callable, *arg_specs) -> Callable:
     """`fn` traced at arg_specs with its unused computations removed (its outputs unchanged).
 
-    Why: the model's custom-VJP convolutions also return the kernel's gradient, which the
-    projection never uses. Under `vmap` that gradient is computed per image as a convolution
+    Why: the model's XLA:CPU convolutions (custom VJPs) also return the kernel's gradient, which
+    the projection never uses. Under `vmap` that gradient is computed per image as a convolution
     with feature_group_count = batch; XLA drops it when it compiles a fixed batch, but with a
     symbolic batch the convolution cannot even be lowered. Dead-code elimination of the traced
     jaxpr (jax's own `dce_jaxpr`, which recurses into scan and cond bodies) removes it first.

@@ -63,14 +63,39 @@ def test_exported_projection_equals_project_fn_at_batch_sizes_never_seen(tiny_ex
 
     ex, cfg, x = tiny_export["programs"]["projection"], tiny_export["config"], tiny_export["x"]
     assert "b" in str(ex.in_avals[-1]) and ex.platforms == ("cpu", "cuda")
-    assert tiny_export["skipped"] == {} and set(tiny_export["formulation"]) == {"cpu", "cuda"}
+    assert tiny_export["skipped"] == {} and tiny_export["formulation"] == {"cpu": "xla_cpu", "cuda": "plain"}
     _, arrays = flat_params(params)
     assert np.any(tiny_export["losses"] <= cfg.stop_loss) and np.any(tiny_export["losses"] > cfg.stop_loss)
-    ref = project_fn(params, x, cfg)
+    ref = project_fn(params, x, cfg, conv="xla_cpu")  # what project.py runs on a CPU
     for sl in (slice(0, 1), slice(1, 4)):
         got = ex.call(arrays, x[sl])
         for a, b in zip(got, (ref.x_T, ref.maps, ref.energies)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b)[sl], atol=1e-6, rtol=1e-6)
+
+
+def test_the_program_for_other_platforms_uses_the_plain_convolutions(params):
+    """Lowered for CUDA, the program is `project_fn(conv="plain")`: run here on the CPU with jax.export's
+    platform check disabled, it gives the plain formulation's numbers."""
+    from jax import export as jex
+
+    from iepjax.export import flat_params, per_platform, projection_program, without_dead_code
+
+    cfg = ProjectionConfig(model=ModelConfig(size=32, channels=1), steps=2, alpha=0.5, lam=0.05)
+    names, arrays = flat_params(params)
+    tree = jax.tree.structure(params)
+    program, choice = per_platform(projection_program, cfg, ("cpu", "cuda"))
+    assert choice == {"cpu": "xla_cpu", "cuda": "plain"}
+
+    def from_flat(flat, x0):
+        return program(jax.tree.unflatten(tree, flat), x0)
+    b, = jex.symbolic_shape("b")
+    specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays], jax.ShapeDtypeStruct((b, 32, 32, 1), np.float32))
+    cuda = jex.export(jax.jit(without_dead_code(from_flat, *specs)), platforms=("cuda",),
+                      disabled_checks=[jex.DisabledSafetyCheck.platform()])(*specs)
+    x = _pattern(2)
+    ref = project_fn(params, x, cfg, conv="plain")
+    for a, r in zip(cuda.call(arrays, x), (ref.x_T, ref.maps, ref.energies)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-6, rtol=1e-6)
 
 
 def test_exported_recon_map_equals_the_evaluation_row(tiny_export, params):
