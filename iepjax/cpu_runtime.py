@@ -34,7 +34,6 @@ import sys
 import jax
 
 from iepjax.config import TrainConfig
-from iepjax.sharding import devices_dividing
 
 # mallopt parameters of glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -95,6 +94,7 @@ def reuse_freed_memory() -> bool:
 def train_temp_bytes(config: TrainConfig, devices: int) -> int:
     """Typical size of XLA:CPU's temporary buffer of one training step, per device (bytes), with the
     batch split over the most of `devices` that divide it (as `sharding.make_mesh` splits it)."""
+    from iepjax.sharding import devices_dividing  # here: the predictor's scripts import this module without flax
     per_device = config.batch_size // devices_dividing(config.batch_size, devices)
     return per_device * config.model.size ** 2 * TRAIN_TEMP_BYTES_PER_PIXEL
 

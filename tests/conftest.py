@@ -37,6 +37,7 @@ _CACHE_ENV: dict[str, str] = {}
 # docs/results.md, "Time of the test suite").
 SLOWEST_FIRST = ("test_projection.py",
                  "test_scripts.py",       # train.py / project.py end to end
+                 "test_export.py",        # train.py / project.py / export.py, then predict.py in a fresh process
                  "test_folder.py",        # reproduce.py end to end
                  "test_sharding.py",      # 4- and 8-device subprocesses
                  "test_conv.py",
