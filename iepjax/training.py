@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iepjax import checkpointing, distributed, sharding
+from iepjax.atomic import dumps_json
 from iepjax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from iepjax.losses import LossTerms, constant_prediction_loss
 from iepjax.model import VAE
@@ -181,7 +181,7 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     report = collapse_check(state.params, images, m)
     if main:
         atomic_write_text(run_dir / "training.json",
-                          json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
+                          dumps_json({"steps": int(state.step), "collapse": report._asdict()}))  # NaN ratio -> null
     return TrainSummary(state, report, start, config)
 
 

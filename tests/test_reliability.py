@@ -517,6 +517,52 @@ def test_project_fn_rejects_images_outside_0_1(params, model_cfg):
     jax.vmap(lambda a: check_images(a[None] * 255, cfg))(x)
 
 
+# --------------------------------------------------------------------------- strict JSON everywhere
+
+
+def _no_constant(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+
+def test_projection_files_are_strict_json(tmp_path):
+    """projection_config.json, timing.json and thresholds.json of a projection folder, the run's
+    thresholds.json and inference's summary.json: NaN and infinities are written as null."""
+    from iepjax import ProjectionConfig, outputs
+    from iepjax.localization import Localization
+    from iepjax.thresholds import normal_stats
+
+    maps = np.random.default_rng(0).gamma(2.0, 0.05, size=(10, SIZE, SIZE)).astype(np.float32)
+    st = normal_stats(maps)._replace(vmax=float("inf"))
+    cfg = ProjectionConfig(steps=2)
+    x = np.zeros((10, SIZE, SIZE, 1), np.float32)
+    loc = Localization(maps, maps, x, x, np.full((10, 2), np.nan, np.float32), float("nan"), 1.0)
+    outputs.write_results(tmp_path, {"grad": {"pixel_auroc": float("nan")}}, loc, [str(i) for i in range(10)], cfg,
+                          {"grad": st, "recon": st}, "held-out normal training images")
+    for name in ("metrics.json", "projection_config.json", "timing.json", "thresholds.json"):
+        text = (tmp_path / name).read_text()
+        json.loads(text, parse_constant=_no_constant)
+    assert json.loads((tmp_path / "thresholds.json").read_text())["grad"]["vmax"] is None
+    assert json.loads((tmp_path / "timing.json").read_text())["compile_s"] is None
+
+
+def test_seeds_tool_copes_with_null_metrics():
+    """tools/seeds.py on metrics.json files with null (strict JSON for NaN: no ground-truth masks)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_seeds", ROOT / "tools" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    m = {"recon": {"pixel_auroc": None, "image_auroc": 0.6, "pixel_aupro": None},
+         "grad": {"pixel_auroc": None, "image_auroc": 0.7, "pixel_aupro": None}}
+    ok = {"recon": {"pixel_auroc": 0.8, "image_auroc": 0.5, "pixel_aupro": 0.4},
+          "grad": {"pixel_auroc": 0.9, "image_auroc": 0.6, "pixel_aupro": 0.5}}
+    rows = [seeds.seed_row(0, m), seeds.seed_row(1, ok)]
+    assert rows[0]["grad_pixel_auroc"] is None and rows[0]["margin_pixel_auroc"] is None
+    s = seeds.summarise(rows)
+    assert s["grad_image_auroc"] == {"mean": 0.65, "std": 0.0707, "min": 0.6, "max": 0.7}
+    assert s["margin_pixel_auroc"] == {"mean": 0.1, "std": 0.0, "min": 0.1, "max": 0.1, "n": 1}
+    assert seeds.summarise(rows[:1])["grad_pixel_auroc"] == {"n": 0}
+
+
 # --------------------------------------------------------------------------- worker entry point
 
 

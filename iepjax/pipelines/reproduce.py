@@ -11,14 +11,13 @@ written after every category, so an interrupted run keeps what it measured (docs
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from iepjax import report, sharding
+from iepjax import atomic, report, sharding
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig, TrainConfig
 from iepjax.data.preprocess import Preprocess
 from iepjax.pipelines.project import project_run
@@ -89,5 +88,5 @@ def reproduce(plans: list[Plan], source: DataConfig, out: Path, meta: dict,
             if not keep_going:
                 return Reproduction(rows, failed, e)
         report.write_reproduction(out, rows, meta)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    atomic.write_json(out / "meta.json", meta)  # strict JSON, written whole
     return Reproduction(rows, failed, None)
