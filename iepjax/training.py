@@ -187,12 +187,18 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
 
 def load_params(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig]:
     """Parameters and TrainConfig of the newest checkpoint of a run folder."""
+    params, config, _ = load_checkpoint(run_dir)
+    return params, config
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig, int]:
+    """Parameters, TrainConfig and step of the newest checkpoint of a run folder."""
     ckpt = Path(run_dir) / "checkpoints"
     if not ckpt.exists():
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: train a model first (python train.py)")
     config = from_dict(TrainConfig, checkpointing.restore_config(ckpt))
-    mngr = checkpointing.manager(ckpt)
+    mngr = checkpointing.reader(ckpt)  # changes nothing there: a training may be writing the folder
     abstract = jax.eval_shape(lambda: init_state(config, key=jax.random.key(0)))  # shapes only, nothing computed
     state, _ = checkpointing.restore(mngr, abstract)
     checkpointing.close(mngr)
-    return state.params, config
+    return state.params, config, int(state.step)

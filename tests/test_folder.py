@@ -2,8 +2,9 @@
 
 One module-scoped run of `reproduce.py --data-dir` over two categories (``grid``: gray, texture
 preset, tiled; ``widget``: RGB, object preset, resized; odd sizes such as 300x200, two defect kinds
-of which one has no masks, test/good without masks). Tiny model (32 px), 2 training steps, 1
-projection step: this checks the plumbing, not the quality. Then project.py on the labelled folder
+of which one has no masks, test/good without masks; 24 training images, so that the 11 held-out
+images fitted thresholds need can be spared). Tiny model (32 px), 2 training steps, 1 projection
+step: this checks the plumbing, not the quality. Then project.py on the labelled folder
 and on a plain folder (--input-dir), reusing the trained runs (same process: no recompiles).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 from iepjax.data import fake_tree
 
 CATS = ("grid", "widget")
+N_TRAIN = 24
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def e2e(tmp_path_factory):
     import reproduce
 
     base = tmp_path_factory.mktemp("e2e")
-    src = fake_tree.make_fake_mvtec(base / "src")
+    src = fake_tree.make_fake_mvtec(base / "src", n_train=N_TRAIN)
     args = ["--data-dir", str(src), "--categories", ",".join(CATS), "--tfds-dir", str(base / "tfds"),
             "--results", str(base / "results"), "--out", str(base / "table"), "--image-size", "32",
             "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2", "--no-progress"]

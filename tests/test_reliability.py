@@ -517,6 +517,76 @@ def test_project_fn_rejects_images_outside_0_1(params, model_cfg):
     jax.vmap(lambda a: check_images(a[None] * 255, cfg))(x)
 
 
+# --------------------------------------------------------------------------- thresholds that refuse nonsense
+
+
+def test_threshold_fits_need_enough_normal_images_and_pixels():
+    """The rule (docs/method.md, Anomaly maps; `iepjax.thresholds`): min(ceil(1/(1-q)), 10) images for the
+    image quantile q, 10 pixels above the pixel quantile; a threshold of 0 or NaN is refused too."""
+    from iepjax import thresholds as T
+
+    assert [T.min_images(q) for q in (0.5, 0.8, 0.9, 0.99, 0.995, 1.0)] == [2, 5, 10, 10, 10, 10]
+    assert T.min_pixels(0.995) == 2000 and T.min_pixels(0.9) == 100 and T.min_pixels(1.0) == 0
+    assert T.min_held_out(T.ThresholdConfig()) == 11 and T.min_held_out(T.ThresholdConfig(early_stop=False)) == 10
+    maps = np.random.default_rng(0).gamma(2.0, 0.05, size=(10, SIZE, SIZE)).astype(np.float32)
+    st = T.normal_stats(maps)
+    assert st.n_images == 10 and st.pixel_threshold > 0 and st.image_threshold > 0
+    with pytest.raises(T.ThresholdError, match=r"9 normal image\(s\).*needs at least 10.*--holdout.*--threshold T "
+                                               r"--image-threshold T"):
+        T.normal_stats(maps[:9])
+    assert T.normal_stats(maps[:2], image_quantile=0.5).n_images == 2
+    with pytest.raises(T.ThresholdError, match=r"10240 normal pixels.*needs at least 100000"):
+        T.normal_stats(maps, pixel_quantile=0.9999)
+    with pytest.raises(T.ThresholdError, match=r"grad pixel threshold .* is 0.0.*a threshold of 0 flags every pixel"):
+        T.normal_stats(np.where(maps > 0.5, maps, 0))  # almost every pixel 0: the 99.5th percentile is 0
+    with pytest.raises(T.ThresholdError, match=r"not finite"):
+        T.normal_stats(np.full_like(maps, np.nan))
+
+
+def test_early_stopping_cannot_freeze_the_threshold_fit_to_zero(trained, images_u8, model_cfg, tmp_path):
+    """The early-stopping bar is the smallest loss of the held-out images, so the image that set it is frozen
+    at step 0 and its map is 0. Fitted on that image alone, the thresholds were 0 and every image was flagged
+    defective; now such images are left out of the fit, and too few left is refused before any projection."""
+    from iepjax import ProjectionConfig
+    from iepjax.early_stop import frozen_at_start, model_losses, with_early_stop
+    from iepjax.thresholds import ThresholdConfig, ThresholdError, calibrate
+
+    params, _ = trained
+    cfg = ProjectionConfig(model=model_cfg, steps=3, alpha=0.05, lam=0.0, weighting=False)
+    rng = np.random.default_rng(3)
+    normal = np.clip(images_u8[rng.integers(0, len(images_u8), 11)].astype(int)
+                     + rng.integers(-12, 13, (11, SIZE, SIZE, 1)), 0, 255).astype(np.uint8)
+    one = with_early_stop(params, cfg, normal[:1])
+    assert frozen_at_start(params, one, normal[:1]).tolist() == [True]
+    with pytest.raises(ThresholdError, match=r"0 normal image\(s\) \(1 more frozen at step 0"):
+        calibrate(params, one, normal[:1], progress=False)
+
+    stopped = with_early_stop(params, cfg, normal)
+    frozen = frozen_at_start(params, stopped, normal)
+    losses, _ = model_losses(params, stopped, normal)
+    assert frozen.sum() >= 1 and frozen[int(np.argmin(losses))]  # at least the image that set the bar
+    stats, _ = calibrate(params, stopped, normal, ThresholdConfig(), progress=False)
+    for st in stats.values():
+        assert st.n_excluded == frozen.sum() and st.n_images == 11 - frozen.sum()
+        assert st.pixel_threshold > 0 and st.image_threshold > 0
+
+
+def test_holdout_split_holds_out_what_thresholds_need():
+    """A fraction > 0 used to hold out at least 1 image (a single held-out image gave thresholds of 0);
+    now at least the count the thresholds need, or a message when the images are too few for that."""
+    from iepjax.data import DataError
+    from iepjax.pipelines.train import holdout_split
+
+    train, held = holdout_split(60, 0.1, 0, at_least=11)
+    assert len(held) == 11 and len(train) == 49 and not set(train) & set(held)
+    assert len(holdout_split(400, 0.1, 0, at_least=11)[1]) == 40  # enough already: the fraction decides
+    assert len(holdout_split(5, 0.2, 0)[1]) == 1  # the old floor, for callers that fit no thresholds
+    with pytest.raises(DataError, match=r"only 15 normal training images.*--holdout 0.*--threshold T "
+                                        r"--image-threshold T --no-early-stop.*--holdout 0.74"):
+        holdout_split(15, 0.1, 0, at_least=11)
+    assert len(holdout_split(15, 0.0, 0, at_least=11)[1]) == 0
+
+
 # --------------------------------------------------------------------------- strict JSON everywhere
 
 

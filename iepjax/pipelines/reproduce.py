@@ -22,6 +22,7 @@ from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig, TrainCo
 from iepjax.data.preprocess import Preprocess
 from iepjax.pipelines.project import project_run
 from iepjax.pipelines.train import train_run
+from iepjax.thresholds import min_held_out
 
 
 class Plan(NamedTuple):
@@ -49,7 +50,8 @@ def run_category(plan: Plan, source: DataConfig, thresholds: ThresholdConfig, *,
     source = dataclasses.replace(source, category=plan.category)
     mesh = sharding.make_mesh(divides=plan.train.batch_size)
     run_dir, summary = train_run(plan.train, plan.prep, source, holdout=thresholds.holdout, results=results,
-                                 progress=progress, mesh=mesh)
+                                 progress=progress, mesh=mesh,
+                                 min_held_out=min_held_out(thresholds) if thresholds.holdout > 0 else 1)
     proj_dir, res = project_run(run_dir, source, plan.projection, thresholds, batch_size=batch_size,
                                 overlays=overlays, progress=progress, mesh=mesh)
     protocol = res.get("protocol", {})
