@@ -365,9 +365,10 @@ def test_output_folder_with_a_fixed_name(tmp_path):
 # --------------------------------------------------------------------------- clear errors before long work
 
 
-def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True) -> Path:
-    """A run folder as train.py leaves it (config.json, holdout.json, checkpoints/), with the tiny
-    model's initial parameters as its checkpoint instead of trained ones (no training needed)."""
+def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True, holdout: int = 1) -> Path:
+    """A run folder as train.py leaves it (config.json, holdout.json with `holdout` ids, checkpoints/),
+    with the tiny model's initial parameters as its checkpoint instead of trained ones (no training
+    needed)."""
     import jax
 
     from iepjax import ModelConfig, TrainConfig, checkpointing, runs, training
@@ -376,7 +377,8 @@ def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True
     run = runs.new_run(runs.category_dir(results, "vae", "textures", category))
     runs.release(run)
     (run / "config.json").write_text(json.dumps(to_dict(cfg)))
-    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": category, "ids": ["train/0"]}))
+    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": category,
+                                                  "ids": [f"train/{i}" for i in range(holdout)]}))
     mngr = checkpointing.manager(run / "checkpoints")  # creates checkpoints/, as training does at its start
     if checkpoint:
         checkpointing.save(mngr, 1, training.init_state(cfg, key=jax.random.key(0)), to_dict(cfg))
@@ -585,6 +587,61 @@ def test_holdout_split_holds_out_what_thresholds_need():
                                         r"--image-threshold T --no-early-stop.*--holdout 0.74"):
         holdout_split(15, 0.1, 0, at_least=11)
     assert len(holdout_split(15, 0.0, 0, at_least=11)[1]) == 0
+
+
+def test_a_run_with_too_few_held_out_images_is_refused_before_any_work(tmp_path, capsys):
+    """One held-out image (what a small training set and --holdout 0.1 gave) cannot fit thresholds: project.py
+    says so, with the rule and the flags, before it loads any data. Before, it fitted thresholds of 0."""
+    results = tmp_path / "results"
+    run = _fake_run(results)  # holds out one image
+    argv = ["--category", "brick", "--results", str(results), "--tfds-dir", str(tmp_path / "tfds"), "--no-progress"]
+    code, err = _project_main(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"run {run} holds out 1 normal image(s)" in err and "at least 10 normal images" in err, err
+    assert "plus 1 for early stopping" in err and "--holdout" in err and "--threshold T --image-threshold T" in err
+    assert not (tmp_path / "tfds").exists()
+    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": "brick", "ids": []}))
+    code, err = _project_main(argv + ["--threshold", "0.1", "--image-threshold", "0.2"], capsys)
+    assert code == 2 and "holds out no normal image" in err and "--no-early-stop" in err, err
+    assert not (tmp_path / "tfds").exists()
+
+
+# --------------------------------------------------------------------------- collapsed and unfinished runs
+
+
+def test_a_collapsed_run_is_refused_unless_allowed(tmp_path, capsys):
+    from iepjax import runs
+    results = tmp_path / "results"
+    run = _fake_run(results, holdout=11)
+    (run / "training.json").write_text(json.dumps({"steps": 1, "collapse": {"collapsed": True, "ratio": 0.995}}))
+    code, err = _project_main(["--category", "brick", "--results", str(results), "--tfds-dir",
+                               str(tmp_path / "tfds"), "--no-progress"], capsys)
+    assert code == 3 and "Traceback" not in err, err
+    assert "collapsed to predicting the mean image" in err and "ratio 0.995" in err and str(run) in err
+    assert "--allow-collapse" in err and "--steps" in err and "--lr" in err and "--seed" in err
+    assert not (tmp_path / "tfds").exists()
+    assert runs.check_trained(run, "brick", allow_collapse=True) == []
+    (run / "training.json").write_text(json.dumps({"steps": 1, "collapse": {"collapsed": False, "ratio": 0.5}}))
+    assert runs.check_trained(run, "brick") == []
+
+
+def test_an_unfinished_run_is_projected_with_a_warning(tmp_path):
+    """No training.json: the training stopped early, or is going on right now (another process holds the run)."""
+    from iepjax import runs
+    run = _fake_run(tmp_path / "results")
+    (warning,) = runs.check_trained(run, "brick")
+    assert "stopped before the end" in warning and "step 1 of 1" in warning and "python train.py --category brick" \
+        in warning
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from iepjax import runs; "
+                               "runs.hold(__import__('pathlib').Path(sys.argv[1])); print('held', flush=True); "
+                               "time.sleep(60)", str(run)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (warning,) = runs.check_trained(run, "brick")
+        assert f"is being trained right now (process {holder.pid})" in warning, warning
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # --------------------------------------------------------------------------- strict JSON everywhere
