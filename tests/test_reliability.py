@@ -354,6 +354,7 @@ def test_output_folder_with_a_fixed_name(tmp_path):
         (out.path / "scores.csv").write_text("file\n")
         assert not final.exists()
     assert (final / "scores.csv").exists() and not (final / atomic.LOCK_NAME).exists()
+    assert (final.stat().st_mode & 0o777) == 0o777 & ~_umask()  # as mkdir would make it, not mkdtemp's 0700
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         with atomic.output_folder(final):
             pass
