@@ -338,7 +338,7 @@ def check_trained(run_dir: Path, category: str, *, allow_collapse: bool = False)
         tries = ("--likelihood gaussian, " if likelihood == "bce" else "") + "more --steps, another --lr or --seed"
         raise CollapsedRun(
             f"the model of run {run_dir} collapsed to predicting the mean image (its reconstruction loss is "
-            f"{'a ratio ' + format(ratio, '.3f') if isinstance(ratio, (int, float)) else 'close to'} of the constant "
+            f"{format(ratio, '.3f') + ' times' if isinstance(ratio, (int, float)) else 'about'} a constant "
             f"predictor's, training.json): its maps localise nothing. Train a new run "
             f"(`python train.py --category {category} --new` with {tries}; docs/calibration.md), "
             "or pass --allow-collapse to project this one anyway")

@@ -281,7 +281,7 @@ def _suggest_holdout(run_dir: Path, need: int) -> str:
         n = 0
     if not n or need >= n / 2:
         return ""
-    return f" (this run's {n} training images: --holdout {math.ceil(100 * need / n) / 100:g} or more)"
+    return f" of at least {math.ceil(100 * need / n) / 100:g} (it has {n} normal training images)"
 
 
 def check_held_out(run_dir: Path, thresholds: ThresholdConfig) -> None:
@@ -297,7 +297,7 @@ def check_held_out(run_dir: Path, thresholds: ThresholdConfig) -> None:
     need = min_held_out(thresholds)
     if k < need and not both_given(thresholds):
         raise ThresholdError(f"run {run_dir} holds out {k} normal image(s): too few to fit thresholds, which need "
-                             f"{count_rule(thresholds)}. Retrain with a larger --holdout (a new run)"
+                             f"{count_rule(thresholds)}. Train a new run with a larger --holdout"
                              f"{_suggest_holdout(run_dir, need)}, or give both thresholds "
                              "(`python project.py ... --threshold T --image-threshold T`)")
 

@@ -588,6 +588,9 @@ def test_holdout_split_holds_out_what_thresholds_need():
                                         r"--image-threshold T --no-early-stop.*--holdout 0.74"):
         holdout_split(15, 0.1, 0, at_least=11)
     assert len(holdout_split(15, 0.0, 0, at_least=11)[1]) == 0
+    with pytest.raises(DataError, match=r"only 6 normal training images: holding out the 11 .* is more than there "
+                                        r"are\. Train on all of them \(--holdout 0\)"):
+        holdout_split(6, 0.1, 0, at_least=11)
 
 
 def test_a_run_with_too_few_held_out_images_is_refused_before_any_work(tmp_path, capsys):
@@ -618,7 +621,7 @@ def test_a_collapsed_run_is_refused_unless_allowed(tmp_path, capsys):
     code, err = _project_main(["--category", "brick", "--results", str(results), "--tfds-dir",
                                str(tmp_path / "tfds"), "--no-progress"], capsys)
     assert code == 3 and "Traceback" not in err, err
-    assert "collapsed to predicting the mean image" in err and "ratio 0.995" in err and str(run) in err
+    assert "collapsed to predicting the mean image" in err and "0.995 times a constant predictor's" in err and str(run) in err
     assert "--allow-collapse" in err and "--steps" in err and "--lr" in err and "--seed" in err
     assert not (tmp_path / "tfds").exists()
     assert runs.check_trained(run, "brick", allow_collapse=True) == []

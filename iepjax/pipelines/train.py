@@ -62,15 +62,17 @@ def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> t
     raised = fraction > 0 and k < at_least
     if raised:
         k = at_least
+    if raised and at_least > 1 and n - k < k:
+        left = f"would leave {n - k} to train on" if k < n else "is more than there are"
+        explicit = (f", or ask for that split explicitly (--holdout {min(math.ceil(100 * k / n) / 100, 0.99):g})"
+                    if k < n else "")
+        raise DataError(
+            f"only {n} normal training images: holding out the {k} that fitted thresholds need {left}. Train on "
+            "all of them (--holdout 0) and give project.py both thresholds and --no-early-stop (--threshold T "
+            f"--image-threshold T --no-early-stop){explicit}")
     if n - k < 1:
         raise DataError(f"only {n} training image(s): nothing left to train on after holding out {k}: "
                         "a smaller --holdout")
-    if raised and n - k < k:
-        raise DataError(
-            f"only {n} normal training images: holding out the {k} that fitted thresholds need would leave "
-            f"{n - k} to train on. Train on all of them (--holdout 0) and give project.py both thresholds and "
-            f"--no-early-stop (--threshold T --image-threshold T --no-early-stop), or ask for that split "
-            f"explicitly (--holdout {min(math.ceil(100 * k / n) / 100, 0.99):g})")
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
