@@ -118,7 +118,7 @@ def _good_images(e2e, inp: Path) -> dict[str, Path]:
     """Readable inputs: one in a sub-folder, and x.png / x.jpg, two files that differ only by extension."""
     src = sorted((e2e["src"] / "widget" / "test").glob("*/*"))
     (inp / "line2").mkdir(parents=True)
-    made = {"line2/part0.png": src[0], "part1.png": src[1], "part1.jpg": src[4]}  # a good and a defective image
+    made = {"line2/part0.png": src[0], "part1.png": src[1], "part1.jpg": src[4]}  # three different test images
     for rel, f in made.items():
         Image.open(f).convert("RGB").save(inp / rel)
     return made
