@@ -276,7 +276,8 @@ def _suggest_holdout(run_dir: Path, need: int) -> str:
     """A --holdout that holds out `need` images of the run's training set, when its size is known."""
     try:
         stored = json.loads((Path(run_dir) / "holdout.json").read_text())
-        n = stored.get("n_normal_images") or (round(len(stored["ids"]) / stored["fraction"]) if stored.get("fraction") else 0)
+        n = stored.get("n_normal_images") or (round(len(stored["ids"]) / stored["fraction"])
+                                              if stored.get("fraction") else 0)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         n = 0
     if not n or need >= n / 2:

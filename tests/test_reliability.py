@@ -621,7 +621,8 @@ def test_a_collapsed_run_is_refused_unless_allowed(tmp_path, capsys):
     code, err = _project_main(["--category", "brick", "--results", str(results), "--tfds-dir",
                                str(tmp_path / "tfds"), "--no-progress"], capsys)
     assert code == 3 and "Traceback" not in err, err
-    assert "collapsed to predicting the mean image" in err and "0.995 times a constant predictor's" in err and str(run) in err
+    assert "collapsed to predicting the mean image" in err and str(run) in err
+    assert "0.995 times a constant predictor's" in err
     assert "--allow-collapse" in err and "--steps" in err and "--lr" in err and "--seed" in err
     assert not (tmp_path / "tfds").exists()
     assert runs.check_trained(run, "brick", allow_collapse=True) == []

@@ -104,9 +104,9 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
     n_images = len(split.ids)
     train_idx, held_idx = holdout_split(n_images, holdout, config.seed, at_least=min_held_out)
     if holdout > 0 and len(held_idx) > round(n_images * holdout) and distributed.is_main():
-        print(f"note: holding out {len(held_idx)} of {n_images} normal training images, not {round(n_images * holdout)} "
-              f"(--holdout {holdout}): fitted thresholds need {len(held_idx)} (docs/method.md, Anomaly maps)",
-              file=sys.stderr)
+        print(f"note: holding out {len(held_idx)} of {n_images} normal training images, not "
+              f"{round(n_images * holdout)} (--holdout {holdout}): fitted thresholds need {len(held_idx)} "
+              "(docs/method.md, Anomaly maps)", file=sys.stderr)
     held_ids = [split.ids[i] for i in held_idx]
     cat_dir = runs.category_dir(results, "vae", dataset, category)
     run_dir = None
