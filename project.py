@@ -7,7 +7,17 @@
     python project.py --data-dir my_images --category widget --input-dir new_parts/   # no labels
 
 Writes metrics.json, maps.npz, overlays/ and energy.png into <run>/projections/v<N>/ and prints
-the metrics table and that folder.
+the metrics table and that folder. Output folders appear complete or not at all.
+
+Refused before any work, with a message that says what to do (exit 2): a run of another category,
+a run without a checkpoint, folders it cannot write, too few held-out normal images to fit
+thresholds (pass --threshold and --image-threshold), an existing --out (--overwrite). A run whose
+model collapsed to the mean image is refused with exit 3 (--allow-collapse projects it anyway); a
+run whose training has not finished (no training.json: being trained now, or stopped early) is
+projected with a warning, from its newest checkpoint.
+
+--input-dir: every readable image is processed; unreadable files are named on stderr and in
+errors.csv, and the exit status is then 4 (the others' results are written).
 """
 import argparse
 import dataclasses
@@ -16,6 +26,8 @@ from pathlib import Path
 
 from iepjax import cli, loss_scale, presets, report, runs
 from iepjax.pipelines import infer_folder, project_run
+from iepjax.pipelines.infer import list_images
+from iepjax.thresholds import ThresholdError, check_held_out
 
 
 def main(argv=None) -> int:
@@ -38,14 +50,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-early-stop", action="store_true",
                    help="always take T steps (default: an image stops once its loss is as low as the lowest of the "
                         "run's held-out normal images)")
-    p.add_argument("--threshold", type=float, help="pixel threshold (default: stored, from held-out normal images)")
-    p.add_argument("--image-threshold", type=float, help="image threshold (default: stored)")
+    p.add_argument("--threshold", type=cli.nonnegative_float,
+                   help="pixel threshold (default: fitted on the run's held-out normal images)")
+    p.add_argument("--image-threshold", type=cli.nonnegative_float,
+                   help="image threshold (default: fitted); with --threshold, nothing is fitted")
     cli.add_threshold_flags(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--input-dir", default=None,
                    help="plain folder of images (no masks, no labels): write maps/*.tiff, overlays/*.png and "
                         "scores.csv for every image with the category's trained run")
     p.add_argument("--out", default=None, help="--input-dir: output folder (default <run>/inference/v<N>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--input-dir --out: replace an existing output folder (once the new one is complete)")
+    p.add_argument("--allow-collapse", "--allow-collapsed", dest="allow_collapse", action="store_true",
+                   help="project a run whose model collapsed to the mean image (refused by default)")
     cli.add_output_flags(p)
     cli.add_runtime_flags(p)
     a = p.parse_args(argv)
@@ -53,15 +71,29 @@ def main(argv=None) -> int:
         source = cli.data_config(a)
     except ValueError as e:
         p.error(str(e))
+    thresholds = cli.threshold_config(a)
     try:
         presets.check(source.dataset, source.category)  # an unknown category is named before a missing run
         run_dir = runs.find_run(a.results, "vae", source.dataset, source.category, a.run)
         runs.check_outputs_writable(run_dir, a.out if a.input_dir else None, inference=a.input_dir is not None)
+        if a.input_dir is not None:
+            list_images(a.input_dir)  # the folder exists
+            if a.out and not a.overwrite and Path(a.out).exists() and (not Path(a.out).is_dir()
+                                                                        or any(Path(a.out).iterdir())):
+                raise FileExistsError(f"output folder {a.out} exists and is not empty: choose another --out, "
+                                      "or add --overwrite to replace it")
+        warnings = runs.check_trained(run_dir, source.category, allow_collapse=a.allow_collapse)
+        check_held_out(run_dir, thresholds)
         # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
         config = presets.projection_config(source.dataset, source.category, runs.model_config(run_dir).get("likelihood"))
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except runs.CollapsedRun as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_COLLAPSED
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, PermissionError
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_ERROR
+    for w in warnings:
+        print(w, file=sys.stderr)
     config = dataclasses.replace(cli.override(config, steps=a.steps, alpha=a.alpha, lam=a.lam, smoothing_sigma=a.sigma),
                                  weighting=not a.no_weighting, use_kl=not a.no_kl, backtrack=not a.no_backtrack)
     relative = None
@@ -71,15 +103,22 @@ def main(argv=None) -> int:
         relative = cli.override(loss_scale.RelativeSettings(), hold=a.hold, step=a.step)
     mesh = cli.start_runtime(a, projection_steps=config.steps)
     run = dict(batch_size=a.batch_size, overlays=not a.no_overlays, progress=not a.no_progress)
+    usage = (ThresholdError, FileNotFoundError, FileExistsError)
     if a.input_dir is not None:  # plain-folder inference, on one device per process
-        out = Path(a.out) if a.out else runs.new_run(Path(run_dir) / "inference")
-        status, summary = cli.guarded(infer_folder, run_dir, a.input_dir, out, source, config, cli.threshold_config(a),
-                                      usage=(FileNotFoundError,), **run)
-        if summary is not None:
-            print(report.format_inference(summary))
-            print(f"output folder: {out} (scores.csv, maps/*.tiff, overlays/)")
+        status, done = cli.guarded(infer_folder, run_dir, a.input_dir, source, config, thresholds, out=a.out,
+                                   overwrite=a.overwrite, usage=usage, **run)
+        if done is None:
+            return status
+        out, summary = done
+        print(report.format_inference(summary))
+        print(f"output folder: {out} (scores.csv, errors.csv, maps/*.tiff, overlays/)")
+        if summary["n_failed"]:
+            print(f"error: {summary['n_failed']} of {summary['n_failed'] + summary['n_images']} image files could not "
+                  f"be read (listed in {out / 'errors.csv'}); the other {summary['n_images']} were processed",
+                  file=sys.stderr)
+            return cli.EXIT_PARTIAL
         return status
-    status, out = cli.guarded(project_run, run_dir, source, config, cli.threshold_config(a), mesh=mesh,
+    status, out = cli.guarded(project_run, run_dir, source, config, thresholds, mesh=mesh, usage=usage,
                               relative=relative, **run)
     out_dir, result = out or (None, None)
     if out_dir is not None:  # process 0 reports

@@ -273,6 +273,7 @@ def begin_folder(final: str | os.PathLike) -> OutputFolder:
     final = Path(final)
     with claim_lock(final.parent):  # no cleaner sees the new folder before it is locked
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}-{os.getpid()}-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700: the finished folder gets the usual permissions
         return OutputFolder(tmp, final, Lock(tmp / LOCK_NAME))
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable
 EXIT_OK = 0
 EXIT_FAILED = 1  # training diverged, the model's losses are not finite, or (reproduce --keep-going) a category failed
 EXIT_ERROR = 2  # bad flags (argparse exits with 2 too), data or run folder; reproduce stopped by an error
-EXIT_COLLAPSED = 3  # train.py: the model collapsed to predicting the mean image
+EXIT_COLLAPSED = 3  # the model collapsed to predicting the mean image (train.py; project.py without --allow-collapse)
+EXIT_PARTIAL = 4  # project.py --input-dir: some input files could not be read (the others were processed)
 
 
 def _int(text: str, least: int) -> int:

@@ -24,21 +24,57 @@ def _model_losses(params: dict, x_BxHxWxC: jax.Array, config: ProjectionConfig) 
     return jax.vmap(lambda x: energy(params, x, x, config)[0])(x_BxHxWxC)
 
 
+def model_losses(params: dict, config: ProjectionConfig, normal_images, prep: Preprocess | None = None, *,
+                 batch_size: int = 64) -> tuple[np.ndarray, list | None]:
+    """L_r(x) (the energy at x0 = x, paper eq. 3) of each model input of uint8 `images` (M,), and the
+    images' layouts (`preprocess.model_inputs`; None without `prep`: the images are the inputs).
+
+    The same batches every time, so the same images give bit-identical losses: `frozen_at_start`
+    recomputes exactly the values `with_early_stop` took its minimum of.
+    """
+    if prep is not None:
+        x, layouts = model_inputs(normal_images, prep)
+    else:
+        x, layouts = np.asarray(normal_images), None
+    cfg = dataclasses.replace(config, stop_loss=None)
+    losses = [np.asarray(_model_losses(params, jnp.asarray(x[i:i + batch_size], jnp.float32) / 255.0, cfg))
+              for i in range(0, len(x), batch_size)]
+    return np.concatenate(losses), layouts
+
+
 def with_early_stop(params: dict, config: ProjectionConfig, normal_images, prep: Preprocess | None = None, *,
                     batch_size: int = 64) -> ProjectionConfig:
     """`config` with stop_loss = the smallest L_r of held-out normal images.
 
     normal_images: uint8 images, preprocessed with `prep` (tiled / resized as the test images are;
     None: already at the model size). Raises FloatingPointError when a loss is not finite (a
-    diverged model), which no stopping rule can use.
+    diverged model), which no stopping rule can use; ValueError when there is no image.
     """
-    x = model_inputs(normal_images, prep)[0] if prep is not None else np.asarray(normal_images)
-    cfg = dataclasses.replace(config, stop_loss=None)
-    losses = [np.asarray(_model_losses(params, jnp.asarray(x[i:i + batch_size], jnp.float32) / 255.0, cfg))
-              for i in range(0, len(x), batch_size)]
-    losses = np.concatenate(losses)
+    if len(normal_images) == 0:
+        raise ValueError("early stopping needs held-out normal images (its bar is the smallest of their losses): "
+                         "this run has none; pass --no-early-stop, or retrain with --holdout > 0")
+    losses, _ = model_losses(params, config, normal_images, prep, batch_size=batch_size)
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(
             f"the model's loss is not finite on {int(np.sum(~np.isfinite(losses)))} of {len(losses)} held-out normal "
             "images: the trained model is unusable (it diverged or collapsed); train it again (another --lr or --seed)")
     return dataclasses.replace(config, stop_loss=float(np.min(losses)))
+
+
+def frozen_at_start(params: dict, config: ProjectionConfig, normal_images, prep: Preprocess | None = None, *,
+                    batch_size: int = 64) -> np.ndarray:
+    """Which images (N,) bool early stopping freezes at step 0: every model input of the image starts
+    at or below `config.stop_loss`, so the projection never moves it and its grad map is 0.
+
+    With the bar of `with_early_stop` taken on these same images, that is at least the image
+    whose loss set the bar (for tiled textures only when all of an image's tiles are at the bar).
+    All False when `config.stop_loss` is None.
+    """
+    n = len(normal_images)
+    if config.stop_loss is None or n == 0:
+        return np.zeros(n, bool)
+    losses, layouts = model_losses(params, config, normal_images, prep, batch_size=batch_size)
+    at_bar = losses <= config.stop_loss
+    if layouts is None:
+        return at_bar
+    return np.array([bool(np.all(at_bar[lay.start:lay.start + len(lay.positions)])) for lay in layouts])

@@ -108,5 +108,5 @@ def resolve(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarra
                          "no loss scale to resolve alpha from; give alpha and lam explicitly")
     resolved = dataclasses.replace(config, alpha=relative.step / denom, lam=scale.grad_abs_quantile)
     record = {"relative": dataclasses.asdict(relative), "scale": scale._asdict(),
-              "alpha": resolved.alpha, "lam": resolved.lam, "n_normal_images": int(len(normal_x0_NxHxWxC))}
+              "alpha": resolved.alpha, "lam": resolved.lam, "n_normal_inputs": int(len(normal_x0_NxHxWxC))}  # model inputs: tiles of textures
     return resolved, record

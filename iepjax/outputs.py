@@ -10,7 +10,6 @@ index.html) are `iepjax.report`'s.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -30,17 +29,15 @@ def write_results(out_dir: Path, result: dict, loc, ids: list[str], config: Proj
     the run's own thresholds.json holds one projection config's and is refitted for another)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "projection_config.json", json.dumps(to_dict(config), indent=2))
-    atomic_write_text(out_dir / "timing.json", json.dumps(
-        {"images": len(loc.grad_maps), "steps": config.steps, "compile_s": loc.compile_s, "total_s": loc.run_s},
-        indent=2))
+    atomic_write_text(out_dir / "projection_config.json", dumps_json(to_dict(config)))  # strict JSON throughout
+    atomic_write_text(out_dir / "timing.json", dumps_json(
+        {"images": len(loc.grad_maps), "steps": config.steps, "compile_s": loc.compile_s, "total_s": loc.run_s}))
     buf = io.BytesIO()
     np.savez_compressed(buf, grad=loc.grad_maps, recon=loc.recon_maps, ids=np.asarray(ids), energies=loc.energies)
     atomic_write_bytes(out_dir / "maps.npz", buf.getvalue())
     atomic_write_text(out_dir / "metrics.json", dumps_json(result))  # strict JSON: NaN -> null
-    atomic_write_text(out_dir / "thresholds.json", json.dumps(
-        {"source": source, "projection": to_dict(config), **{row: stats[row]._asdict() for row in ("grad", "recon")}},
-        indent=2))
+    atomic_write_text(out_dir / "thresholds.json", dumps_json(
+        {"source": source, "projection": to_dict(config), **{row: stats[row]._asdict() for row in ("grad", "recon")}}))
 
 
 def write_pictures(out_dir: Path, test, loc, grad_stats, frames: np.ndarray, strip: list[int],

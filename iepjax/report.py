@@ -59,7 +59,8 @@ def format_collapse(c) -> str:
 def format_thresholds(stats: dict) -> str:
     """The thresholds fitted on a run's held-out normal images ({"grad", "recon"} -> NormalStats), grad row."""
     g = stats["grad"]
-    return (f"thresholds from {g.n_images} held-out normal images: pixel {g.pixel_threshold:.4g} "
+    left_out = f" ({g.n_excluded} more left out: frozen at step 0 by early stopping)" if g.n_excluded else ""
+    return (f"thresholds from {g.n_images} held-out normal images{left_out}: pixel {g.pixel_threshold:.4g} "
             f"(q {g.pixel_quantile}), image {g.image_threshold:.4g} (q {g.image_quantile})")
 
 

@@ -302,6 +302,65 @@ def _check_has_checkpoint(run_dir: Path, category: str, *, explicit: bool) -> No
     raise FileNotFoundError(f"run {run_dir} has no checkpoint yet: {why}{other}")
 
 
+class CollapsedRun(ValueError):
+    """A run whose training.json says its model collapsed to predicting the mean image."""
+
+
+def training_record(run_dir: Path) -> dict | None:
+    """The run's training.json (written when its training finished), None when it has none yet."""
+    path = Path(run_dir) / "training.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # present but unreadable: not finished as far as anyone can tell
+
+
+def check_trained(run_dir: Path, category: str, *, allow_collapse: bool = False) -> list[str]:
+    """Whether a run is fit to project: raise CollapsedRun for a model that collapsed to the mean
+    image (its maps are the same for every input and localise nothing), unless `allow_collapse`;
+    return warnings (one line each) for a run whose training has not finished.
+
+    A run without training.json has not finished: either a process is training it right now
+    (`holder`), or its training stopped early (killed) and `train.py` continues it. Either way
+    its newest checkpoint is complete and is projected, with the warning; the thresholds fitted
+    for it are stored for that checkpoint's step (`thresholds.load_or_calibrate`), so nothing is
+    mixed up with the finished model's. That is a warning, not an error: a look at an unfinished
+    model during a long training is useful.
+    """
+    run_dir = Path(run_dir)
+    record = training_record(run_dir)
+    collapse = (record or {}).get("collapse") or {}
+    if collapse.get("collapsed") and not allow_collapse:
+        ratio = collapse.get("ratio")
+        likelihood = model_config(run_dir).get("likelihood")
+        tries = ("--likelihood gaussian, " if likelihood == "bce" else "") + "more --steps, another --lr or --seed"
+        raise CollapsedRun(
+            f"the model of run {run_dir} collapsed to predicting the mean image (its reconstruction loss is "
+            f"{format(ratio, '.3f') + ' times' if isinstance(ratio, (int, float)) else 'about'} a constant "
+            f"predictor's, training.json): its maps localise nothing. Train a new run "
+            f"(`python train.py --category {category} --new` with {tries}; docs/calibration.md), "
+            "or pass --allow-collapse to project this one anyway")
+    if record is not None:
+        return []
+    from iepjax import checkpointing
+    steps = checkpointing.complete_steps(run_dir / "checkpoints")
+    total = None
+    try:
+        total = json.loads((run_dir / "config.json").read_text()).get("steps")
+    except (OSError, ValueError):
+        pass
+    at = f"step {steps[-1] if steps else '?'}" + (f" of {total}" if total else "")
+    pid = holder(run_dir)
+    if pid is not None:
+        return [f"warning: run {run_dir} is being trained right now (process {pid}): projecting its newest "
+                f"checkpoint ({at}), not the finished model"]
+    return [f"warning: the training of run {run_dir} stopped before the end (no training.json; newest checkpoint "
+            f"{at}): `python train.py --category {category}` with the same settings continues it; projecting "
+            "that checkpoint"]
+
+
 def model_config(run_dir: str | os.PathLike) -> dict:
     """The model settings a run was trained with (the "model" entry of its config.json), {} if it has none."""
     path = Path(run_dir) / "config.json"

@@ -1,13 +1,34 @@
-"""Pixel and image thresholds from a run's held-out normal images (docs/method.md, Thresholds).
+"""Pixel and image thresholds from a run's held-out normal images (docs/method.md, Anomaly maps).
 
 The test labels never choose a threshold. A fraction of the normal training images is kept out
 of training (`pipelines.train.holdout_split`); their anomaly maps give the score distributions of
 normal data, and the thresholds are quantiles of them (`ThresholdConfig`). They are fitted once
-per projection config and kept in the run folder (thresholds.json), or given by the user.
+per projection config and checkpoint and kept in the run folder (thresholds.json), or given by
+the user.
+
+Fits that would be nonsense are refused (`ThresholdError`, a message that names the flags):
+
+* too few normal images: the image threshold, at quantile q of n image scores, needs
+  n >= min(ceil(1 / (1 - q)), 10) (`min_images`). About 1 / (1 - q) scores resolve the
+  quantile; past the 90th percentile the threshold is read off the top of the sample, and a new
+  normal image scores above the largest of n normal ones with probability 1 / (n + 1): below 10
+  images more than 1 in 11 normal images would be flagged by that alone (1 in 2 with one image).
+  The pixel threshold needs at least 10 pixels above its quantile, n_pixels >= 10 / (1 - q)
+  (`min_pixels`);
+* images frozen at step 0 by early stopping: the bar (`ProjectionConfig.stop_loss`,
+  docs/method.md, Projection) is the smallest loss of these same held-out images, so the image
+  that set it starts at the bar, never moves and has a map of 0 by construction, not by what the
+  projection does to a normal image. Those images (`early_stop.frozen_at_start`) are left out of
+  the fit and counted in `NormalStats.n_excluded`; with early stopping one more image is held out
+  for that (`min_held_out`). Leaving them out raises the quantiles slightly (a fit on n - 1 of n
+  images): the cautious side, fewer false alarms. With one held-out image, the fit would have
+  been that image's zero map: thresholds of 0 that flag every image;
+* a fitted threshold that is not finite, or not above 0 (`map >= 0` flags every pixel).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,13 +36,60 @@ import jax
 import numpy as np
 
 from iepjax import data, metrics
+from iepjax.atomic import dumps_json, finite_or_none
 from iepjax.config import ProjectionConfig, ThresholdConfig, to_dict
 from iepjax.data.preprocess import Preprocess, resize_images
+from iepjax.early_stop import frozen_at_start
 from iepjax.localization import localize, localize_images
 from iepjax.runs import atomic_write_text, model_config
 
 FITTED = "held-out normal training images"  # the thresholds' source in the outputs
+GIVEN = "given by the user"
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+MIN_IMAGES = 10    # the most images `min_images` asks for (any quantile above 0.9)
+PIXELS_ABOVE = 10  # pixels a pixel threshold must have above it (`min_pixels`)
+FLAGS = ("hold out more normal images when training (`python train.py ... --holdout F`, a larger fraction F), "
+         "or give both thresholds (`python project.py ... --threshold T --image-threshold T`)")
+
+
+class ThresholdError(ValueError):
+    """Thresholds that cannot be fitted sensibly (too few normal images or pixels, a threshold of 0
+    or not finite); the message says why and which flags to use."""
+
+
+def min_images(quantile: float) -> int:
+    """Normal images needed to fit an image threshold at `quantile`: min(ceil(1 / (1 - q)), 10).
+
+    About 1 / (1 - q) scores resolve the q-quantile (2 for the median, 10 for the 90th
+    percentile). Above that it is read off the top of the sample, and then n images leave a new
+    normal image a 1 / (n + 1) chance of scoring above all of them: 10 images keep that below 1
+    in 10 whatever the quantile (q = 1, the maximum, included).
+    """
+    if quantile >= 1:
+        return MIN_IMAGES
+    return min(math.ceil(round(1 / (1 - quantile), 6)), MIN_IMAGES)  # round: 1 - 0.9 is not 0.1 in floats
+
+
+def min_pixels(quantile: float) -> int:
+    """Normal pixels needed to fit a pixel threshold at `quantile`: 10 / (1 - q), so that at least 10
+    pixels lie above it (0 for q = 1, the largest pixel, which any map has)."""
+    return 0 if quantile >= 1 else math.ceil(round(PIXELS_ABOVE / (1 - quantile), 6))
+
+
+def min_held_out(thresholds: ThresholdConfig) -> int:
+    """Normal images to hold out for `thresholds`: `min_images` of its image quantile, plus one with
+    early stopping (the image whose loss sets the bar is frozen at step 0 and left out of the fit)."""
+    return min_images(thresholds.image_quantile) + (1 if thresholds.early_stop else 0)
+
+
+def count_rule(thresholds: ThresholdConfig) -> str:
+    """The minimum of `min_held_out` in words, for messages."""
+    q = thresholds.image_quantile
+    rule = (f"at least {min_images(q)} normal images for the image quantile {q} (min(ceil(1/(1-q)), {MIN_IMAGES}): "
+            "a new normal image scores above the largest of n with probability 1/(n+1))")
+    if thresholds.early_stop:
+        rule += ", plus 1 for early stopping (the image that sets its bar is left out of the fit)"
+    return rule
 
 
 class NormalStats(NamedTuple):
@@ -30,35 +98,69 @@ class NormalStats(NamedTuple):
     pixel_threshold / image_threshold: the `pixel_quantile` / `image_quantile` quantiles of the
     normal pixel scores / image scores (max of map); vmax: the heat-map bound (99.9th percentile
     of normal pixel scores, at least the pixel threshold) used for every image's picture;
-    pixel_quantiles / image_quantiles: the score distributions at QUANTILES.
+    n_images: the images fitted on; n_excluded: held-out images left out (frozen at step 0 by
+    early stopping); pixel_quantiles / image_quantiles: the score distributions at QUANTILES.
+    Thresholds given by the user without a fit (`given`) have no quantiles and n_images 0.
     """
 
     pixel_threshold: float
     image_threshold: float
     vmax: float
-    pixel_quantile: float
-    image_quantile: float
+    pixel_quantile: float | None
+    image_quantile: float | None
     n_images: int
     pixel_quantiles: dict
     image_quantiles: dict
+    n_excluded: int = 0
 
 
-def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995,
-                 image_quantile: float = 0.99) -> NormalStats:
-    """Thresholds and picture bounds from the anomaly maps of normal images (N, H, W)."""
+def check_count(n_images: int, image_quantile: float, *, n_excluded: int = 0) -> None:
+    """Raise ThresholdError unless `n_images` normal images can fit an image threshold at
+    `image_quantile` (`min_images`); `n_excluded`: images left out before, for the message."""
+    if n_images >= min_images(image_quantile):
+        return
+    excluded = f" ({n_excluded} more frozen at step 0 by early stopping, left out)" if n_excluded else ""
+    raise ThresholdError(
+        f"cannot fit thresholds on {n_images} normal image(s){excluded}: the image quantile {image_quantile} "
+        f"needs at least {min_images(image_quantile)} (min(ceil(1/(1-q)), {MIN_IMAGES}): a new normal image "
+        f"scores above the largest of n with probability 1/(n+1)); {FLAGS}")
+
+
+def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995, image_quantile: float = 0.99,
+                 n_excluded: int = 0, row: str = "grad") -> NormalStats:
+    """Thresholds and picture bounds from the anomaly maps of normal images (N, H, W).
+
+    Raises ThresholdError for fewer images than `min_images(image_quantile)`, fewer pixels than
+    `min_pixels(pixel_quantile)`, and thresholds that come out non-finite or not above 0 (`row`:
+    the map's name, for the message).
+    """
     maps = np.asarray(maps_NxHxW)
-    if len(maps) == 0:
-        raise ValueError("no normal images to fit thresholds on: hold out at least one training image")
     for name, q in (("pixel", pixel_quantile), ("image", image_quantile)):
         if not 0 < q <= 1:
             raise ValueError(f"{name} quantile must be in (0, 1], got {q}")
+    check_count(len(maps), image_quantile, n_excluded=n_excluded)
+    if maps.size < min_pixels(pixel_quantile):
+        raise ThresholdError(
+            f"cannot fit the pixel threshold on {maps.size} normal pixels: the pixel quantile {pixel_quantile} needs "
+            f"at least {min_pixels(pixel_quantile)} ({PIXELS_ABOVE} pixels above it); {FLAGS}, "
+            "or a lower --pixel-quantile")
     img = metrics.image_scores(maps)
     pt = float(np.quantile(maps, pixel_quantile))
     it = float(np.quantile(img, image_quantile))
+    for name, q, t in (("pixel", pixel_quantile, pt), ("image", image_quantile, it)):
+        if not (math.isfinite(t) and t > 0):
+            raise ThresholdError(
+                f"the {row} {name} threshold fitted on {len(maps)} normal images is {t} (their {name} scores at "
+                f"the quantile {q}): " + ("the maps are not finite (a diverged model: train it again)" if not
+                                          math.isfinite(t) else
+                                          "the projection left almost all of their pixels unchanged, and a threshold "
+                                          "of 0 flags every pixel; project with more --steps, a larger --alpha or "
+                                          "a smaller --lam") + ", or give both thresholds (--threshold T "
+                                                               "--image-threshold T)")
     vmax = max(float(np.quantile(maps, 0.999)), pt, 1e-6)
     return NormalStats(pt, it, vmax, pixel_quantile, image_quantile, len(maps),
                        {str(q): float(np.quantile(maps, q)) for q in QUANTILES},
-                       {str(q): float(np.quantile(img, q)) for q in QUANTILES})
+                       {str(q): float(np.quantile(img, q)) for q in QUANTILES}, n_excluded)
 
 
 def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray,
@@ -69,40 +171,68 @@ def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray,
     Returns ({"grad", "recon"} -> NormalStats, the first batch's seconds, which compile the
     projection). With `prep`, the images may have any size and go through it (objects resized,
     textures tiled) as the test images do; maps at the model size. `mesh`: as in `localize`.
+    Images frozen at step 0 by early stopping (`early_stop.frozen_at_start`) are left out, and
+    too few images left is a ThresholdError before anything is projected (module docstring).
     """
+    frozen = frozen_at_start(params, config, normal_images, prep)
+    n_excluded = int(frozen.sum())
+    if n_excluded:
+        normal_images = [im for im, f in zip(normal_images, frozen) if not f]
+        if len(normal_images) and all(np.shape(im) == np.shape(normal_images[0]) for im in normal_images):
+            normal_images = np.stack(normal_images)
+    check_count(len(normal_images), thresholds.image_quantile, n_excluded=n_excluded)  # before any projection
     if prep is not None:
         normal = localize_images(params, config, normal_images, prep, batch_size=batch_size,
                                  progress=progress, mesh=mesh).loc
     else:
         normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress, mesh=mesh)
-    kw = dict(pixel_quantile=thresholds.pixel_quantile, image_quantile=thresholds.image_quantile)
-    return ({"grad": normal_stats(normal.grad_maps, **kw), "recon": normal_stats(normal.recon_maps, **kw)},
-            normal.compile_s)
+    kw = dict(pixel_quantile=thresholds.pixel_quantile, image_quantile=thresholds.image_quantile,
+              n_excluded=n_excluded)
+    return ({"grad": normal_stats(normal.grad_maps, row="grad", **kw),
+             "recon": normal_stats(normal.recon_maps, row="recon", **kw)}, normal.compile_s)
+
+
+def _usable(stats: dict, thresholds: ThresholdConfig) -> bool:
+    """Whether stored stats pass today's checks (older runs may hold fits on too few images, or 0)."""
+    return all(st.n_images >= min_images(thresholds.image_quantile)
+               and all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0
+                       for t in (st.pixel_threshold, st.image_threshold))
+               for st in stats.values())
 
 
 def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, normal_images: np.ndarray,
-                      thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16,
-                      progress: bool = True, mesh=None) -> tuple[dict, float | None]:
-    """Thresholds stored in run_dir/thresholds.json for this projection config, else fitted and stored.
+                      thresholds: ThresholdConfig = ThresholdConfig(), *, step: int | None = None,
+                      batch_size: int = 16, progress: bool = True, mesh=None) -> tuple[dict, float | None]:
+    """Thresholds stored in run_dir/thresholds.json for this projection config (and checkpoint `step`,
+    when given: a run resumed or still training has newer parameters), else fitted and stored.
 
     Returns ({"grad", "recon"} -> NormalStats, the calibration pass's compile seconds if they were
     computed now, else None). Runs with a preprocess.json preprocess the images with it. With
-    several processes, process 0 writes the file.
+    several processes, process 0 writes the file. Raises ThresholdError (`calibrate`) when they
+    cannot be fitted sensibly; stored thresholds that would now be refused are fitted again.
     """
     path = Path(run_dir) / "thresholds.json"
     want = {"projection": to_dict(config), "pixel_quantile": thresholds.pixel_quantile,
             "image_quantile": thresholds.image_quantile, "n_images": len(normal_images)}
+    if step is not None:
+        want["checkpoint_step"] = int(step)
     prep = Preprocess.load(run_dir)
     if prep is not None:
         want["preprocess"] = prep.to_dict()
+    want = finite_or_none(want)  # as stored (strict JSON)
     if path.exists():
-        stored = json.loads(path.read_text())
-        if {k: stored.get(k) for k in want} == want:
-            return {k: NormalStats(**stored[k]) for k in ("grad", "recon")}, None
+        try:
+            stored = json.loads(path.read_text())
+            if {k: stored.get(k) for k in want} == want:
+                stats = {k: NormalStats(**stored[k]) for k in ("grad", "recon")}
+                if _usable(stats, thresholds):
+                    return stats, None
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable or of another layout: fitted again
     stats, compile_s = calibrate(params, config, normal_images, thresholds, prep=prep, batch_size=batch_size,
                                  progress=progress, mesh=mesh)
     if jax.process_index() == 0:
-        atomic_write_text(path, json.dumps({**want, **{k: v._asdict() for k, v in stats.items()}}, indent=2))
+        atomic_write_text(path, dumps_json({**want, **{k: v._asdict() for k, v in stats.items()}}) + "\n")
     return stats, compile_s
 
 
@@ -111,10 +241,66 @@ def given(stats: dict, thresholds: ThresholdConfig) -> tuple[dict, str]:
     pt, it = thresholds.pixel_threshold, thresholds.image_threshold
     if pt is None and it is None:
         return stats, FITTED
-    source = "given by the user" + ("" if (pt is not None and it is not None) else f" (the other from {FITTED})")
+    source = GIVEN + ("" if (pt is not None and it is not None) else f" (the other from {FITTED})")
     return {row: st._replace(pixel_threshold=st.pixel_threshold if pt is None else pt,
                              image_threshold=st.image_threshold if it is None else it)
             for row, st in stats.items()}, source
+
+
+def both_given(thresholds: ThresholdConfig) -> bool:
+    """Whether the user gave both thresholds (nothing then needs to be fitted)."""
+    return thresholds.pixel_threshold is not None and thresholds.image_threshold is not None
+
+
+def given_only(thresholds: ThresholdConfig) -> dict:
+    """{"grad", "recon"} -> NormalStats of the two thresholds the user gave, for a run whose held-out
+    images are too few to fit any: no quantiles, n_images 0, and the heat maps' bound vmax twice
+    the pixel threshold (the threshold mid-scale; fitted stats take the normal pixels' 99.9th
+    percentile instead)."""
+    if not both_given(thresholds):
+        raise ValueError("given_only needs both thresholds")
+    pt, it = float(thresholds.pixel_threshold), float(thresholds.image_threshold)
+    st = NormalStats(pt, it, max(2 * pt, 1e-6), None, None, 0, {}, {})
+    return {"grad": st, "recon": st}
+
+
+def held_out_ids(run_dir: Path) -> list[str]:
+    """The ids of the run's held-out normal training images (holdout.json; [] when it has none)."""
+    path = Path(run_dir) / "holdout.json"
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()).get("ids") or [])
+
+
+def _suggest_holdout(run_dir: Path, need: int) -> str:
+    """A --holdout that holds out `need` images of the run's training set, when its size is known."""
+    try:
+        stored = json.loads((Path(run_dir) / "holdout.json").read_text())
+        n = stored.get("n_normal_images") or (round(len(stored["ids"]) / stored["fraction"])
+                                              if stored.get("fraction") else 0)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        n = 0
+    if not n or need >= n / 2:
+        return ""
+    return f" of at least {math.ceil(100 * need / n) / 100:g} (it has {n} normal training images)"
+
+
+def check_held_out(run_dir: Path, thresholds: ThresholdConfig) -> None:
+    """Refuse, before the model or data are loaded, a run that holds out too few normal images for
+    what `thresholds` asks: fitted thresholds need `min_held_out` (unless both are given), early
+    stopping needs at least one. ThresholdError with what to do."""
+    k = len(held_out_ids(run_dir))
+    if thresholds.early_stop and k == 0:
+        raise ThresholdError(f"run {run_dir} holds out no normal image, and early stopping takes its bar from them "
+                             "(the smallest of their losses): pass --no-early-stop"
+                             + ("" if both_given(thresholds) else " and both thresholds (--threshold T "
+                                "--image-threshold T)") + ", or retrain with --holdout > 0")
+    need = min_held_out(thresholds)
+    if k < need and not both_given(thresholds):
+        raise ThresholdError(f"run {run_dir} holds out {k} normal image(s): too few to fit thresholds, which need "
+                             f"{count_rule(thresholds)}. Train a new run with a larger --holdout"
+                             f"{_suggest_holdout(run_dir, need)}, or give both thresholds "
+                             "(`python project.py ... --threshold T --image-threshold T`)")
 
 
 def held_out_images(run_dir: Path, dataset: str, category: str, tfds_dir: str | None = None, *,
@@ -124,10 +310,13 @@ def held_out_images(run_dir: Path, dataset: str, category: str, tfds_dir: str | 
     Runs with a preprocess.json get the images at their original size (a list when sizes
     differ): `load_or_calibrate` preprocesses them as the test images are; older runs get them at
     the model size. `source_dir`: the image folder / MVTec AD download (default: the run's own).
+    ThresholdError when the run holds out none.
     """
-    ids = json.loads((Path(run_dir) / "holdout.json").read_text())["ids"]
+    ids = held_out_ids(run_dir)
     if not ids:
-        raise ValueError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with --holdout > 0")
+        raise ThresholdError(f"{run_dir} has no held-out normal images to fit thresholds on: retrain with "
+                             "--holdout > 0, or give both thresholds (--threshold T --image-threshold T) and "
+                             "--no-early-stop")
     train = data.load_split(dataset, category, "train", tfds_dir, source_dir=run_source(run_dir, source_dir),
                             progress=False)
     index = {id_: i for i, id_ in enumerate(train.ids)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iepjax import checkpointing, distributed, sharding
+from iepjax.atomic import dumps_json
 from iepjax.config import ModelConfig, TrainConfig, from_dict, to_dict
 from iepjax.losses import LossTerms, constant_prediction_loss
 from iepjax.model import VAE
@@ -181,18 +181,24 @@ def train(config: TrainConfig, images_NxHxWxC: np.ndarray, run_dir: str | os.Pat
     report = collapse_check(state.params, images, m)
     if main:
         atomic_write_text(run_dir / "training.json",
-                          json.dumps({"steps": int(state.step), "collapse": report._asdict()}, indent=2))
+                          dumps_json({"steps": int(state.step), "collapse": report._asdict()}))  # NaN ratio -> null
     return TrainSummary(state, report, start, config)
 
 
 def load_params(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig]:
     """Parameters and TrainConfig of the newest checkpoint of a run folder."""
+    params, config, _ = load_checkpoint(run_dir)
+    return params, config
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, TrainConfig, int]:
+    """Parameters, TrainConfig and step of the newest checkpoint of a run folder."""
     ckpt = Path(run_dir) / "checkpoints"
     if not ckpt.exists():
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: train a model first (python train.py)")
     config = from_dict(TrainConfig, checkpointing.restore_config(ckpt))
-    mngr = checkpointing.manager(ckpt)
+    mngr = checkpointing.reader(ckpt)  # changes nothing there: a training may be writing the folder
     abstract = jax.eval_shape(lambda: init_state(config, key=jax.random.key(0)))  # shapes only, nothing computed
     state, _ = checkpointing.restore(mngr, abstract)
     checkpointing.close(mngr)
-    return state.params, config
+    return state.params, config, int(state.step)

@@ -2,15 +2,18 @@
 
 One module-scoped run of `reproduce.py --data-dir` over two categories (``grid``: gray, texture
 preset, tiled; ``widget``: RGB, object preset, resized; odd sizes such as 300x200, two defect kinds
-of which one has no masks, test/good without masks). Tiny model (32 px), 2 training steps, 1
-projection step: this checks the plumbing, not the quality. Then project.py on the labelled folder
-and on a plain folder (--input-dir), reusing the trained runs (same process: no recompiles).
+of which one has no masks, test/good without masks; 24 training images, so that the 11 held-out
+images fitted thresholds need can be spared). Tiny model (32 px), 2 training steps, 1 projection
+step: this checks the plumbing, not the quality. Then project.py on the labelled folder and on a
+plain folder (--input-dir), reusing the trained runs (same process: no recompiles); the runs are
+barely trained and may count as collapsed, so project.py gets --allow-collapse.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from PIL import Image
 from iepjax.data import fake_tree
 
 CATS = ("grid", "widget")
+N_TRAIN = 24
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +32,27 @@ def e2e(tmp_path_factory):
     import reproduce
 
     base = tmp_path_factory.mktemp("e2e")
-    src = fake_tree.make_fake_mvtec(base / "src")
+    src = fake_tree.make_fake_mvtec(base / "src", n_train=N_TRAIN)
     args = ["--data-dir", str(src), "--categories", ",".join(CATS), "--tfds-dir", str(base / "tfds"),
             "--results", str(base / "results"), "--out", str(base / "table"), "--image-size", "32",
             "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2", "--no-progress"]
     rc = reproduce.main(args)
     return {"rc": rc, "base": base, "src": src, "args": args}
+
+
+def _no_constant(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+
+def _strict(path: Path):
+    """The JSON file at `path`, refusing NaN / Infinity (not JSON, RFC 8259)."""
+    return json.loads(Path(path).read_text(), parse_constant=_no_constant)
+
+
+def _partials(folder: Path) -> list[Path]:
+    """Temporary output folders (`iepjax.atomic`) left in `folder`."""
+    from iepjax import atomic
+    return [p for p in folder.iterdir() if atomic.is_partial(p.name)]
 
 
 def _rows(path):
@@ -43,6 +62,8 @@ def _rows(path):
 
 def test_reproduce_runs_both_categories_and_writes_tables(e2e):
     assert e2e["rc"] == 0
+    meta = (e2e["base"] / "table" / "meta.json").read_text()
+    assert json.loads(meta, parse_constant=_no_constant)["categories"] == list(CATS)
     rows = _rows(e2e["base"] / "table" / "results.csv")
     assert [r["category"] for r in rows] == list(CATS)
     assert [r["kind"] for r in rows] == ["texture", "object"]
@@ -80,31 +101,127 @@ def test_project_cli_on_the_labelled_folder(e2e, capsys):
 
     b = e2e["base"]
     rc = project.main(["--data-dir", str(e2e["src"]), "--category", "widget", "--tfds-dir", str(b / "tfds"),
-                       "--results", str(b / "results"), "--steps", "1", "--no-progress", "--no-overlays"])
+                       "--results", str(b / "results"), "--steps", "1", "--no-progress", "--no-overlays",
+                       "--allow-collapse"])
     out = capsys.readouterr().out
     assert rc == 0 and "original image sizes" in out and "pixel AUROC" in out
+
+
+def _infer(e2e, inp: Path, *extra: str) -> list[str]:
+    b = e2e["base"]
+    return ["--data-dir", str(e2e["src"]), "--category", "widget", "--input-dir", str(inp), "--tfds-dir",
+            str(b / "tfds"), "--results", str(b / "results"), "--steps", "1", "--no-progress", "--allow-collapse",
+            *extra]
+
+
+def _good_images(e2e, inp: Path) -> dict[str, Path]:
+    """Readable inputs: one in a sub-folder, and x.png / x.jpg, two files that differ only by extension."""
+    src = sorted((e2e["src"] / "widget" / "test").glob("*/*"))
+    (inp / "line2").mkdir(parents=True)
+    made = {"line2/part0.png": src[0], "part1.png": src[1], "part1.jpg": src[4]}  # three different test images
+    for rel, f in made.items():
+        Image.open(f).convert("RGB").save(inp / rel)
+    return made
 
 
 def test_project_cli_plain_folder_inference(e2e, tmp_path, capsys):
     import project
 
-    b = e2e["base"]
     inp = tmp_path / "incoming"
-    (inp / "line2").mkdir(parents=True)
-    for i, f in enumerate(sorted((e2e["src"] / "widget" / "test").glob("*/*"))[:3]):
-        Image.open(f).save(inp / ("line2" if i == 0 else "") / f"part{i}.png")
-    rc = project.main(["--data-dir", str(e2e["src"]), "--category", "widget", "--input-dir", str(inp),
-                       "--out", str(tmp_path / "out"), "--tfds-dir", str(b / "tfds"), "--results", str(b / "results"),
-                       "--steps", "1", "--no-progress"])
+    _good_images(e2e, inp)
+    rc = project.main(_infer(e2e, inp, "--out", str(tmp_path / "out")))
     assert rc == 0, capsys.readouterr().err
-    rows = _rows(tmp_path / "out" / "scores.csv")
-    assert sorted(r["file"] for r in rows) == ["line2/part0.png", "part1.png", "part2.png"]
+    out = tmp_path / "out"
+    rows = _rows(out / "scores.csv")
+    assert sorted(r["file"] for r in rows) == ["line2/part0.png", "part1.jpg", "part1.png"]
     for r in rows:
         with Image.open(inp / r["file"]) as im:
             w, h = im.size
-        t = tifffile.imread((tmp_path / "out" / "maps" / r["file"]).with_suffix(".tiff"))
+        t = tifffile.imread(out / "maps" / (r["file"] + ".tiff"))  # the whole name kept: x.png -> x.png.tiff
         assert t.shape == (h, w) and float(r["image_score"]) == pytest.approx(float(t.max()), rel=1e-4)
-        assert (tmp_path / "out" / "overlays" / r["file"]).exists()
+        assert (out / "overlays" / (r["file"] + ".png")).exists()
+    # part1.png and part1.jpg are different images: two maps, neither overwritten
+    a, b = (tifffile.imread(out / "maps" / f"part1.{e}.tiff") for e in ("png", "jpg"))
+    assert not np.array_equal(a, b)
+    assert _rows(out / "errors.csv") == []
+    summary = _strict(out / "summary.json")
+    assert summary["n_images"] == 3 and summary["n_failed"] == 0 and summary["failed"] == []
+    assert not _partials(tmp_path), "no temporary folder left"
+
+
+def _bad_images(inp: Path, good: Path) -> dict[str, str]:
+    """Unreadable image files next to good ones, and what the error says about each."""
+    data = good.read_bytes()
+    (inp / "cut.png").write_bytes(data[: len(data) // 2])  # truncated
+    (inp / "empty.png").write_bytes(b"")
+    (inp / "notes.jpg").write_text("not an image")
+    (inp / "deep").mkdir()
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(inp / "deep" / "sixteen.png")
+    return {"cut.png": "cannot read image", "deep/sixteen.png": "16-bit", "empty.png": "cannot read image",
+            "notes.jpg": "cannot read image"}
+
+
+def test_folder_inference_processes_every_readable_image_and_names_the_others(e2e, tmp_path, capsys):
+    """Truncated, empty, 16-bit and non-image files among good ones: every good image gets its map, score
+    and overlay, every bad file is named on stderr and in errors.csv, and the exit status (4) says that
+    some failed. The default output folder is <run>/inference/v<N>, complete, with `latest` on it."""
+    import project
+
+    inp = tmp_path / "incoming"
+    good = _good_images(e2e, inp)
+    bad = _bad_images(inp, inp / "part1.png")
+    rc = project.main(_infer(e2e, inp))
+    captured = capsys.readouterr()
+    assert rc == 4, captured.err
+    assert "Traceback" not in captured.err
+    for rel, says in bad.items():
+        line = next((x for x in captured.err.splitlines() if str(inp / rel) in x), None)
+        assert line is not None and says in line, (rel, captured.err)
+    assert "4 of 7 image files could not be read" in captured.err
+    out = Path(re.search(r"^output folder: (.+?) \(", captured.out, flags=re.M).group(1))
+    assert out.parent.name == "inference" and re.fullmatch(r"v\d+", out.name)
+    assert (out.parent / "latest").resolve() == out.resolve()
+    assert sorted(r["file"] for r in _rows(out / "scores.csv")) == sorted(good)
+    errors = _rows(out / "errors.csv")
+    assert [r["file"] for r in errors] == sorted(bad)
+    assert all(says in r["error"] for r, says in zip(errors, [bad[k] for k in sorted(bad)]))
+    for rel in good:
+        assert (out / "maps" / (rel + ".tiff")).is_file() and (out / "overlays" / (rel + ".png")).is_file()
+    summary = _strict(out / "summary.json")
+    assert summary["n_images"] == 3 and summary["n_failed"] == 4 and summary["failed"] == sorted(bad)
+
+
+def test_folder_inference_with_no_readable_image_is_an_error_before_any_work(e2e, tmp_path, capsys):
+    import project
+
+    inp = tmp_path / "incoming"
+    inp.mkdir()
+    (inp / "a.png").write_bytes(b"")
+    (inp / "b.jpg").write_text("text")
+    inference = Path(e2e["base"] / "results" / "vae" / "folder" / "widget" / "latest").resolve() / "inference"
+    before = sorted(p.name for p in inference.iterdir()) if inference.exists() else []
+    rc = project.main(_infer(e2e, inp))
+    err = capsys.readouterr().err
+    assert rc == 2 and "none of the 2 image files" in err and "Traceback" not in err, err
+    assert (sorted(p.name for p in inference.iterdir()) if inference.exists() else []) == before
+
+
+def test_folder_inference_into_an_existing_out_folder(e2e, tmp_path, capsys):
+    """--out that holds files is refused before any work unless --overwrite, which replaces it whole."""
+    import project
+
+    inp = tmp_path / "incoming"
+    _good_images(e2e, inp)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    rc = project.main(_infer(e2e, inp, "--out", str(out)))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep", err
+    rc = project.main(_infer(e2e, inp, "--out", str(out), "--overwrite", "--no-overlays"))
+    assert rc == 0, capsys.readouterr().err
+    assert not (out / "mine.txt").exists() and len(_rows(out / "scores.csv")) == 3
+    assert not _partials(tmp_path)
 
 
 def test_project_cli_errors_are_clear(e2e, tmp_path, capsys):
@@ -126,7 +243,8 @@ def test_project_on_a_folder_without_any_masks(e2e, tmp_path, capsys):
     shutil.copytree(e2e["src"] / "widget", tmp_path / "src" / "widget")
     shutil.rmtree(tmp_path / "src" / "widget" / "ground_truth")
     rc = project.main(["--data-dir", str(tmp_path / "src"), "--category", "widget", "--tfds-dir", str(b / "tfds"),
-                       "--results", str(b / "results"), "--steps", "1", "--no-progress", "--no-overlays"])
+                       "--results", str(b / "results"), "--steps", "1", "--no-progress", "--no-overlays",
+                       "--allow-collapse"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "no ground-truth mask" in captured.err

@@ -354,6 +354,7 @@ def test_output_folder_with_a_fixed_name(tmp_path):
         (out.path / "scores.csv").write_text("file\n")
         assert not final.exists()
     assert (final / "scores.csv").exists() and not (final / atomic.LOCK_NAME).exists()
+    assert (final.stat().st_mode & 0o777) == 0o777 & ~_umask()  # as mkdir would make it, not mkdtemp's 0700
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         with atomic.output_folder(final):
             pass
@@ -365,9 +366,10 @@ def test_output_folder_with_a_fixed_name(tmp_path):
 # --------------------------------------------------------------------------- clear errors before long work
 
 
-def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True) -> Path:
-    """A run folder as train.py leaves it (config.json, holdout.json, checkpoints/), with the tiny
-    model's initial parameters as its checkpoint instead of trained ones (no training needed)."""
+def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True, holdout: int = 1) -> Path:
+    """A run folder as train.py leaves it (config.json, holdout.json with `holdout` ids, checkpoints/),
+    with the tiny model's initial parameters as its checkpoint instead of trained ones (no training
+    needed)."""
     import jax
 
     from iepjax import ModelConfig, TrainConfig, checkpointing, runs, training
@@ -376,7 +378,8 @@ def _fake_run(results: Path, category: str = "brick", *, checkpoint: bool = True
     run = runs.new_run(runs.category_dir(results, "vae", "textures", category))
     runs.release(run)
     (run / "config.json").write_text(json.dumps(to_dict(cfg)))
-    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": category, "ids": ["train/0"]}))
+    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": category,
+                                                  "ids": [f"train/{i}" for i in range(holdout)]}))
     mngr = checkpointing.manager(run / "checkpoints")  # creates checkpoints/, as training does at its start
     if checkpoint:
         checkpointing.save(mngr, 1, training.init_state(cfg, key=jax.random.key(0)), to_dict(cfg))
@@ -515,6 +518,181 @@ def test_project_fn_rejects_images_outside_0_1(params, model_cfg):
     check_images(np.clip(x + 5e-4, 0, 1 + 5e-4), cfg)  # round-off of a resize
     jax.jit(lambda a: check_images(a * 255, cfg))(x)
     jax.vmap(lambda a: check_images(a[None] * 255, cfg))(x)
+
+
+# --------------------------------------------------------------------------- thresholds that refuse nonsense
+
+
+def test_threshold_fits_need_enough_normal_images_and_pixels():
+    """The rule (docs/method.md, Anomaly maps; `iepjax.thresholds`): min(ceil(1/(1-q)), 10) images for the
+    image quantile q, 10 pixels above the pixel quantile; a threshold of 0 or NaN is refused too."""
+    from iepjax import thresholds as T
+
+    assert [T.min_images(q) for q in (0.5, 0.8, 0.9, 0.99, 0.995, 1.0)] == [2, 5, 10, 10, 10, 10]
+    assert T.min_pixels(0.995) == 2000 and T.min_pixels(0.9) == 100 and T.min_pixels(1.0) == 0
+    assert T.min_held_out(T.ThresholdConfig()) == 11 and T.min_held_out(T.ThresholdConfig(early_stop=False)) == 10
+    maps = np.random.default_rng(0).gamma(2.0, 0.05, size=(10, SIZE, SIZE)).astype(np.float32)
+    st = T.normal_stats(maps)
+    assert st.n_images == 10 and st.pixel_threshold > 0 and st.image_threshold > 0
+    with pytest.raises(T.ThresholdError, match=r"9 normal image\(s\).*needs at least 10.*--holdout.*--threshold T "
+                                               r"--image-threshold T"):
+        T.normal_stats(maps[:9])
+    assert T.normal_stats(maps[:2], image_quantile=0.5).n_images == 2
+    with pytest.raises(T.ThresholdError, match=r"10240 normal pixels.*needs at least 100000"):
+        T.normal_stats(maps, pixel_quantile=0.9999)
+    with pytest.raises(T.ThresholdError, match=r"grad pixel threshold .* is 0.0.*a threshold of 0 flags every pixel"):
+        T.normal_stats(np.where(maps > 0.5, maps, 0))  # almost every pixel 0: the 99.5th percentile is 0
+    with pytest.raises(T.ThresholdError, match=r"not finite"):
+        T.normal_stats(np.full_like(maps, np.nan))
+
+
+def test_early_stopping_cannot_freeze_the_threshold_fit_to_zero(trained, images_u8, model_cfg, tmp_path):
+    """The early-stopping bar is the smallest loss of the held-out images, so the image that set it is frozen
+    at step 0 and its map is 0. Fitted on that image alone, the thresholds were 0 and every image was flagged
+    defective; now such images are left out of the fit, and too few left is refused before any projection."""
+    from iepjax import ProjectionConfig
+    from iepjax.early_stop import frozen_at_start, model_losses, with_early_stop
+    from iepjax.thresholds import ThresholdConfig, ThresholdError, calibrate
+
+    params, _ = trained
+    cfg = ProjectionConfig(model=model_cfg, steps=3, alpha=0.05, lam=0.0, weighting=False)
+    rng = np.random.default_rng(3)
+    normal = np.clip(images_u8[rng.integers(0, len(images_u8), 11)].astype(int)
+                     + rng.integers(-12, 13, (11, SIZE, SIZE, 1)), 0, 255).astype(np.uint8)
+    one = with_early_stop(params, cfg, normal[:1])
+    assert frozen_at_start(params, one, normal[:1]).tolist() == [True]
+    with pytest.raises(ThresholdError, match=r"0 normal image\(s\) \(1 more frozen at step 0"):
+        calibrate(params, one, normal[:1], progress=False)
+
+    stopped = with_early_stop(params, cfg, normal)
+    frozen = frozen_at_start(params, stopped, normal)
+    losses, _ = model_losses(params, stopped, normal)
+    assert frozen.sum() >= 1 and frozen[int(np.argmin(losses))]  # at least the image that set the bar
+    stats, _ = calibrate(params, stopped, normal, ThresholdConfig(), progress=False)
+    for st in stats.values():
+        assert st.n_excluded == frozen.sum() and st.n_images == 11 - frozen.sum()
+        assert st.pixel_threshold > 0 and st.image_threshold > 0
+
+
+def test_holdout_split_holds_out_what_thresholds_need():
+    """A fraction > 0 used to hold out at least 1 image (a single held-out image gave thresholds of 0);
+    now at least the count the thresholds need, or a message when the images are too few for that."""
+    from iepjax.data import DataError
+    from iepjax.pipelines.train import holdout_split
+
+    train, held = holdout_split(60, 0.1, 0, at_least=11)
+    assert len(held) == 11 and len(train) == 49 and not set(train) & set(held)
+    assert len(holdout_split(400, 0.1, 0, at_least=11)[1]) == 40  # enough already: the fraction decides
+    assert len(holdout_split(5, 0.2, 0)[1]) == 1  # the old floor, for callers that fit no thresholds
+    with pytest.raises(DataError, match=r"only 15 normal training images.*--holdout 0.*--threshold T "
+                                        r"--image-threshold T --no-early-stop.*--holdout 0.74"):
+        holdout_split(15, 0.1, 0, at_least=11)
+    assert len(holdout_split(15, 0.0, 0, at_least=11)[1]) == 0
+    with pytest.raises(DataError, match=r"only 6 normal training images: holding out the 11 .* is more than there "
+                                        r"are\. Train on all of them \(--holdout 0\)"):
+        holdout_split(6, 0.1, 0, at_least=11)
+
+
+def test_a_run_with_too_few_held_out_images_is_refused_before_any_work(tmp_path, capsys):
+    """One held-out image (what a small training set and --holdout 0.1 gave) cannot fit thresholds: project.py
+    says so, with the rule and the flags, before it loads any data. Before, it fitted thresholds of 0."""
+    results = tmp_path / "results"
+    run = _fake_run(results)  # holds out one image
+    argv = ["--category", "brick", "--results", str(results), "--tfds-dir", str(tmp_path / "tfds"), "--no-progress"]
+    code, err = _project_main(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"run {run} holds out 1 normal image(s)" in err and "at least 10 normal images" in err, err
+    assert "plus 1 for early stopping" in err and "--holdout" in err and "--threshold T --image-threshold T" in err
+    assert not (tmp_path / "tfds").exists()
+    (run / "holdout.json").write_text(json.dumps({"dataset": "textures", "category": "brick", "ids": []}))
+    code, err = _project_main(argv + ["--threshold", "0.1", "--image-threshold", "0.2"], capsys)
+    assert code == 2 and "holds out no normal image" in err and "--no-early-stop" in err, err
+    assert not (tmp_path / "tfds").exists()
+
+
+# --------------------------------------------------------------------------- collapsed and unfinished runs
+
+
+def test_a_collapsed_run_is_refused_unless_allowed(tmp_path, capsys):
+    from iepjax import runs
+    results = tmp_path / "results"
+    run = _fake_run(results, holdout=11)
+    (run / "training.json").write_text(json.dumps({"steps": 1, "collapse": {"collapsed": True, "ratio": 0.995}}))
+    code, err = _project_main(["--category", "brick", "--results", str(results), "--tfds-dir",
+                               str(tmp_path / "tfds"), "--no-progress"], capsys)
+    assert code == 3 and "Traceback" not in err, err
+    assert "collapsed to predicting the mean image" in err and str(run) in err
+    assert "0.995 times a constant predictor's" in err
+    assert "--allow-collapse" in err and "--steps" in err and "--lr" in err and "--seed" in err
+    assert not (tmp_path / "tfds").exists()
+    assert runs.check_trained(run, "brick", allow_collapse=True) == []
+    (run / "training.json").write_text(json.dumps({"steps": 1, "collapse": {"collapsed": False, "ratio": 0.5}}))
+    assert runs.check_trained(run, "brick") == []
+
+
+def test_an_unfinished_run_is_projected_with_a_warning(tmp_path):
+    """No training.json: the training stopped early, or is going on right now (another process holds the run)."""
+    from iepjax import runs
+    run = _fake_run(tmp_path / "results")
+    (warning,) = runs.check_trained(run, "brick")
+    assert "stopped before the end" in warning and "step 1 of 1" in warning and "python train.py --category brick" \
+        in warning
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from iepjax import runs; "
+                               "runs.hold(__import__('pathlib').Path(sys.argv[1])); print('held', flush=True); "
+                               "time.sleep(60)", str(run)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (warning,) = runs.check_trained(run, "brick")
+        assert f"is being trained right now (process {holder.pid})" in warning, warning
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --------------------------------------------------------------------------- strict JSON everywhere
+
+
+def _no_constant(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+
+def test_projection_files_are_strict_json(tmp_path):
+    """projection_config.json, timing.json and thresholds.json of a projection folder, the run's
+    thresholds.json and inference's summary.json: NaN and infinities are written as null."""
+    from iepjax import ProjectionConfig, outputs
+    from iepjax.localization import Localization
+    from iepjax.thresholds import normal_stats
+
+    maps = np.random.default_rng(0).gamma(2.0, 0.05, size=(10, SIZE, SIZE)).astype(np.float32)
+    st = normal_stats(maps)._replace(vmax=float("inf"))
+    cfg = ProjectionConfig(steps=2)
+    x = np.zeros((10, SIZE, SIZE, 1), np.float32)
+    loc = Localization(maps, maps, x, x, np.full((10, 2), np.nan, np.float32), float("nan"), 1.0)
+    outputs.write_results(tmp_path, {"grad": {"pixel_auroc": float("nan")}}, loc, [str(i) for i in range(10)], cfg,
+                          {"grad": st, "recon": st}, "held-out normal training images")
+    for name in ("metrics.json", "projection_config.json", "timing.json", "thresholds.json"):
+        text = (tmp_path / name).read_text()
+        json.loads(text, parse_constant=_no_constant)
+    assert json.loads((tmp_path / "thresholds.json").read_text())["grad"]["vmax"] is None
+    assert json.loads((tmp_path / "timing.json").read_text())["compile_s"] is None
+
+
+def test_seeds_tool_copes_with_null_metrics():
+    """tools/seeds.py on metrics.json files with null (strict JSON for NaN: no ground-truth masks)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_seeds", ROOT / "tools" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    m = {"recon": {"pixel_auroc": None, "image_auroc": 0.6, "pixel_aupro": None},
+         "grad": {"pixel_auroc": None, "image_auroc": 0.7, "pixel_aupro": None}}
+    ok = {"recon": {"pixel_auroc": 0.8, "image_auroc": 0.5, "pixel_aupro": 0.4},
+          "grad": {"pixel_auroc": 0.9, "image_auroc": 0.6, "pixel_aupro": 0.5}}
+    rows = [seeds.seed_row(0, m), seeds.seed_row(1, ok)]
+    assert rows[0]["grad_pixel_auroc"] is None and rows[0]["margin_pixel_auroc"] is None
+    s = seeds.summarise(rows)
+    assert s["grad_image_auroc"] == {"mean": 0.65, "std": 0.0707, "min": 0.6, "max": 0.7}
+    assert s["margin_pixel_auroc"] == {"mean": 0.1, "std": 0.0, "min": 0.1, "max": 0.1, "n": 1}
+    assert seeds.summarise(rows[:1])["grad_pixel_auroc"] == {"n": 0}
 
 
 # --------------------------------------------------------------------------- worker entry point

@@ -28,24 +28,36 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("pixel_auroc", "image_auroc", "pixel_aupro")
 
 
+def _round(v) -> float | None:
+    """`v` rounded to 4 places; None for a metric metrics.json holds as null (strict JSON for NaN: a
+    metric that could not be computed, such as pixel AUROC without any ground-truth mask)."""
+    return None if v is None else round(v, 4)
+
+
 def seed_row(seed: int, metrics: dict) -> dict:
-    """One seed's line: its metrics.json reduced to both rows' three metrics and the pixel AUROC margin."""
+    """One seed's line: its metrics.json reduced to both rows' three metrics and the pixel AUROC margin
+    (None where a metric is null)."""
     row = {"seed": seed}
     for name in ("recon", "grad"):
-        row.update({f"{name}_{m}": round(metrics[name][m], 4) for m in METRICS})
-    row["margin_pixel_auroc"] = round(metrics["grad"]["pixel_auroc"] - metrics["recon"]["pixel_auroc"], 4)
+        row.update({f"{name}_{m}": _round(metrics[name].get(m)) for m in METRICS})
+    g, r = metrics["grad"].get("pixel_auroc"), metrics["recon"].get("pixel_auroc")
+    row["margin_pixel_auroc"] = None if g is None or r is None else round(g - r, 4)
     return row
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean, sample std (0 for one seed), min and max over the seeds of every metric of `seed_row`."""
+    """Mean, sample std (0 for one value), min and max over the seeds of every metric of `seed_row`,
+    over the seeds where it is not None; "n" counts them (all None: only n, 0)."""
     out: dict = {"seeds": [r["seed"] for r in rows]}
     for key in rows[0]:
         if key == "seed":
             continue
-        v = [r[key] for r in rows]
+        v = [r[key] for r in rows if r[key] is not None]
+        if not v:
+            out[key] = {"n": 0}
+            continue
         out[key] = {"mean": round(statistics.fmean(v), 4), "std": round(statistics.stdev(v), 4) if len(v) > 1 else 0.0,
-                    "min": min(v), "max": max(v)}
+                    "min": min(v), "max": max(v), **({"n": len(v)} if len(v) < len(rows) else {})}
     return out
 
 

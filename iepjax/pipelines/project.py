@@ -22,8 +22,9 @@ from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resi
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, localize, localize_images, trajectory
 from iepjax.scoring import official_metrics, split_metrics
-from iepjax.thresholds import FITTED, given, held_out_images, load_or_calibrate, run_source
-from iepjax.training import load_params
+from iepjax.thresholds import (FITTED, GIVEN, both_given, check_held_out, given, given_only, held_out_ids,
+                               held_out_images, load_or_calibrate, min_held_out, run_source)
+from iepjax.training import load_checkpoint
 
 
 class PreparedRun(NamedTuple):
@@ -47,13 +48,24 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                 mesh=None, relative: loss_scale.RelativeSettings | None = None) -> PreparedRun:
     """Load a run and fit (or read) its thresholds on its held-out normal images for `config`
     (default: the category preset's, for the run's likelihood). With `relative`, alpha and lam are
-    first resolved in units of the model's loss on those normal images (`loss_scale.resolve`)."""
-    params, tcfg = load_params(run_dir)
+    first resolved in units of the model's loss on those normal images (`loss_scale.resolve`).
+
+    Too few held-out images for a fit are refused (`thresholds.check_held_out`, ThresholdError)
+    before any image is loaded, unless both thresholds are given: then nothing is fitted
+    (`thresholds.given_only`). Early stopping takes its bar from the held-out images
+    (docs/method.md, Projection).
+    """
+    params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
         config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
     config = dataclasses.replace(config, model=tcfg.model)
-    normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
-        lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir, source_dir=source.source_dir))
+    check_held_out(run_dir, thresholds)
+    fit = not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
+    normal = []
+    if fit or thresholds.early_stop or relative is not None:
+        normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
+            lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir,
+                                    source_dir=source.source_dir))
     prep = Preprocess.load(run_dir)
     scale = None
     if relative is not None:  # normal images only: the same inputs the test images become
@@ -61,8 +73,10 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         config, scale = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0, relative)
     if thresholds.early_stop and config.stop_loss is None:
         config = with_early_stop(params, config, normal, prep)
-    stats, compile_s = load_or_calibrate(run_dir, params, config, normal, thresholds, batch_size=batch_size,
-                                         progress=progress, mesh=mesh)
+    if not fit:
+        return PreparedRun(params, config, prep, given_only(thresholds), GIVEN, None, scale)
+    stats, compile_s = load_or_calibrate(run_dir, params, config, normal, thresholds, step=step,
+                                         batch_size=batch_size, progress=progress, mesh=mesh)
     stats, where = given(stats, thresholds)
     return PreparedRun(params, config, prep, stats, where, compile_s, scale)
 

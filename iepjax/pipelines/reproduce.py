@@ -11,18 +11,18 @@ written after every category, so an interrupted run keeps what it measured (docs
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from iepjax import report, sharding
+from iepjax import atomic, report, sharding
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig, TrainConfig
 from iepjax.data.preprocess import Preprocess
 from iepjax.pipelines.project import project_run
 from iepjax.pipelines.train import train_run
+from iepjax.thresholds import min_held_out
 
 
 class Plan(NamedTuple):
@@ -50,7 +50,8 @@ def run_category(plan: Plan, source: DataConfig, thresholds: ThresholdConfig, *,
     source = dataclasses.replace(source, category=plan.category)
     mesh = sharding.make_mesh(divides=plan.train.batch_size)
     run_dir, summary = train_run(plan.train, plan.prep, source, holdout=thresholds.holdout, results=results,
-                                 progress=progress, mesh=mesh)
+                                 progress=progress, mesh=mesh,
+                                 min_held_out=min_held_out(thresholds) if thresholds.holdout > 0 else 1)
     proj_dir, res = project_run(run_dir, source, plan.projection, thresholds, batch_size=batch_size,
                                 overlays=overlays, progress=progress, mesh=mesh)
     protocol = res.get("protocol", {})
@@ -89,5 +90,5 @@ def reproduce(plans: list[Plan], source: DataConfig, out: Path, meta: dict,
             if not keep_going:
                 return Reproduction(rows, failed, e)
         report.write_reproduction(out, rows, meta)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    atomic.write_json(out / "meta.json", meta)  # strict JSON, written whole
     return Reproduction(rows, failed, None)

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from iepjax import data, distributed, presets, runs
+from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, to_dict
+from iepjax.data import DataError
 from iepjax.data.preprocess import Preprocess, training_inputs
 from iepjax.early_stop import with_early_stop
-from iepjax.thresholds import held_out_images, load_or_calibrate, run_source
+from iepjax.thresholds import ThresholdError, held_out_ids, held_out_images, load_or_calibrate, run_source
+from iepjax.thresholds import min_held_out as held_out_needed
 from iepjax.training import TrainSummary, train
 
 
@@ -42,28 +47,46 @@ class TrainOutcome(NamedTuple):
     thresholds: dict | None
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split range(n) into (train, held-out) index arrays; the held-out normal images fit thresholds."""
+def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Split range(n) into (train, held-out) index arrays; the held-out normal images fit thresholds.
+
+    A fraction > 0 holds out round(n * fraction) images, and at least `at_least`: the count the
+    thresholds need (`thresholds.min_held_out`: fewer is refused when they are fitted). Raised to
+    that minimum, at least as many must remain for training; else DataError, which says to train
+    on all images and give the thresholds (or to ask for that share explicitly).
+    """
     if not 0 <= fraction < 1:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     perm = np.random.default_rng([seed, 7]).permutation(n)
     k = int(round(n * fraction)) if fraction > 0 else 0
-    if fraction > 0 and k == 0:
-        k = 1
+    raised = fraction > 0 and k < at_least
+    if raised:
+        k = at_least
+    if raised and at_least > 1 and n - k < k:
+        left = f"would leave {n - k} to train on" if k < n else "is more than there are"
+        explicit = (f", or ask for that split explicitly (--holdout {min(math.ceil(100 * k / n) / 100, 0.99):g})"
+                    if k < n else "")
+        raise DataError(
+            f"only {n} normal training images: holding out the {k} that fitted thresholds need {left}. Train on "
+            "all of them (--holdout 0) and give project.py both thresholds and --no-early-stop (--threshold T "
+            f"--image-threshold T --no-early-stop){explicit}")
     if n - k < 1:
-        raise ValueError(f"only {n} training image(s): nothing left to train on after holding out {k}")
+        raise DataError(f"only {n} training image(s): nothing left to train on after holding out {k}: "
+                        "a smaller --holdout")
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, holdout: float = 0.1,
               results: str | os.PathLike = "results", new: bool = False, progress: bool = True,
-              mesh=None) -> tuple[Path, TrainSummary]:
+              mesh=None, min_held_out: int = 1) -> tuple[Path, TrainSummary]:
     """Train on the `train` split of `source` in a run folder; resume its latest run if unfinished.
 
     A run with the same config, preprocessing and image folder is resumed; anything else, or
     `new=True`, starts v<N+1> (a different test-time tile stride alone keeps the run: the stored
     preprocessing is updated and the thresholds, keyed by it, are fitted again). A fraction
-    `holdout` of the normal training images is kept out of training (ids in holdout.json). The
+    `holdout` of the normal training images is kept out of training (ids in holdout.json), at least
+    `min_held_out` of them (`holdout_split`: checked before any training; a run whose held-out set
+    would change is not resumed, its model has seen images now held out). The
     model's channel count is the data's. `mesh`: data-parallel training (`training.train`); with
     several processes, process 0 chooses the run folder and writes its files. Returns (run folder,
     summary).
@@ -78,24 +101,32 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
     if prep.size != config.model.size:
         raise ValueError(f"preprocess size {prep.size} differs from the model size {config.model.size}")
     folder = os.path.abspath(source.source_dir) if (source.source_dir is not None and dataset == "folder") else None
-    train_idx, held_idx = holdout_split(len(split.ids), holdout, config.seed)
+    n_images = len(split.ids)
+    train_idx, held_idx = holdout_split(n_images, holdout, config.seed, at_least=min_held_out)
+    if holdout > 0 and len(held_idx) > round(n_images * holdout) and distributed.is_main():
+        print(f"note: holding out {len(held_idx)} of {n_images} normal training images, not "
+              f"{round(n_images * holdout)} (--holdout {holdout}): fitted thresholds need {len(held_idx)} "
+              "(docs/method.md, Anomaly maps)", file=sys.stderr)
+    held_ids = [split.ids[i] for i in held_idx]
     cat_dir = runs.category_dir(results, "vae", dataset, category)
     run_dir = None
     if distributed.is_main():
         run_dir = None if new else runs.latest_run(cat_dir)
-        cfg_json = json.dumps(to_dict(config), indent=2)
+        cfg_json = dumps_json(to_dict(config))
         if run_dir is not None:
             old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
             if old is not None and json.loads(old) != json.loads(cfg_json):
                 run_dir = None  # a different config is a new run
             elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
                 run_dir = None  # other preprocessing or another image folder: a new run
+            elif (run_dir / "holdout.json").exists() and held_out_ids(run_dir) != held_ids:
+                run_dir = None  # another held-out set: the model has seen some of them, a new run
         run_dir = runs.resume_or_new(cat_dir, run_dir)  # held by this process: concurrent runs never share it
         runs.atomic_write_text(run_dir / "config.json", cfg_json)
         prep.save(run_dir)
-        runs.atomic_write_text(run_dir / "holdout.json", json.dumps(
+        runs.atomic_write_text(run_dir / "holdout.json", dumps_json(
             {"dataset": dataset, "category": category, "fraction": holdout, "source_dir": folder,
-             "ids": [split.ids[i] for i in held_idx]}, indent=2))
+             "n_normal_images": n_images, "ids": held_ids}))
     run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir is not None else None))
     images = training_inputs([split.images[i] for i in train_idx], prep, seed=config.seed)
     return run_dir, train(config, images, run_dir, progress=progress, mesh=mesh)
@@ -108,11 +139,15 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
 
     The thresholds are fitted for the category's projection preset (with early stopping, as
     `thresholds.early_stop` says) and stored in the run folder; not when nothing is held out,
-    nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Raises
-    `RunFailed` (naming the run folder) when the trained model's losses are not finite.
+    nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Enough images
+    are held out for them (`thresholds.min_held_out`, checked before training); should the fit
+    still be refused (`thresholds.ThresholdError`: thresholds of 0, ...), the trained run is kept,
+    a warning says why, and no thresholds are returned. Raises `RunFailed` (naming the run
+    folder) when the trained model's losses are not finite.
     """
     run_dir, summary = train_run(config, prep, source, holdout=thresholds.holdout, results=results, new=new,
-                                 progress=progress, mesh=mesh)
+                                 progress=progress, mesh=mesh,
+                                 min_held_out=held_out_needed(thresholds) if thresholds.holdout > 0 else 1)
     if thresholds.holdout == 0 or (summary.collapse.collapsed and not calibrate_collapsed):
         return TrainOutcome(run_dir, summary, None)
     model, params = summary.config.model, summary.state.params
@@ -124,7 +159,12 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
             pcfg = with_early_stop(params, pcfg, normal, Preprocess.load(run_dir))
         except FloatingPointError as e:
             raise RunFailed(str(e), run_dir) from e
-    stats, _ = load_or_calibrate(run_dir, params, pcfg, normal, thresholds, progress=progress, mesh=mesh)
+    try:
+        stats, _ = load_or_calibrate(run_dir, params, pcfg, normal, thresholds, step=int(summary.state.step),
+                                     progress=progress, mesh=mesh)
+    except ThresholdError as e:
+        print(f"warning: no thresholds fitted: {e}", file=sys.stderr)
+        return TrainOutcome(run_dir, summary, None)
     return TrainOutcome(run_dir, summary, stats)
 
 
