@@ -21,7 +21,7 @@ against the FASTEST PyTorch setting. One JSON line per decoder with both through
 paper's loop (no backtracking) on the same images in both, and prints the maximum differences of
 f(x0), E(x0) and x_T (`torch_reference.agreement`). At x = x0 the reference keeps PyTorch's
 subgradient 0 of |x - x0| and iepjax takes the least-magnitude one, so with `--check-lam` > 0
-they differ by design; `tests/test_benchmarks.py` checks that rule too.
+they differ by design; `tests/runtime/test_benchmarks.py` checks that rule too.
 
 JAX side: the batch is split over one CPU device per core (`--cpu-devices`, as in the scripts):
 XLA:CPU runs each convolution on one core, PyTorch uses the cores through its intra-op threads.

@@ -15,7 +15,7 @@ ports of Dehaene et al. (ICLR 2020) work: one image at a time (batch 1), an eage
 - `load_flax_params`: iepjax's parameters (from `iepjax.init_params` or a checkpoint) copied
   into a `VAE`, kernel layouts converted; `agreement`: how far this loop is from iepjax's
   results on the same images (the check behind `compare_torch.py --check` and
-  `tests/test_benchmarks.py`).
+  `tests/runtime/test_benchmarks.py`).
 
 Timing from the command line prints one JSON line:
 

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 600
 # The three end-to-end tests share one train/project/retrain sequence, the slowest part of the suite
 # (most of it project.py drawing the overlay panels). Deselect them with -m "not slow".

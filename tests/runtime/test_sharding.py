@@ -1,7 +1,7 @@
 """Sharded projection and data-parallel training equal the single-device ones.
 
 XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax is imported, so each
-device count runs this file as a worker in a fresh subprocess (`python tests/test_sharding.py
+device count runs this file as a worker in a fresh subprocess (`python tests/runtime/test_sharding.py
 --worker N`), which computes both versions and prints their differences as JSON.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE, N_IMAGES, BATCH = 32, 7, 3  # 7 images in batches of 3: neither is a multiple of 4 or 8
 
 

@@ -1,7 +1,7 @@
 """Tests of the MVTec-layout TFDS builders (mvtec_ad, folder), their errors, and the protocol helpers.
 
 Fast: a fake MVTec tree of real PNG/JPEG/BMP files (iepjax.data.fake_tree) built in tmp dirs; no
-model is trained here (tests/test_folder.py does the end-to-end run).
+model is trained here (tests/pipeline/test_folder.py does the end-to-end run).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Two processes with jax.distributed on 127.0.0.1 give the single-process maps and metrics.
 
-The test starts this file twice as a worker (`python tests/test_distributed.py --worker ID PORT OUT`):
+The test starts this file twice as a worker (`python tests/runtime/test_distributed.py --worker ID PORT OUT`):
 each process joins the group, projects its half of a small data set (`localization.localize` with
 a mesh over both processes' CPU devices), gets every process's maps back, and process 0 writes
 metrics.json and maps.npz. The same localisation in this (single) process is the reference.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE, N_IMAGES, BATCH, TIMEOUT_S = 32, 7, 2, 100
 
 

@@ -24,7 +24,7 @@ import pytest
 from iepjax import ModelConfig, ProjectionConfig, project_fn
 from iepjax.predictor import ExportError, Predictor, expand_inputs, normalise, output_names, read_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 600
 slow = pytest.mark.slow
 TRAINING_MODULES = ("flax", "optax", "orbax", "tensorflow_datasets", "tensorflow")

@@ -13,7 +13,7 @@ import pytest
 from iepjax import cpu_runtime, training_step
 from iepjax.config import ModelConfig, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLIBC = cpu_runtime.glibc() is not None
 
 # A worker thread mallocs 96 MiB, writes it, frees it, and does it again; the page faults of the

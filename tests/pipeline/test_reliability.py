@@ -2,7 +2,7 @@
 complete or absent, and clear errors before long work.
 
 Several checks need fresh processes (a device count is fixed when JAX starts; a lock or a kill
-concerns a whole process): this file is also their worker, `python tests/test_reliability.py
+concerns a whole process): this file is also their worker, `python tests/pipeline/test_reliability.py
 <mode> ...` (see `_worker` at the end).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
 TIMEOUT = 300
 
@@ -71,7 +71,7 @@ def test_checkpoint_from_2_devices_loads_and_projects_on_1_and_on_4(two_device_r
     # the same program on the same inputs (project_fn on one device) gives the same maps
     np.testing.assert_array_equal(one["maps"], four["maps_single"])
     # split over 4 devices the program differs (XLA partitions the batch), so the maps may differ by
-    # float32 rounding: the bound of tests/test_sharding.py for the same projection (<= 1e-5), on maps
+    # float32 rounding: the bound of tests/runtime/test_sharding.py for the same projection (<= 1e-5), on maps
     # of size ~1e-2 here
     assert np.abs(one["maps"]).max() > 5e-3
     assert np.abs(one["maps"] - four["maps_sharded"]).max() <= 1e-5
