@@ -10,6 +10,9 @@ the programs the first compiled; reruns of the suite are several times faster.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,31 @@ def pytest_configure(config):
 def jax_cache_env() -> dict[str, str]:
     """Environment variables that give a subprocess the suite's compilation cache."""
     return dict(_CACHE_ENV)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def env(jax_cache_env) -> dict[str, str]:
+    """The environment of the scripts' end-to-end runs: the suite's compilation cache, this
+    checkout on PYTHONPATH, and two CPU devices on every machine (the scripts' default is one per
+    core: a fixed count makes the runs, and the float sums the batch split decides, the same
+    everywhere, and tests the two-device path)."""
+    e = dict(os.environ, **jax_cache_env)
+    e.pop("IEPJAX_DATA_DIR", None)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    e["JAX_NUM_CPU_DEVICES"] = "2"
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def run_script(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`python <args>` from the repository root, output captured (a script end to end)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT)
 
 
 def bench_module(name: str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_script
 from iepjax import ModelConfig, ProjectionConfig, project_fn
 from iepjax.predictor import ExportError, Predictor, expand_inputs, normalise, output_names, read_metadata
 
@@ -30,8 +30,7 @@ slow = pytest.mark.slow
 TRAINING_MODULES = ("flax", "optax", "orbax", "tensorflow_datasets", "tensorflow")
 
 
-def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+_run = run_script  # conftest: a script end to end from the repository root
 
 
 # --------------------------------------------------------------------------- fast: the programs and helpers
@@ -134,15 +133,6 @@ def test_inputs_files_folders_and_globs_keep_their_extensions(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def env(jax_cache_env):
-    e = dict(os.environ, **jax_cache_env)
-    e.pop("IEPJAX_DATA_DIR", None)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    e["JAX_NUM_CPU_DEVICES"] = "2"  # as test_scripts.py: the same device count on every machine
-    e.pop("XLA_FLAGS", None)
-    return e
 
 
 @pytest.fixture(scope="module")

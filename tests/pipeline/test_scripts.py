@@ -23,6 +23,8 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 600
 # The three end-to-end tests share one train/project/retrain sequence, the slowest part of the suite
@@ -30,9 +32,7 @@ TIMEOUT = 600
 slow = pytest.mark.slow
 
 
-def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+_run = run_script  # conftest: a script end to end from the repository root
 
 
 def _load(path: Path):
@@ -63,17 +63,6 @@ def _snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def env(jax_cache_env):
-    e = dict(os.environ, **jax_cache_env)
-    e.pop("IEPJAX_DATA_DIR", None)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # The scripts' default is one CPU device per core: fix the count so that the runs (and the float
-    # sums the batch split decides) are the same on every machine, and the two-device path is tested.
-    e["JAX_NUM_CPU_DEVICES"] = "2"
-    e.pop("XLA_FLAGS", None)
-    return e
 
 
 @pytest.fixture(scope="module")
