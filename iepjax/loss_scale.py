@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iepjax.config import ProjectionConfig
-from iepjax.energy import energy, reconstruct
+from iepjax.energy import energy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,9 @@ class LossScale(NamedTuple):
 def _gradient_and_weight(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
     """(dL_r/dx, (x - f(x))^2) at x = x0 for one image (H, W, C) each; L_r = E with lam 0."""
     cfg = dataclasses.replace(config, lam=0.0, stop_loss=None)
-    g = jax.grad(lambda x: energy(params, x, x0_HxWxC, cfg)[0])(x0_HxWxC)
-    return g, jnp.square(x0_HxWxC - reconstruct(params, x0_HxWxC, cfg))
+    # one forward pass: the energy's by-products hold f(x0) (as `projection.descent_direction` uses them)
+    g, aux = jax.grad(energy, argnums=1, has_aux=True)(params, x0_HxWxC, x0_HxWxC, cfg)
+    return g, jnp.square(x0_HxWxC - aux.recon_image)
 
 
 @functools.partial(jax.jit, static_argnames="config")
