@@ -150,6 +150,59 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: free_bits ({self.free_bits}) and kl_warmup ({self.kl_warmup}) must be >= 0")
 
 
+MAP_KINDS: tuple[str, ...] = ("paper", "nce")
+IMAGE_SCORES: tuple[str, ...] = ("max", "topk", "smoothed_max", "area")
+
+
+@dataclasses.dataclass(frozen=True)
+class MapConfig:
+    """Which anomaly map and image score are scored and thresholded (docs/method.md, Anomaly maps
+    and Normal-calibrated maps; `iepjax.calibrated_maps`).
+
+    Attributes:
+      kind: "paper" (the residual map Gaussian-smoothed by `ProjectionConfig.smoothing_sigma`) or
+        "nce" (the raw residual map calibrated on the run's held-out normal images: -log10 of the
+        two-sided tail probability of its local energy in a context bin).
+      image_score: "max" (the paper's), "topk" (mean of the top `topk_frac` of the pixels),
+        "smoothed_max" (max after a Gaussian of std `smoothed_max_sigma` px), "area" (fraction
+        of the pixels at or above the pixel threshold).
+      window_sigma: nce, px: std of the Gaussian window of the local energy.
+      feature_sigma: nce, px: scale of the local standard deviation of x0 (the context).
+      feature_bins: nce: quantile bins of that local standard deviation.
+      border_bands: nce: band edges in px from the image border (d < e1 | e1 <= d < e2 | ...).
+      border_reach: nce, px: distances from the border the border profile covers.
+      eps_frac: nce: the log's floor, a fraction of the normal images' median local energy.
+      tail_q: nce: empirical quantiles between tail_q and 1 - tail_q, exponential tails beyond.
+      n_grid: nce: quantile grid points per context bin.
+    """
+
+    kind: str = "paper"
+    image_score: str = "max"
+    topk_frac: float = 0.005
+    smoothed_max_sigma: float = 4.0
+    window_sigma: float = 2.0
+    feature_sigma: float = 4.0
+    feature_bins: int = 10
+    border_bands: tuple[int, ...] = (1, 3, 8)
+    border_reach: int = 16
+    eps_frac: float = 1e-2
+    tail_q: float = 1e-3
+    n_grid: int = 201
+
+    def __post_init__(self) -> None:
+        _check_choice("MapConfig.kind", self.kind, MAP_KINDS)
+        _check_choice("MapConfig.image_score", self.image_score, IMAGE_SCORES)
+        object.__setattr__(self, "border_bands", tuple(int(b) for b in self.border_bands))
+        if not 0 < self.topk_frac <= 1:
+            raise ValueError(f"MapConfig.topk_frac={self.topk_frac}: a fraction in (0, 1]")
+        if not 0 < self.tail_q < 0.5 or self.n_grid < 2 or self.feature_bins < 1 or self.border_reach < 1:
+            raise ValueError("MapConfig: tail_q in (0, 0.5), n_grid >= 2, feature_bins >= 1, border_reach >= 1")
+        if min(self.window_sigma, self.feature_sigma, self.smoothed_max_sigma, self.eps_frac) <= 0:
+            raise ValueError("MapConfig: window_sigma, feature_sigma, smoothed_max_sigma and eps_frac must be > 0")
+        if list(self.border_bands) != sorted(set(self.border_bands)) or any(b < 1 for b in self.border_bands):
+            raise ValueError(f"MapConfig.border_bands={self.border_bands}: increasing edges >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig:
     """What a run's held-out normal training images decide (docs/method.md, Thresholds).
@@ -162,6 +215,8 @@ class ThresholdConfig:
       pixel_threshold, image_threshold: thresholds given by the user instead (None: fitted).
       early_stop: stop each image's projection once its L_r is as low as the lowest of the
         held-out images' (sets `ProjectionConfig.stop_loss`; docs/method.md, Projection).
+      map: the anomaly map and image score the thresholds apply to (`MapConfig`); the "nce"
+        map is itself fitted on the same held-out images.
     """
 
     holdout: float = 0.1
@@ -170,6 +225,7 @@ class ThresholdConfig:
     pixel_threshold: float | None = None
     image_threshold: float | None = None
     early_stop: bool = True
+    map: MapConfig = MapConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
@@ -212,5 +268,7 @@ def from_dict(cls: type, data: dict) -> Any:
     for name, value in data.items():
         if name == "model" and isinstance(value, dict):
             value = from_dict(ModelConfig, value)
+        if name == "map" and isinstance(value, dict):
+            value = from_dict(MapConfig, value)
         kwargs[name] = value
     return cls(**kwargs)
