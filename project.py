@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-threshold", type=cli.nonnegative_float,
                    help="image threshold (default: fitted); with --threshold, nothing is fitted")
     cli.add_threshold_flags(p)
+    cli.add_map_flags(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--input-dir", default=None,
                    help="plain folder of images (no masks, no labels): write maps/*.tiff, overlays/*.png and "

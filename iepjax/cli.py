@@ -128,6 +128,33 @@ def add_threshold_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-quantile", type=quantile, help="quantile of normal image scores -> threshold (default 0.99)")
 
 
+def add_map_flags(p: argparse.ArgumentParser) -> None:
+    """The anomaly map and image score that are scored and thresholded (`threshold_config`'s MapConfig;
+    docs/method.md, Normal-calibrated maps)."""
+    from iepjax.config import IMAGE_SCORES, MAP_KINDS
+    p.add_argument("--map", dest="map_kind", choices=MAP_KINDS,
+                   help="paper: the residual map smoothed by --sigma; nce: the raw residual map calibrated on the "
+                        "run's held-out normal images (default: paper)")
+    p.add_argument("--image-score", choices=IMAGE_SCORES,
+                   help="max of the map (the paper's), topk (mean of the top --topk-frac of the pixels), smoothed_max "
+                        "(max after a Gaussian of --smoothed-max-sigma px), area (fraction above the pixel threshold); "
+                        "default: max for --map paper, topk for --map nce")
+    p.add_argument("--topk-frac", type=unit_fraction, help="topk: fraction of the pixels averaged (default 0.005)")
+    p.add_argument("--smoothed-max-sigma", type=positive_float, help="smoothed_max: Gaussian std in px (default 4)")
+
+
+def map_config(args: argparse.Namespace):
+    """The `MapConfig` of the flags of `add_map_flags` (the defaults for those a script lacks or leaves out)."""
+    from iepjax.config import MapConfig
+    kind = getattr(args, "map_kind", None) or MapConfig().kind
+    score = getattr(args, "image_score", None) or DEFAULT_IMAGE_SCORE[kind]
+    return override(MapConfig(kind=kind, image_score=score), topk_frac=getattr(args, "topk_frac", None),
+                    smoothed_max_sigma=getattr(args, "smoothed_max_sigma", None))
+
+
+DEFAULT_IMAGE_SCORE = {"paper": "max", "nce": "topk"}  # chosen on the calibration split (docs/calibration.md)
+
+
 def add_output_flags(p: argparse.ArgumentParser, *, overlays: bool = True) -> None:
     """--no-progress (no progress bars) and, with `overlays`, --no-overlays (no per-image pictures)."""
     if overlays:
@@ -179,7 +206,8 @@ def threshold_config(args: argparse.Namespace):
                     image_quantile=getattr(args, "image_quantile", None),
                     pixel_threshold=getattr(args, "threshold", None),
                     image_threshold=getattr(args, "image_threshold", None),
-                    early_stop=False if getattr(args, "no_early_stop", False) else None)
+                    early_stop=False if getattr(args, "no_early_stop", False) else None,
+                    map=map_config(args))
 
 
 def start_runtime(args: argparse.Namespace, *, train=None, projection_steps: int | None = None):

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax import distributed, sharding
+from iepjax import calibrated_maps, distributed, sharding
 from iepjax.anomaly_maps import recon_map
-from iepjax.config import ProjectionConfig
+from iepjax.config import MapConfig, ProjectionConfig
 from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_map, stitch
 from iepjax.energy import reconstruct
 from iepjax.projection import check_images, scan_parts
@@ -130,6 +130,29 @@ def localize_images(params: dict, config: ProjectionConfig, images: np.ndarray |
     view_loc = Localization(**{k: np.stack(v) for k, v in view.items()},
                             energies=np.stack(energies), compile_s=loc.compile_s, run_s=loc.run_s)
     return Localized(resize_images(images, s), view_loc, maps)
+
+
+def calibrate_maps(res: Localized | Localization, images, fits: dict | None, cfg: MapConfig):
+    """The maps of `res` replaced by the map `cfg` asks for (docs/method.md, Normal-calibrated maps).
+
+    "paper": `res` unchanged. "nce": each raw map (the projection run with smoothing_sigma 0)
+    and its image go through `calibrated_maps.nce_map` with `fits` ({"grad", "recon"} ->
+    `calibrated_maps.fit_normal` tables): a `Localized`'s maps at each image's original size,
+    with `images` at that size, its model-size view resized from them; a `Localization`'s maps
+    (N, H, W) with `images` (N, H, W, C) at the same size.
+    """
+    if cfg.kind == "paper":
+        return res
+    if fits is None:
+        raise ValueError("the nce map needs tables fitted on held-out normal images")
+    if isinstance(res, Localized):
+        maps = {row: calibrated_maps.nce_maps(fits[row], res.maps[row], images, cfg) for row in ("grad", "recon")}
+        s = res.view_images.shape[1]
+        view = {f"{row}_maps": np.stack([resize_map(a, (s, s)) for a in maps[row]]) for row in maps}
+        return res._replace(loc=res.loc._replace(**view), maps=maps)
+    return res._replace(**{f"{row}_maps": np.stack(calibrated_maps.nce_maps(fits[row], getattr(res, f"{row}_maps"),
+                                                                            images, cfg))
+                           for row in ("grad", "recon")})
 
 
 @functools.partial(jax.jit, static_argnames=("config", "frames"))

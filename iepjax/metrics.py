@@ -14,7 +14,7 @@ nonzero means anomalous.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import numpy as np
@@ -290,8 +290,9 @@ def evaluate(
     maps: ImageStack,
     masks: Sequence[npt.ArrayLike | None] | np.ndarray,
     labels: npt.ArrayLike,
+    image_score: Callable[[np.ndarray], float] | None = None,
 ) -> dict[str, float]:
-    """Pixel AUROC, image AUROC (score = max of map) and AU-PRO (FPR <= 0.3) of a test set.
+    """Pixel AUROC, image AUROC (score = max of map, or ``image_score(map)``) and AU-PRO (FPR <= 0.3) of a test set.
 
     A ``None`` mask means "no ground truth": for a good image (label 0) it is taken as all
     zeros (good images have no anomalous pixel); an anomalous image (label 1) with a
@@ -302,6 +303,7 @@ def evaluate(
         maps: ``N x H x W`` array or sequence of ``H_i x W_i`` anomaly maps.
         masks: ``N x H x W`` array or sequence of ``H_i x W_i`` masks or ``None``.
         labels: ``(N,)`` image labels, 0 good, 1 anomalous.
+        image_score: one ``H_i x W_i`` map -> its image score (default: the maximum).
 
     Returns:
         ``{"pixel_auroc", "image_auroc", "pixel_aupro"}`` as python floats.
@@ -324,7 +326,9 @@ def evaluate(
         pix_maps.append(m)
         pix_masks.append(np.asarray(g))
 
-    result = {"image_auroc": image_auroc(image_scores(map_list), labels_N)}
+    scores = (image_scores(map_list) if image_score is None
+              else np.array([image_score(m) for m in map_list], dtype=np.float64))
+    result = {"image_auroc": image_auroc(scores, labels_N)}
     if any(y == 1 and g is not None for g, y in zip(mask_seq, labels_N)):
         result["pixel_auroc"] = pixel_auroc(pix_maps, pix_masks)
         result["pixel_aupro"] = pixel_aupro(pix_maps, pix_masks, fpr_limit=0.3)

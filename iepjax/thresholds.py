@@ -35,12 +35,12 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from iepjax import data, metrics
+from iepjax import calibrated_maps, data
 from iepjax.atomic import dumps_json, finite_or_none
-from iepjax.config import ProjectionConfig, ThresholdConfig, to_dict
+from iepjax.config import MapConfig, ProjectionConfig, ThresholdConfig, to_dict
 from iepjax.data.preprocess import Preprocess, resize_images
 from iepjax.early_stop import frozen_at_start
-from iepjax.localization import localize, localize_images
+from iepjax.localization import calibrate_maps, localize, localize_images
 from iepjax.runs import atomic_write_text, model_config
 
 FITTED = "held-out normal training images"  # the thresholds' source in the outputs
@@ -99,7 +99,9 @@ class NormalStats(NamedTuple):
     normal pixel scores / image scores (max of map); vmax: the heat-map bound (99.9th percentile
     of normal pixel scores, at least the pixel threshold) used for every image's picture;
     n_images: the images fitted on; n_excluded: held-out images left out (frozen at step 0 by
-    early stopping); pixel_quantiles / image_quantiles: the score distributions at QUANTILES.
+    early stopping); pixel_quantiles / image_quantiles: the score distributions at QUANTILES;
+    map_fit: the nce map's tables fitted on the same images (`calibrated_maps.to_json`; None for
+    the paper's map). Image scores are `MapConfig.image_score`'s (max for the paper's).
     Thresholds given by the user without a fit (`given`) have no quantiles and n_images 0.
     """
 
@@ -112,6 +114,14 @@ class NormalStats(NamedTuple):
     pixel_quantiles: dict
     image_quantiles: dict
     n_excluded: int = 0
+    map_fit: dict | None = None
+
+
+def map_fits(stats: dict) -> dict | None:
+    """{"grad", "recon"} -> the nce tables stored in `stats` as arrays (None if they hold none)."""
+    if any(st.map_fit is None for st in stats.values()):
+        return None
+    return {row: calibrated_maps.from_json(st.map_fit) for row, st in stats.items()}
 
 
 def check_count(n_images: int, image_quantile: float, *, n_excluded: int = 0) -> None:
@@ -127,8 +137,10 @@ def check_count(n_images: int, image_quantile: float, *, n_excluded: int = 0) ->
 
 
 def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995, image_quantile: float = 0.99,
-                 n_excluded: int = 0, row: str = "grad") -> NormalStats:
-    """Thresholds and picture bounds from the anomaly maps of normal images (N, H, W).
+                 n_excluded: int = 0, row: str = "grad", map_cfg: MapConfig = MapConfig(),
+                 map_fit: dict | None = None) -> NormalStats:
+    """Thresholds and picture bounds from the anomaly maps of normal images (N, H, W); image
+    scores `map_cfg.image_score` (`calibrated_maps.image_score`), `map_fit` kept with them.
 
     Raises ThresholdError for fewer images than `min_images(image_quantile)`, fewer pixels than
     `min_pixels(pixel_quantile)`, and thresholds that come out non-finite or not above 0 (`row`:
@@ -144,8 +156,8 @@ def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995, image
             f"cannot fit the pixel threshold on {maps.size} normal pixels: the pixel quantile {pixel_quantile} needs "
             f"at least {min_pixels(pixel_quantile)} ({PIXELS_ABOVE} pixels above it); {FLAGS}, "
             "or a lower --pixel-quantile")
-    img = metrics.image_scores(maps)
     pt = float(np.quantile(maps, pixel_quantile))
+    img = calibrated_maps.image_scores(maps, map_cfg, pt)
     it = float(np.quantile(img, image_quantile))
     for name, q, t in (("pixel", pixel_quantile, pt), ("image", image_quantile, it)):
         if not (math.isfinite(t) and t > 0):
@@ -160,7 +172,7 @@ def normal_stats(maps_NxHxW: np.ndarray, *, pixel_quantile: float = 0.995, image
     vmax = max(float(np.quantile(maps, 0.999)), pt, 1e-6)
     return NormalStats(pt, it, vmax, pixel_quantile, image_quantile, len(maps),
                        {str(q): float(np.quantile(maps, q)) for q in QUANTILES},
-                       {str(q): float(np.quantile(img, q)) for q in QUANTILES}, n_excluded)
+                       {str(q): float(np.quantile(img, q)) for q in QUANTILES}, n_excluded, map_fit)
 
 
 def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray,
@@ -173,6 +185,8 @@ def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray,
     textures tiled) as the test images do; maps at the model size. `mesh`: as in `localize`.
     Images frozen at step 0 by early stopping (`early_stop.frozen_at_start`) are left out, and
     too few images left is a ThresholdError before anything is projected (module docstring).
+    With `thresholds.map.kind` "nce" the map's tables are fitted on these images' raw maps first
+    (`calibrated_maps.fit_normal`, no label anywhere) and the thresholds on their nce maps.
     """
     frozen = frozen_at_start(params, config, normal_images, prep)
     n_excluded = int(frozen.sum())
@@ -182,14 +196,21 @@ def calibrate(params: dict, config: ProjectionConfig, normal_images: np.ndarray,
             normal_images = np.stack(normal_images)
     check_count(len(normal_images), thresholds.image_quantile, n_excluded=n_excluded)  # before any projection
     if prep is not None:
-        normal = localize_images(params, config, normal_images, prep, batch_size=batch_size,
-                                 progress=progress, mesh=mesh).loc
+        res = localize_images(params, config, normal_images, prep, batch_size=batch_size, progress=progress, mesh=mesh)
+        raw = res.maps
     else:
-        normal = localize(params, normal_images, config, batch_size=batch_size, progress=progress, mesh=mesh)
+        res = localize(params, normal_images, config, batch_size=batch_size, progress=progress, mesh=mesh)
+        raw = {"grad": res.grad_maps, "recon": res.recon_maps}
+    cfg, fits = thresholds.map, None
+    if cfg.kind == "nce":
+        fits = {row: calibrated_maps.fit_normal(raw[row], normal_images, cfg) for row in ("grad", "recon")}
+        res = calibrate_maps(res, normal_images, fits, cfg)
+    normal = res.loc if prep is not None else res
     kw = dict(pixel_quantile=thresholds.pixel_quantile, image_quantile=thresholds.image_quantile,
-              n_excluded=n_excluded)
-    return ({"grad": normal_stats(normal.grad_maps, row="grad", **kw),
-             "recon": normal_stats(normal.recon_maps, row="recon", **kw)}, normal.compile_s)
+              n_excluded=n_excluded, map_cfg=cfg)
+    return ({row: normal_stats(getattr(normal, f"{row}_maps"), row=row, **kw,
+                               map_fit=None if fits is None else calibrated_maps.to_json(fits[row]))
+             for row in ("grad", "recon")}, normal.compile_s)
 
 
 def _usable(stats: dict, thresholds: ThresholdConfig) -> bool:
@@ -213,7 +234,8 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
     """
     path = Path(run_dir) / "thresholds.json"
     want = {"projection": to_dict(config), "pixel_quantile": thresholds.pixel_quantile,
-            "image_quantile": thresholds.image_quantile, "n_images": len(normal_images)}
+            "image_quantile": thresholds.image_quantile, "n_images": len(normal_images),
+            "map": to_dict(thresholds.map)}
     if step is not None:
         want["checkpoint_step"] = int(step)
     prep = Preprocess.load(run_dir)
@@ -225,7 +247,7 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
             stored = json.loads(path.read_text())
             if {k: stored.get(k) for k in want} == want:
                 stats = {k: NormalStats(**stored[k]) for k in ("grad", "recon")}
-                if _usable(stats, thresholds):
+                if _usable(stats, thresholds) and (thresholds.map.kind == "paper" or map_fits(stats)):
                     return stats, None
         except (ValueError, TypeError, KeyError):
             pass  # unreadable or of another layout: fitted again

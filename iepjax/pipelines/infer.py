@@ -7,7 +7,7 @@ with its whole file name kept (`output_name`: x.png and x.jpg never share an out
 
     maps/<relative path>.tiff      float32 grad map at the original size, e.g. maps/line2/x.png.tiff
     overlays/<relative path>.png   input | x_T | f(x0) | map | overlay at the model size
-    a row of scores.csv            file, image score = max of the map, predicted label at the run's
+    a row of scores.csv            file, image score (the map's max, or ThresholdConfig.map's score), predicted label at the run's
                                    image threshold, share of pixels above the pixel threshold, size
 
 A file that cannot be read as an image (truncated, empty, 16-bit, not an image) does not stop the
@@ -29,11 +29,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iepjax import atomic, outputs, presets, report, runs, visualize
+from iepjax import atomic, calibrated_maps, outputs, presets, report, runs, visualize
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
 from iepjax.data.layout import IMAGE_EXTENSIONS, DataError, read_image
-from iepjax.localization import localize_images
+from iepjax.localization import calibrate_maps, localize_images
 from iepjax.pipelines.project import prepare_run
+from iepjax.thresholds import map_fits
 
 ERROR_COLUMNS = ("file", "error")
 
@@ -124,6 +125,7 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
     model = run.config.model
     prep = run.prep or presets.preprocess(source.dataset, source.category, size=model.size)
     g = run.stats["grad"]
+    fits = map_fits(run.stats) if thresholds.map.kind == "nce" else None
     rows = []
     with _output_folder(run_dir, out, overwrite) as folder:
         panels = visualize.PanelFigure(g.vmax)
@@ -141,11 +143,12 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
                     continue
                 res = localize_images(run.params, run.config, images, prep, batch_size=batch_size,
                                       progress=progress, mesh=mesh)
+                res = calibrate_maps(res, images, fits, thresholds.map)
                 for i, p in enumerate(part):
                     rel = p.relative_to(input_dir)
                     m = res.maps["grad"][i]
                     outputs.write_tiff(folder.path / "maps" / output_name(rel, ".tiff"), m)
-                    score = float(m.max())
+                    score = calibrated_maps.image_score(m, thresholds.map, g.pixel_threshold)
                     rows.append([rel.as_posix(), f"{score:.6g}", int(score >= g.image_threshold),
                                  f"{float((m >= g.pixel_threshold).mean()):.6g}", f"{m.shape[1]}x{m.shape[0]}"])
                     if overlays:
@@ -160,6 +163,7 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
         report.write_csv(folder.path / "errors.csv", ERROR_COLUMNS, failed)
         user = thresholds.pixel_threshold is not None or thresholds.image_threshold is not None
         summary = {"run": str(run_dir), "input_dir": str(input_dir), "n_images": len(rows),
+                   "map": {"kind": thresholds.map.kind, "image_score": thresholds.map.image_score},
                    "n_flagged": sum(r[2] for r in rows), "n_failed": len(failed),
                    "failed": [f for f, _ in failed], "image_threshold": g.image_threshold,
                    "pixel_threshold": g.pixel_threshold,

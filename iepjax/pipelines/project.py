@@ -15,15 +15,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iepjax import data, distributed, loss_scale, metrics, outputs, presets, report, runs
+from iepjax import calibrated_maps, data, distributed, loss_scale, outputs, presets, report, runs
 from iepjax.atomic import dumps_json
-from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
+from iepjax.config import DataConfig, MapConfig, ProjectionConfig, ThresholdConfig
 from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
-from iepjax.localization import Localization, localize, localize_images, trajectory
+from iepjax.localization import Localization, calibrate_maps, localize, localize_images, trajectory
 from iepjax.scoring import official_metrics, split_metrics
-from iepjax.thresholds import (FITTED, GIVEN, both_given, check_held_out, given, given_only, held_out_ids,
-                               held_out_images, load_or_calibrate, min_held_out, run_source)
+from iepjax.thresholds import (FITTED, GIVEN, ThresholdError, both_given, check_held_out, given, given_only,
+                               held_out_ids, held_out_images, load_or_calibrate, map_fits, min_held_out, run_source)
 from iepjax.training import load_checkpoint
 
 
@@ -53,14 +53,19 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     Too few held-out images for a fit are refused (`thresholds.check_held_out`, ThresholdError)
     before any image is loaded, unless both thresholds are given: then nothing is fitted
     (`thresholds.given_only`). Early stopping takes its bar from the held-out images
-    (docs/method.md, Projection).
+    (docs/method.md, Projection). The "nce" map (`thresholds.map`) is fitted on the same images,
+    on raw maps: the projection then runs with smoothing_sigma 0 (the map's window smooths).
     """
     params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
         config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
-    config = dataclasses.replace(config, model=tcfg.model)
+    nce = thresholds.map.kind == "nce"
+    config = dataclasses.replace(config, model=tcfg.model, **({"smoothing_sigma": 0.0} if nce else {}))
     check_held_out(run_dir, thresholds)
     fit = not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
+    if nce and not fit:
+        raise ThresholdError(f"run {run_dir} holds out too few normal images to fit the nce map on (it needs "
+                             f"{min_held_out(thresholds)}): use --map paper")
     normal = []
     if fit or thresholds.early_stop or relative is not None:
         normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
@@ -95,7 +100,8 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     """
     run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh,
                       relative=relative)
-    size, official = run.config.model.size, None
+    size, official, map_cfg = run.config.model.size, None, thresholds.map
+    fits = map_fits(run.stats) if map_cfg.kind == "nce" else None
     if run.prep is not None:  # the official protocol at the original image sizes
         test = data.load_split(source.dataset, source.category, "test", source.tfds_dir,
                                source_dir=run_source(run_dir, source.source_dir), progress=progress)
@@ -103,7 +109,8 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                               progress=progress, mesh=mesh)
         if not distributed.is_main():
             return None, {}
-        official = official_metrics(res.maps, test)
+        res = calibrate_maps(res, test.images, fits, map_cfg)
+        official = official_metrics(res.maps, test, map_cfg, {row: st.pixel_threshold for row, st in run.stats.items()})
         if official["protocol"].get("note"):
             print(f"note: {official['protocol']['note']}", file=sys.stderr)
         test, loc = test._replace(images=res.view_images, masks=resize_masks(test.masks, size)), res.loc
@@ -113,6 +120,7 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         loc = localize(run.params, test.images, run.config, batch_size=batch_size, progress=progress, mesh=mesh)
         if not distributed.is_main():
             return None, {}
+        loc = calibrate_maps(loc, test.images, fits, map_cfg)
     with runs.new_output(Path(run_dir) / "projections") as out:  # complete or absent (iepjax.atomic)
         if run.scale is not None:  # how alpha and lam were resolved (docs/method.md, Projection)
             runs.atomic_write_text(out.path / "loss_scale.json", dumps_json(run.scale))
@@ -122,26 +130,27 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                 for row, root in outputs.write_maps(out.path, source.category, test.ids, res.maps).items()}
         result = evaluate(run.params, run.config, test, loc, run.stats, out.path, source=run.source,
                           official=official, batch_size=batch_size, overlays=overlays,
-                          compiled_in_calibration=run.compile_s)
+                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg)
     return out.final, result
 
 
 def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,
              source: str = FITTED, official: dict | None = None, batch_size: int = 16, overlays: bool = True,
-             compiled_in_calibration: float | None = None) -> dict:
+             compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig()) -> dict:
     """Score a labelled split's localisation and write the projection folder; returns the metrics.
 
     `test`: an `iepjax.data.Split` at the model size; `stats`: {"grad", "recon"} -> NormalStats
     (the thresholds), `source` says where they come from; `official`, `batch_size` and
-    `compiled_in_calibration`: as in `scoring.split_metrics`. Writes metrics.json,
+    `compiled_in_calibration`, `map_cfg` (the map and image score of `loc`): as in
+    `scoring.split_metrics`. Writes metrics.json,
     thresholds.json, maps, scores.csv, pictures (the iteration strip projects a few images
     again, `localization.trajectory`) and index.html.
     """
     out_dir = Path(out_dir)
     result = split_metrics(loc, test, stats, source, official=official, batch_size=batch_size,
-                           compiled_in_calibration=compiled_in_calibration)
+                           compiled_in_calibration=compiled_in_calibration, map_cfg=map_cfg)
     outputs.write_results(out_dir, result, loc, test.ids, config, stats, source)
-    img_scores = metrics.image_scores(loc.grad_maps)
+    img_scores = calibrated_maps.image_scores(loc.grad_maps, map_cfg, stats["grad"].pixel_threshold)
     report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,
                             stats["grad"].image_threshold)
     picks = report.pick_cases(img_scores, test.labels)
