@@ -71,6 +71,18 @@ class RunContents(NamedTuple):
     category: str
 
 
+def check_paper_map(stored: dict, where: Path) -> None:
+    """Refuse thresholds fitted for another map than the one exported: the exported programs give the
+    paper's map (docs/method.md, Anomaly maps) and the predictor scores images by its maximum, so
+    thresholds of a normal-calibrated map or another image score would not apply (ValueError)."""
+    m = stored.get("map") or {}
+    kind, score = m.get("kind", "paper"), m.get("image_score", "max")
+    if (kind, score) != ("paper", "max") or any((stored.get(r) or {}).get("map_fit") for r in ("grad", "recon")):
+        raise ValueError(f"the thresholds in {where} are for the {kind} map with the {score} image score; export.py "
+                         "exports the paper's map scored by its maximum: project with --map paper --image-score max "
+                         "first (or pick such a projection with --projection)")
+
+
 def read_run(*, category: str | None = None, dataset: str = "textures", results: str | os.PathLike = "results",
              run: str | os.PathLike | None = None, data_dir: str | None = None, tfds_dir: str | None = None,
              projection: str | None = "latest", batch_size: int = 16, progress: bool = True) -> RunContents:
@@ -136,6 +148,8 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
         stats, _ = thresholds.load_or_calibrate(run_dir, params, config, normal, batch_size=batch_size,
                                                 progress=progress)
         th = {"source": "held-out normal training images", **{k: v._asdict() for k, v in stats.items()}}
+    if proj_dir is not None or (run_dir / "thresholds.json").is_file():
+        check_paper_map(stored, proj_dir or run_dir)
     g = th["grad"]
     th.update(pixel_quantile=g["pixel_quantile"], image_quantile=g["image_quantile"], n_images=g["n_images"])
     config = dataclasses.replace(config, model=tcfg.model)

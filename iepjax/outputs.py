@@ -37,7 +37,8 @@ def write_results(out_dir: Path, result: dict, loc, ids: list[str], config: Proj
     atomic_write_bytes(out_dir / "maps.npz", buf.getvalue())
     atomic_write_text(out_dir / "metrics.json", dumps_json(result))  # strict JSON: NaN -> null
     atomic_write_text(out_dir / "thresholds.json", dumps_json(
-        {"source": source, "projection": to_dict(config), **{row: stats[row]._asdict() for row in ("grad", "recon")}}))
+        {"source": source, "projection": to_dict(config), "map": result.get("map", {"kind": "paper", "image_score": "max"}),
+         **{row: stats[row]._asdict() for row in ("grad", "recon")}}))
 
 
 def write_pictures(out_dir: Path, test, loc, grad_stats, frames: np.ndarray, strip: list[int],

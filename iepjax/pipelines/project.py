@@ -88,23 +88,26 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
 
 def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, overlays: bool = True,
-                progress: bool = True, mesh=None,
-                relative: loss_scale.RelativeSettings | None = None) -> tuple[Path | None, dict]:
+                progress: bool = True, mesh=None, relative: loss_scale.RelativeSettings | None = None,
+                data_seed: int = 0) -> tuple[Path | None, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
     `config` defaults to the category preset's projection settings; its model is the run's. The
     thresholds come from the run's held-out normal images (`prepare_run`) unless `thresholds`
     gives them. `source.source_dir`: the image folder / MVTec AD download (default: the one the
     run was trained on). `mesh`: as in `localization.localize`; with several processes each
-    projects its share and process 0 writes everything, the others return (None, {}).
+    projects its share and process 0 writes everything, the others return (None, {}). `data_seed`:
+    the built-in data's split seed (0, the reported split; 1, the calibration split of
+    docs/calibration.md), recorded in the metrics when not 0.
     """
+    split_seed = {"seed": data_seed} if data_seed else {}
     run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh,
                       relative=relative)
     size, official, map_cfg = run.config.model.size, None, thresholds.map
     fits = map_fits(run.stats) if map_cfg.kind == "nce" else None
     if run.prep is not None:  # the official protocol at the original image sizes
         test = data.load_split(source.dataset, source.category, "test", source.tfds_dir,
-                               source_dir=run_source(run_dir, source.source_dir), progress=progress)
+                               source_dir=run_source(run_dir, source.source_dir), progress=progress, **split_seed)
         res = localize_images(run.params, run.config, test.images, run.prep, batch_size=batch_size,
                               progress=progress, mesh=mesh)
         if not distributed.is_main():
@@ -115,7 +118,7 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
             print(f"note: {official['protocol']['note']}", file=sys.stderr)
         test, loc = test._replace(images=res.view_images, masks=resize_masks(test.masks, size)), res.loc
     else:  # a run without preprocess.json: the test images resized to the model size
-        test = data.load_split(source.dataset, source.category, "test", source.tfds_dir)
+        test = data.load_split(source.dataset, source.category, "test", source.tfds_dir, **split_seed)
         test = test._replace(images=resize_images(test.images, size), masks=resize_masks(test.masks, size))
         loc = localize(run.params, test.images, run.config, batch_size=batch_size, progress=progress, mesh=mesh)
         if not distributed.is_main():
@@ -130,13 +133,14 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                 for row, root in outputs.write_maps(out.path, source.category, test.ids, res.maps).items()}
         result = evaluate(run.params, run.config, test, loc, run.stats, out.path, source=run.source,
                           official=official, batch_size=batch_size, overlays=overlays,
-                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg)
+                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg, data_seed=data_seed)
     return out.final, result
 
 
 def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,
              source: str = FITTED, official: dict | None = None, batch_size: int = 16, overlays: bool = True,
-             compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig()) -> dict:
+             compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig(),
+             data_seed: int = 0) -> dict:
     """Score a labelled split's localisation and write the projection folder; returns the metrics.
 
     `test`: an `iepjax.data.Split` at the model size; `stats`: {"grad", "recon"} -> NormalStats
@@ -149,6 +153,8 @@ def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, st
     out_dir = Path(out_dir)
     result = split_metrics(loc, test, stats, source, official=official, batch_size=batch_size,
                            compiled_in_calibration=compiled_in_calibration, map_cfg=map_cfg)
+    if data_seed:
+        result["data_seed"] = data_seed
     outputs.write_results(out_dir, result, loc, test.ids, config, stats, source)
     img_scores = calibrated_maps.image_scores(loc.grad_maps, map_cfg, stats["grad"].pixel_threshold)
     report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,

@@ -60,7 +60,7 @@ def test_new_normal_images_get_calibrated_tail_probabilities(fitted):
     images, maps = normal_pairs(30, seed=1)
     p = 10.0 ** -np.stack(C.nce_maps(fitted, maps, images, CFG))
     for a in (0.5, 0.2, 0.05, 0.01):
-        assert abs(np.mean(p <= a) - a) < 0.25 * a + 0.01, (a, np.mean(p <= a))
+        assert abs(np.mean(p <= a) - a) < 0.2 * a + 0.005, (a, np.mean(p <= a))
     # one-sided only too much residual would be flagged; two-sided, too little is as well
     flat = maps[0].copy()
     flat[16:32, 16:32] = 0.0
@@ -112,3 +112,15 @@ def test_map_config_checks_and_round_trips():
         MapConfig(border_bands=(3, 1))
     t = ThresholdConfig(map=CFG)
     assert from_dict(ThresholdConfig, to_dict(t)) == t
+
+
+def test_export_refuses_thresholds_of_another_map(tmp_path):
+    """export.py ships the paper's map scored by its max: thresholds fitted for the nce map (or another
+    image score) are refused, those of the paper's map pass."""
+    from iepjax.export import check_paper_map
+    check_paper_map({"grad": {}, "recon": {}}, tmp_path)  # older files: no "map", the paper's
+    check_paper_map({"map": {"kind": "paper", "image_score": "max"}}, tmp_path)
+    for stored in ({"map": {"kind": "nce", "image_score": "topk"}}, {"map": {"kind": "paper", "image_score": "topk"}},
+                   {"grad": {"map_fit": {"eps": 1.0}}}):
+        with pytest.raises(ValueError, match="--map paper"):
+            check_paper_map(stored, tmp_path)

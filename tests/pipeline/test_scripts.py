@@ -79,8 +79,10 @@ def e2e(tmp_path_factory, env):
     before = _snapshot(run_dir / "checkpoints"), (run_dir / "train_log.csv").read_text()
     project = _run(["project.py", *common, "--steps", "2", "--allow-collapse"], env)  # 4 steps: may count as collapsed
     assert project.returncode == 0, project.stderr[-3000:]
+    nce = _run(["project.py", *common, "--steps", "2", "--allow-collapse", "--map", "nce", "--image-score", "area",
+                "--no-overlays"], env)
     again = _run(train_args + ["--tile-stride", "32"], env)  # only the test-time tiling differs: same run
-    return dict(tmp=tmp, train=train, project=project, again=again, run_dir=run_dir, before=before)
+    return dict(tmp=tmp, train=train, project=project, nce=nce, again=again, run_dir=run_dir, before=before)
 
 
 @slow
@@ -113,6 +115,29 @@ def test_project_writes_metrics_maps_and_overlays(e2e):
     for png in pngs[:3]:
         img = mpimg.imread(png)
         assert img.ndim == 3 and img.shape[0] > 32 and img.shape[1] > 32
+
+
+@slow
+def test_project_with_the_normal_calibrated_map(e2e):
+    """--map nce: the tables are fitted on the held-out normal images and stored with the thresholds,
+    the projection runs unsmoothed, the maps are -log10 tail probabilities, image scores the chosen one."""
+    nce = e2e["nce"]
+    assert nce.returncode == 0, nce.stderr[-3000:]
+    out_dir = _folder(nce.stdout, "output folder")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["map"] == {"kind": "nce", "image_score": "area"}
+    assert "area" in metrics["protocol"]["image_auroc"]
+    for row in ("recon", "grad"):
+        assert 0.0 <= metrics[row]["image_auroc_max"] <= 1.0 and 0.0 <= metrics[row]["pixel_auroc"] <= 1.0
+    stored = json.loads((out_dir / "thresholds.json").read_text())
+    assert stored["projection"]["smoothing_sigma"] == 0.0
+    run_stored = json.loads((e2e["run_dir"] / "thresholds.json").read_text())
+    assert run_stored["map"]["kind"] == "nce" and run_stored["grad"]["map_fit"]["tail_qs"]
+    with np.load(out_dir / "maps.npz") as maps:
+        grad = maps["grad"]
+    assert np.all(np.isfinite(grad)) and grad.min() >= 0.0
+    # 0 < image threshold (an area: a fraction of the pixels) <= 1
+    assert 0.0 < stored["grad"]["image_threshold"] <= 1.0
 
 
 @slow
