@@ -19,15 +19,22 @@ only; the tables are plain arrays (`to_json` / `from_json`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from iepjax.config import MapConfig
+from iepjax.config import MapConfig, ProjectionConfig
 
 TABLES = ("border_profile", "feature_edges", "tail_qs", "tail_beta_lo", "tail_beta_hi")
 MIN_BIN_PIXELS = 100  # a context bin with fewer normal pixels uses the pooled distribution
+
+
+def projection_for(config: ProjectionConfig, cfg: MapConfig) -> ProjectionConfig:
+    """The projection settings the map `cfg` needs: the nce map starts from RAW residual maps (its
+    window smooths), so `smoothing_sigma` 0; the paper's map keeps `config`'s."""
+    return dataclasses.replace(config, smoothing_sigma=0.0) if cfg.kind == "nce" else config
 
 
 def gray(image: np.ndarray) -> np.ndarray:

@@ -60,7 +60,7 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     if config is None:
         config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
     nce = thresholds.map.kind == "nce"
-    config = dataclasses.replace(config, model=tcfg.model, **({"smoothing_sigma": 0.0} if nce else {}))
+    config = calibrated_maps.projection_for(dataclasses.replace(config, model=tcfg.model), thresholds.map)
     check_held_out(run_dir, thresholds)
     fit = not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
     if nce and not fit:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iepjax import data, distributed, presets, runs
+from iepjax import calibrated_maps, data, distributed, presets, runs
 from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.data import DataError
@@ -152,8 +152,8 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
         return TrainOutcome(run_dir, summary, None)
     model, params = summary.config.model, summary.state.params
     normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
-    pcfg = dataclasses.replace(presets.projection_config(source.dataset, source.category, model.likelihood),
-                               model=model)
+    pcfg = calibrated_maps.projection_for(dataclasses.replace(
+        presets.projection_config(source.dataset, source.category, model.likelihood), model=model), thresholds.map)
     if thresholds.early_stop:
         try:
             pcfg = with_early_stop(params, pcfg, normal, Preprocess.load(run_dir))
