@@ -128,6 +128,32 @@ def add_threshold_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-quantile", type=quantile, help="quantile of normal image scores -> threshold (default 0.99)")
 
 
+def add_projection_flags(p: argparse.ArgumentParser) -> None:
+    """The projection's settings (`projection_settings`; docs/method.md, Projection) and the
+    thresholds given instead of fitted (`threshold_config`)."""
+    g = p.add_argument_group("projection (default: the category preset's; docs/calibration.md)")
+    g.add_argument("--steps", type=nonnegative_int, help="projection steps T")
+    g.add_argument("--alpha", type=nonnegative_float, help="step size")
+    g.add_argument("--lam", type=nonnegative_float, help="weight of the L1 prior ||x - x0||_1")
+    g.add_argument("--sigma", type=nonnegative_float, help="Gaussian smoothing of the maps, pixels")
+    g.add_argument("--hold", type=fraction,
+                   help="lam in the model's own units: the fraction of held-out normal pixels the L1 prior keeps "
+                        "at x0 (iepjax.loss_scale; replaces --lam; written to loss_scale.json)")
+    g.add_argument("--step", type=positive_float,
+                   help="alpha in the model's own units: a typical normal pixel's first step (replaces --alpha)")
+    g.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
+    g.add_argument("--no-backtrack", action="store_true",
+                   help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
+    g.add_argument("--no-kl", action="store_true", help="leave the KL term out of the energy")
+    g.add_argument("--no-early-stop", action="store_true",
+                   help="always take T steps (default: an image stops once its loss is as low as the lowest of the "
+                        "run's held-out normal images)")
+    g.add_argument("--threshold", type=nonnegative_float,
+                   help="pixel threshold (default: fitted on the run's held-out normal images)")
+    g.add_argument("--image-threshold", type=nonnegative_float,
+                   help="image threshold (default: fitted); with --threshold, nothing is fitted")
+
+
 def add_map_flags(p: argparse.ArgumentParser) -> None:
     """The anomaly map and image score that are scored and thresholded (`threshold_config`'s MapConfig;
     docs/method.md, Normal-calibrated maps)."""
@@ -197,6 +223,18 @@ def data_config(args: argparse.Namespace):
     return DataConfig(dataset, args.category, args.tfds_dir, source_dir)
 
 
+def projection_settings(args: argparse.Namespace, config):
+    """(the `ProjectionConfig` `config` with the `add_projection_flags` flags applied, the
+    `loss_scale.RelativeSettings` of --hold / --step or None when neither was given)."""
+    config = dataclasses.replace(
+        override(config, steps=args.steps, alpha=args.alpha, lam=args.lam, smoothing_sigma=args.sigma),
+        weighting=not args.no_weighting, use_kl=not args.no_kl, backtrack=not args.no_backtrack)
+    if args.hold is None and args.step is None:
+        return config, None
+    from iepjax.loss_scale import RelativeSettings
+    return config, override(RelativeSettings(), hold=args.hold, step=args.step)
+
+
 def threshold_config(args: argparse.Namespace):
     """The `ThresholdConfig` of the flags a script has: --holdout, --pixel-quantile, --image-quantile,
     --threshold, --image-threshold, --no-early-stop; the defaults for those it lacks or leaves out."""
@@ -255,3 +293,16 @@ def guarded(call: Callable, *args: Any, usage: tuple[type[BaseException], ...] =
         if getattr(e, "run_dir", None) is not None:
             print(f"run folder: {e.run_dir}")
         return EXIT_FAILED, None
+
+
+def report_inference(out, summary: dict) -> int:
+    """Print what `pipelines.infer_folder` did (its output folder and summary.json's content);
+    EXIT_PARTIAL when some image files could not be read (the others' results are written), else EXIT_OK."""
+    from iepjax import report
+    print(report.format_inference(summary))
+    print(f"output folder: {out} (scores.csv, errors.csv, maps/*.tiff, overlays/)")
+    if not summary["n_failed"]:
+        return EXIT_OK
+    print(f"error: {summary['n_failed']} of {summary['n_failed'] + summary['n_images']} image files could not "
+          f"be read (listed in {out / 'errors.csv'}); the other {summary['n_images']} were processed", file=sys.stderr)
+    return EXIT_PARTIAL

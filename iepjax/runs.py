@@ -253,6 +253,15 @@ def check_outputs_writable(run_dir: Path, out: str | os.PathLike | None = None, 
     atomic.check_writable(Path(out) if out is not None else default, what="output folder")
 
 
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """FileExistsError (with what to do) when the output folder `out` exists and is not empty, unless
+    `overwrite` (then it is replaced once the new one is complete: `atomic.output_folder`)."""
+    out = Path(out)
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder {out} exists and is not empty: choose another --out, "
+                              "or add --overwrite to replace it")
+
+
 def trained_on(run_dir: Path) -> tuple[str, str] | None:
     """(dataset, category) a run was trained on (its holdout.json), None when it does not say."""
     path = Path(run_dir) / "holdout.json"

@@ -61,6 +61,15 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursively, by extension), sorted; hidden files and folders skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder {folder} does not exist or is not a folder")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _listing(folder: Path, limit: int = 12) -> str:
     """A short description of what `folder` holds, for error messages."""
     if not folder.exists():

@@ -31,21 +31,12 @@ import numpy as np
 
 from iepjax import atomic, calibrated_maps, outputs, presets, report, runs, visualize
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
-from iepjax.data.layout import IMAGE_EXTENSIONS, DataError, read_image
+from iepjax.data.layout import IMAGE_EXTENSIONS, DataError, list_images, read_image
 from iepjax.localization import calibrate_maps, localize_images
 from iepjax.pipelines.project import prepare_run
 from iepjax.thresholds import map_fits
 
 ERROR_COLUMNS = ("file", "error")
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursively, by extension), sorted; hidden files and folders skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input folder {folder} does not exist or is not a folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def output_name(rel: Path, suffix: str) -> Path:
@@ -115,9 +106,8 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
     """
     run_dir, input_dir = Path(run_dir), Path(input_dir)
     out = Path(out) if out is not None else None
-    if out is not None and not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder {out} exists and is not empty: choose another --out, "
-                              "or add --overwrite to replace it")
+    if out is not None:
+        runs.check_output_folder(out, overwrite=overwrite)
     inputs = check_inputs(input_dir, runs.model_config(run_dir).get("channels"))
     failed = list(inputs.failed)
     run = prepare_run(run_dir, dataclasses.replace(source, source_dir=None), config, thresholds,

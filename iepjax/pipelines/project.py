@@ -18,6 +18,7 @@ import numpy as np
 from iepjax import calibrated_maps, data, distributed, loss_scale, outputs, presets, report, runs
 from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, MapConfig, ProjectionConfig, ThresholdConfig
+from iepjax.data.layout import list_images
 from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, calibrate_maps, localize, localize_images, trajectory
@@ -41,6 +42,34 @@ class PreparedRun(NamedTuple):
     source: str
     compile_s: float | None
     scale: dict | None = None
+
+
+def open_run(results: str | Path, model: str, source: DataConfig, run: str | None = None,
+             thresholds: ThresholdConfig = ThresholdConfig(), *, allow_collapse: bool = False,
+             input_dir: str | Path | None = None, out: str | Path | None = None,
+             overwrite: bool = False) -> tuple[Path, ProjectionConfig, list[str]]:
+    """Find the run to project and refuse, before any work, what cannot work; returns (run folder,
+    the category preset's projection config for the run's likelihood, warnings to print).
+
+    Raises, each with a message that says what to do: ValueError for an unknown category or a run
+    of another one; FileNotFoundError for a missing run, checkpoint or input folder; PermissionError
+    for folders this process cannot write; FileExistsError for an existing `out` (unless
+    `overwrite`); `runs.CollapsedRun` for a model that collapsed to the mean image (unless
+    `allow_collapse`); `thresholds.ThresholdError` for too few held-out normal images to fit the
+    thresholds that are not given. With `input_dir`, the checks are those of `infer_folder`.
+    """
+    presets.check(source.dataset, source.category)  # an unknown category is named before a missing run
+    run_dir = runs.find_run(results, model, source.dataset, source.category, run)
+    runs.check_outputs_writable(run_dir, out if input_dir is not None else None, inference=input_dir is not None)
+    if input_dir is not None:
+        list_images(input_dir)  # the folder exists
+        if out is not None:
+            runs.check_output_folder(out, overwrite=overwrite)
+    warnings = runs.check_trained(run_dir, source.category, allow_collapse=allow_collapse)
+    check_held_out(run_dir, thresholds)
+    # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
+    config = presets.projection_config(source.dataset, source.category, runs.model_config(run_dir).get("likelihood"))
+    return run_dir, config, warnings
 
 
 def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,

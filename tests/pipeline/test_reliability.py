@@ -126,13 +126,18 @@ def _start_claimers(mode: str, cat: Path, n_procs: int, per_proc: int, gate: Pat
             for _ in range(n_procs)]
 
 
-def _wait_ready(procs, gate: Path, n: int) -> None:
-    """Open the gate once every process has started (each touches gate.<pid>.ready)."""
+def _wait_for(procs, gate: Path, suffix: str, n: int) -> None:
+    """Wait until `n` files gate<suffix> exist (one per process), failing if a process ended first."""
     deadline = time.monotonic() + TIMEOUT
-    while len(list(gate.parent.glob(gate.name + ".*.ready"))) < n:
+    while len(list(gate.parent.glob(gate.name + suffix))) < n:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
             [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
         time.sleep(0.05)
+
+
+def _wait_ready(procs, gate: Path, n: int) -> None:
+    """Open the gate once every process has started (each touches gate.<pid>.ready)."""
+    _wait_for(procs, gate, ".*.ready", n)
     gate.touch()
 
 
@@ -189,6 +194,10 @@ def test_runs_started_together_never_share_a_folder(tmp_path):
     gate = tmp_path / "gate"
     procs = _start_claimers("resume", cat, 5, 1, gate)
     _wait_ready(procs, gate, 5)
+    # every process keeps its run held until all have chosen (as trainings would), however slowly
+    # the machine schedules them: each touches gate.<pid>.chosen, then waits for gate.release
+    _wait_for(procs, gate, ".*.chosen", 5)
+    (gate.parent / (gate.name + ".release")).touch()
     got = []
     for p in procs:
         out, err = p.communicate(timeout=TIMEOUT)
@@ -228,7 +237,10 @@ def _claim_worker(mode: str, cat: str, per_proc: str, gate: str) -> None:
             claimed.append(runs.resume_or_new(cat_dir, runs.latest_run(cat_dir)))
     print("\n".join(str(c) for c in claimed), flush=True)
     if mode == "resume":  # keep the runs held until every process has chosen (as a training would)
-        time.sleep(2.0)
+        Path(f"{gate}.{os.getpid()}.chosen").touch()
+        deadline = time.monotonic() + TIMEOUT
+        while not Path(f"{gate}.release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- killed writers
