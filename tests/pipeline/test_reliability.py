@@ -189,6 +189,13 @@ def test_runs_started_together_never_share_a_folder(tmp_path):
     gate = tmp_path / "gate"
     procs = _start_claimers("resume", cat, 5, 1, gate)
     _wait_ready(procs, gate, 5)
+    chosen = gate.parent / (gate.name + ".chosen")
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(gate.parent.glob(gate.name + ".*.chosen"))) < 5:  # every process holds the run it chose
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    chosen.touch()  # now they may end (and release their runs)
     got = []
     for p in procs:
         out, err = p.communicate(timeout=TIMEOUT)
@@ -228,7 +235,9 @@ def _claim_worker(mode: str, cat: str, per_proc: str, gate: str) -> None:
             claimed.append(runs.resume_or_new(cat_dir, runs.latest_run(cat_dir)))
     print("\n".join(str(c) for c in claimed), flush=True)
     if mode == "resume":  # keep the runs held until every process has chosen (as a training would)
-        time.sleep(2.0)
+        Path(f"{gate}.{os.getpid()}.chosen").touch()
+        while not Path(f"{gate}.chosen").exists():
+            time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- killed writers
