@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -39,10 +40,12 @@ _CACHE_ENV: dict[str, str] = {}
 # so the slowest go first and the workers finish at about the same time (the seconds per file:
 # docs/results.md, "Time of the test suite").
 SLOWEST_FIRST = ("test_projection.py",
-                 "test_scripts.py",       # train.py / project.py end to end
-                 "test_export.py",        # train.py / project.py / export.py, then predict.py in a fresh process
+                 "test_scripts.py",       # the tiny run (`tiny_run`), train.py again, killed train.py / project.py
                  "test_folder.py",        # reproduce.py end to end
+                 "test_kills.py",         # train.py / project.py killed at random points, and rerun
                  "test_sharding.py",      # 4- and 8-device subprocesses
+                 "test_export.py",        # export.py of the tiny run, then predict.py in a fresh process (after
+                                          # test_scripts.py has started: its worker builds the tiny run meanwhile)
                  "test_conv.py",
                  "test_energy.py",
                  "test_benchmarks.py",    # the benchmark scripts on tiny shapes
@@ -101,6 +104,85 @@ def run_script(args: list[str], env: dict) -> subprocess.CompletedProcess:
     """`python <args>` from the repository root, output captured (a script end to end)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=SCRIPT_TIMEOUT)
+
+
+def script_folder(out: str, label: str) -> Path:
+    """The folder a script printed on its `<label>: <path>` line (e.g. "run folder", "output folder")."""
+    import re
+    m = re.search(rf"^{label}: (.+?)(?: \(.*\))?$", out, flags=re.M)
+    assert m, f"no '{label}:' line in the output:\n{out}"
+    return Path(m.group(1).strip())
+
+
+# The suite's one tiny run of the real scripts on the built-in brick data (128x128 images, resized to
+# the 32-pixel model): `tiny_run` trains and projects it once per pytest run, whatever the number of
+# workers; the tests read it, and copy it (`copy_results`) before changing anything.
+# --holdout 0.02: thresholds from the fewest held-out crops they need (11, not the 8 of 2 %, nor the 40
+# of the default 10 %: the calibration projects them with the default 100 steps).
+TINY_TRAIN = ["--category", "brick", "--no-progress", "--size", "32", "--steps", "4", "--batch-size", "4",
+              "--allow-collapse", "--holdout", "0.02"]
+# 3 steps without early stopping: a 4-step model's images would mostly stop at once (all-zero maps);
+# other settings than train.py's, so project.py fits its own thresholds first.
+TINY_PROJECT = ["--category", "brick", "--no-progress", "--steps", "3", "--no-early-stop", "--allow-collapse"]
+
+
+def tiny_train_args(results: Path, tfds: Path, *extra: str) -> list[str]:
+    """train.py's arguments of the tiny run, into `results`, data prepared in `tfds`."""
+    return ["train.py", *TINY_TRAIN, "--results", str(results), "--tfds-dir", str(tfds), *extra]
+
+
+def _build_tiny_run(root: Path, env: dict) -> dict:
+    """Prepare the data (in this process), then train.py (timed: the work of a run on prepared data) and
+    project.py as subprocesses; what they printed, as JSON-able values."""
+    from iepjax.data import load_split
+
+    tfds, results = root / "tfds", root / "results"
+    load_split("textures", "brick", "train", str(tfds), progress=False)  # prepares the category
+    t0 = time.monotonic()
+    train = run_script(tiny_train_args(results, tfds), env)
+    train_s = time.monotonic() - t0
+    assert train.returncode == 0, train.stderr[-3000:]
+    project = run_script(["project.py", *TINY_PROJECT, "--results", str(results), "--tfds-dir", str(tfds)], env)
+    assert project.returncode == 0, project.stderr[-3000:]
+    return dict(train_stdout=train.stdout, train_stderr=train.stderr, train_s=train_s,
+                project_stdout=project.stdout, project_stderr=project.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, env) -> dict:
+    """The suite's tiny trained and projected run (`TINY_TRAIN`, `TINY_PROJECT`), made once per pytest
+    run: the pytest-xdist workers share it through a lock file in their common temporary folder (the
+    first to need it builds it, the others wait and read it). Keys: tfds, results, run_dir, proj_dir
+    (Paths), train_stdout, project_stdout, project_stderr, train_s (seconds train.py took). Read only:
+    `copy_results` before running anything that writes."""
+    import fcntl
+    import json
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
+    folder, done, failed = root / "tiny_run", root / "tiny_run.json", root / "tiny_run.failed"
+    with open(root / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if failed.exists():
+            pytest.fail(f"building the tiny run failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                built = _build_tiny_run(folder, env)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise
+            done.write_text(json.dumps(built))
+    out = json.loads(done.read_text())
+    run_dir = script_folder(out["train_stdout"], "run folder")
+    proj_dir = script_folder(out["project_stdout"], "output folder")
+    return dict(out, tfds=folder / "tfds", results=folder / "results", run_dir=run_dir, proj_dir=proj_dir)
+
+
+def copy_results(tiny: dict, dst: Path) -> tuple[Path, Path]:
+    """A copy of the tiny run's results folder at `dst` (links kept); (results, run folder) of the copy."""
+    import shutil
+    shutil.copytree(tiny["results"], dst, symlinks=True)
+    return dst, dst / tiny["run_dir"].relative_to(tiny["results"])
 
 
 def bench_module(name: str):

@@ -1,7 +1,8 @@
 """export.py / predict.py / `iepjax.Predictor`: an exported run gives project.py's numbers without the training code.
 
-End to end (marked slow, like test_scripts.py): `train.py --size 32 --steps 4` and `project.py
---steps 3` on the built-in brick data as subprocesses, `export.py` of the run, then a fresh
+End to end (marked slow, like test_scripts.py): a copy of the suite's tiny run (conftest `tiny_run`:
+`train.py --size 32 --steps 4` and `project.py --steps 3` on the built-in brick data, made once per
+pytest run), `export.py` of the run, then a fresh
 subprocess that cannot import flax, optax, orbax or TFDS predicts a folder of real image files
 of mixed sizes (and a corrupt and a truncated one). The fast tests export programs of the
 suite's tiny model in this process.
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import copy_results, run_script
 from iepjax import ModelConfig, ProjectionConfig, project_fn
 from iepjax.predictor import ExportError, Predictor, expand_inputs, normalise, output_names, read_metadata
 
@@ -136,26 +137,22 @@ def test_inputs_files_folders_and_globs_keep_their_extensions(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory, env):
-    """A trained tiny run, its projection (project.py), its export and a folder of image files."""
+def e2e(tmp_path_factory, env, tiny_run):
+    """A copy of the suite's tiny run and its projection (conftest: train.py, project.py --steps 3
+    --no-early-stop), its export (export.py) and a folder of image files."""
     tmp = tmp_path_factory.mktemp("export")
-    common = ["--category", "brick", "--results", str(tmp / "results"), "--tfds-dir", str(tmp / "tfds"), "--no-progress"]
-    train = _run(["train.py", *common, "--size", "32", "--steps", "4", "--batch-size", "4", "--allow-collapse",
-                  "--holdout", "0.02"], env)
-    assert train.returncode == 0, train.stderr[-3000:]
-    # no early stop: a 4-step model's images would mostly stop at once, leaving all-zero maps to compare
-    project = _run(["project.py", *common, "--steps", "3", "--no-early-stop", "--no-overlays", "--allow-collapse"], env)
-    assert project.returncode == 0, project.stderr[-3000:]
+    results, _ = copy_results(tiny_run, tmp / "results")
     model = tmp / "model"
-    export = _run(["export.py", "--category", "brick", "--results", str(tmp / "results"), "--out", str(model)], env)
+    export = _run(["export.py", "--category", "brick", "--results", str(results), "--out", str(model)], env)
     assert export.returncode == 0, export.stderr[-3000:]
     run_dir = Path(json.loads((model / "metadata.json").read_text())["source"]["run_dir"])
     proj_dir = (run_dir / "projections" / "latest").resolve()
+    assert run_dir.is_relative_to(results)  # the copy's run was exported
 
     from PIL import Image
 
     from iepjax.data import load_split
-    test = load_split("textures", "brick", "test", str(tmp / "tfds"), progress=False)
+    test = load_split("textures", "brick", "test", str(tiny_run["tfds"]), progress=False)
     images = tmp / "images"
     (images / "sub").mkdir(parents=True)
     same = {}  # file name -> test id: images as project.py saw them (PNG is lossless)
@@ -174,7 +171,7 @@ def e2e(tmp_path_factory, env):
     (images / "sub" / "truncated.png").write_bytes(data[: len(data) // 2])
     (images / "notes.txt").write_text("not an image: left out of the folder's files")
     return dict(tmp=tmp, model=model, run_dir=run_dir, proj_dir=proj_dir, images=images, same=same,
-                export=export, env=env)
+                export=export, env=env, tfds=tiny_run["tfds"])
 
 
 _FRESH = r"""
@@ -444,7 +441,7 @@ def test_predict_py_reports_an_unusable_model_folder_with_status_2(e2e, tmp_path
 def test_the_predict_benchmark_runs_and_agrees_with_project_py(e2e, tmp_path):
     """benchmarks/predict.py on the tiny run: one JSON row; its maps of all test images equal project.py's."""
     r = _run(["benchmarks/predict.py", "--run", str(e2e["run_dir"]), "--work", str(tmp_path),
-              "--tfds-dir", str(e2e["tmp"] / "tfds")], e2e["env"])
+              "--tfds-dir", str(e2e["tfds"])], e2e["env"])
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["images"] == 48 and row["training_modules_imported"] == [] and row["devices"] == 2

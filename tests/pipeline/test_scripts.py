@@ -1,21 +1,16 @@
 """End to end: `train.py` then `project.py` as subprocesses on the built-in textures data, tiny settings.
 
 The built-in brick images are 128x128; `--size 32` exercises the resizing to the model size.
-The subprocesses share the suite's persistent compilation cache (conftest), which makes the
-second and later runs of this module several times faster.
+The run and its projection are the suite's tiny run (conftest `tiny_run`, made once per pytest run
+and shared with test_export.py); the tests here read it, or copy it before running a script on it.
+The subprocesses share the suite's persistent compilation cache (conftest).
 """
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
-import os
-import random
 import re
-import signal
-import subprocess
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -23,12 +18,11 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import TINY_PROJECT, copy_results, run_script, script_folder, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 600
-# The three end-to-end tests share one train/project/retrain sequence, the slowest part of the suite
-# (most of it project.py drawing the overlay panels). Deselect them with -m "not slow".
+# The end-to-end tests: the tiny run, a rerun of train.py on a copy of it, a diverged run (the kills:
+# test_kills.py). Deselect them with -m "not slow".
 slow = pytest.mark.slow
 
 
@@ -53,10 +47,7 @@ def _main(script: str, argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def _folder(out: str, label: str) -> Path:
-    m = re.search(rf"^{label}: (.+?)(?: \(.*\))?$", out, flags=re.M)
-    assert m, f"no '{label}:' line in the output:\n{out}"
-    return Path(m.group(1).strip())
+_folder = script_folder  # conftest: the folder a script printed on its "<label>: <path>" line
 
 
 def _snapshot(folder: Path) -> dict[str, int]:
@@ -66,29 +57,25 @@ def _snapshot(folder: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory, env):
+def e2e(tmp_path_factory, env, tiny_run):
+    """The suite's tiny run (conftest: train.py, then project.py), and train.py run again on a copy of it
+    with only the test-time tiling changed (the same run: resumed, thresholds fitted again)."""
     tmp = tmp_path_factory.mktemp("e2e")
-    common = ["--category", "brick", "--results", str(tmp / "results"), "--tfds-dir", str(tmp / "tfds"), "--no-progress"]
-    # --holdout 0.02: thresholds from the fewest held-out crops they need (11, not the 8 of 2 %, nor the 40 of
-    # the default 10 %: the calibration projects them with the default 100 steps)
-    train_args = ["train.py", *common, "--size", "32", "--steps", "4", "--batch-size", "4", "--allow-collapse",
-                  "--holdout", "0.02"]
-    train = _run(train_args, env)
-    assert train.returncode == 0, train.stderr[-3000:]
-    run_dir = _folder(train.stdout, "run folder")
+    results, run_dir = copy_results(tiny_run, tmp / "results")
     before = _snapshot(run_dir / "checkpoints"), (run_dir / "train_log.csv").read_text()
-    project = _run(["project.py", *common, "--steps", "2", "--allow-collapse"], env)  # 4 steps: may count as collapsed
-    assert project.returncode == 0, project.stderr[-3000:]
-    nce = _run(["project.py", *common, "--steps", "2", "--allow-collapse", "--map", "nce", "--image-score", "area",
-                "--no-overlays"], env)
-    again = _run(train_args + ["--tile-stride", "32"], env)  # only the test-time tiling differs: same run
-    return dict(tmp=tmp, train=train, project=project, nce=nce, again=again, run_dir=run_dir, before=before)
+    nce_results, _ = copy_results(tiny_run, tmp / "nce")
+    nce = _run(["project.py", *TINY_PROJECT, "--results", str(nce_results), "--tfds-dir", str(tiny_run["tfds"]),
+                "--map", "nce", "--image-score", "area", "--no-overlays"], env)
+    again = _run(tiny_train_args(results, tiny_run["tfds"], "--tile-stride", "32"), env)
+    return dict(tmp=tmp, results=tiny_run["results"], tfds=tiny_run["tfds"], train_out=tiny_run["train_stdout"],
+                project_out=tiny_run["project_stdout"], run_dir=tiny_run["run_dir"], again=again, nce=nce,
+                again_results=results, again_run_dir=run_dir, before=before)
 
 
 @slow
 def test_train_writes_a_run_folder(e2e):
     run_dir = e2e["run_dir"]
-    assert run_dir.is_dir() and run_dir.is_relative_to(e2e["tmp"] / "results")
+    assert run_dir.is_dir() and run_dir.is_relative_to(e2e["results"])
     assert (run_dir / "checkpoints").is_dir()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["size"] == 32 and config["model"]["channels"] == 1 and config["steps"] == 4
@@ -98,7 +85,7 @@ def test_train_writes_a_run_folder(e2e):
 
 @slow
 def test_project_writes_metrics_maps_and_overlays(e2e):
-    out_dir = _folder(e2e["project"].stdout, "output folder")
+    out_dir = _folder(e2e["project_out"], "output folder")
     assert out_dir.is_dir() and out_dir.is_relative_to(e2e["run_dir"])
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for row in ("recon", "grad"):
@@ -143,7 +130,7 @@ def test_project_with_the_normal_calibrated_map(e2e):
 def test_rerunning_train_resumes_the_finished_run(e2e):
     again = e2e["again"]
     assert again.returncode == 0, again.stderr[-3000:]
-    run_dir = e2e["run_dir"]
+    run_dir = e2e["again_run_dir"]
     assert _folder(again.stdout, "run folder") == run_dir
     ckpt_before, log_before = e2e["before"]
     assert _snapshot(run_dir / "checkpoints") == ckpt_before, "no step was retrained: no checkpoint rewritten"
@@ -158,7 +145,7 @@ def test_rerunning_train_resumes_the_finished_run(e2e):
 def test_train_reports_a_diverged_run_as_an_error(e2e, env, tmp_path):
     """train.py reports a divergence as an error that says what to change (status 1), not a traceback."""
     r = _run(["train.py", "--category", "brick", "--results", str(tmp_path / "results"), "--tfds-dir",
-              str(e2e["tmp"] / "tfds"), "--no-progress", "--size", "32", "--steps", "3", "--batch-size", "4",
+              str(e2e["tfds"]), "--no-progress", "--size", "32", "--steps", "3", "--batch-size", "4",
               "--lr", "1e4"], env)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "error: training diverged at step 3" in r.stderr and "lower the learning rate" in r.stderr, r.stderr[-3000:]
@@ -192,7 +179,7 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
 
     run_dir = e2e["run_dir"]
     # --- the run folder: results/vae/<dataset>/<category>/v<N>/ and its `latest` link
-    cat_dir = e2e["tmp"] / "results" / "vae" / "textures" / "brick"
+    cat_dir = e2e["results"] / "vae" / "textures" / "brick"
     assert re.fullmatch(r"v\d+", run_dir.name) and run_dir.parent.resolve() == cat_dir.resolve()
     assert (cat_dir / "latest").is_symlink() and (cat_dir / "latest").resolve() == run_dir.resolve()
     config = json.loads((run_dir / "config.json").read_text())
@@ -219,7 +206,7 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
         assert st["vmax"] >= st["pixel_threshold"]
 
     # --- the projection folder <run>/projections/p<N>/
-    out = e2e["project"].stdout
+    out = e2e["project_out"]
     out_dir = _folder(out, "output folder")
     assert out_dir.is_dir() and out_dir.resolve().parent == (run_dir / "projections").resolve()
     result = json.loads((out_dir / "metrics.json").read_text())
@@ -233,11 +220,11 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
         assert k["n_images"] >= 1 and all(0.0 <= k[row]["pixel_auroc"] <= 1.0 for row in ("recon", "grad")), kind
     assert "By defect kind" in (out_dir / "index.html").read_text()
     # F1 "at the stored threshold": the thresholds fitted on the held-out normal images for this projection's
-    # settings, kept in the projection folder (the run's thresholds.json was refitted for the preset's settings
-    # by the re-run of train.py in the fixture)
+    # settings, kept in the projection folder (the run's thresholds.json holds those train.py fitted for the
+    # preset's settings)
     used = json.loads((out_dir / "thresholds.json").read_text())
     assert used["projection"] == json.loads((out_dir / "projection_config.json").read_text())
-    assert used["projection"]["steps"] == 2 and used["source"] == "held-out normal training images"
+    assert used["projection"]["steps"] == 3 and used["source"] == "held-out normal training images"
     for row in ("recon", "grad"):
         assert used[row]["n_images"] + used[row]["n_excluded"] == len(holdout["ids"])
         assert used[row]["pixel_quantile"] == 0.995
@@ -254,7 +241,7 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
     n = len(ids)
     assert n > 0 and grad.shape == recon.shape == (n, 32, 32)
     assert grad.dtype.kind == recon.dtype.kind == "f" and np.isfinite(grad).all() and np.isfinite(recon).all()
-    assert energies.shape == (n, 2) and np.isfinite(energies).all()
+    assert energies.shape == (n, 3) and np.isfinite(energies).all()  # one energy per step
 
     with open(out_dir / "scores.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -468,11 +455,11 @@ def test_seeds_reads_scored_runs_and_does_not_rerun_them(e2e, tmp_path, capsys):
     that projection's metrics.json."""
     seeds = _load(ROOT / "tools" / "seeds.py")
     for s in (0, 3):
-        (tmp_path / f"seed{s}").symlink_to(e2e["tmp"] / "results", target_is_directory=True)
+        (tmp_path / f"seed{s}").symlink_to(e2e["results"], target_is_directory=True)
     before = _snapshot(e2e["run_dir"])
     assert seeds.main(["--category", "brick", "--seeds", "0", "3", "--results", str(tmp_path)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    out_dir = _folder(e2e["project"].stdout, "output folder")
+    out_dir = _folder(e2e["project_out"], "output folder")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert [r["seed"] for r in lines[:2]] == [0, 3]
     assert Path(lines[0]["metrics"]).resolve() == (out_dir / "metrics.json").resolve()
@@ -480,166 +467,3 @@ def test_seeds_reads_scored_runs_and_does_not_rerun_them(e2e, tmp_path, capsys):
     assert lines[0]["margin_pixel_auroc"] == margin
     assert lines[2]["margin_pixel_auroc"] == {"mean": margin, "std": 0.0, "min": margin, "max": margin}
     assert _snapshot(e2e["run_dir"]) == before
-
-
-# --- killed at random points: a complete result or none -----------------------------------------
-
-KILL_SEED = 11
-
-
-def _kill_after(args: list[str], env: dict, seconds: float | None = None, *, when=None) -> int | None:
-    """Start a script and SIGKILL it (its whole process group) `seconds` after its start, or as soon as
-    `when()` holds (polled every 5 ms); its exit status, None when it was killed (a script that ends
-    first is left alone)."""
-    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + (seconds if seconds is not None else TIMEOUT)
-    while p.poll() is None and time.monotonic() < deadline and not (when is not None and when()):
-        time.sleep(0.005)
-    if p.poll() is not None:
-        return p.returncode
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=TIMEOUT)
-    return None
-
-
-def _kill_points(duration: float, n: int = 3) -> list[float]:
-    """n moments spread over a run of `duration` seconds: one drawn (seeded) in each n-th of it, after the
-    first 5 % (so that the later ones land in the long work, not only in the interpreter's start)."""
-    rng = random.Random(KILL_SEED)
-    return [duration * (0.05 + 0.93 * (i + rng.random()) / n) for i in range(n)]
-
-
-def _strict_json(path: Path):
-    return json.loads(path.read_text(), parse_constant=lambda t: (_ for _ in ()).throw(ValueError(t)))
-
-
-def _check_runs(cat_dir: Path, steps: int) -> None:
-    """Whatever a killed train.py left under a category: every file under its final name is whole (its JSON
-    parses, strictly; the log parses), `latest` names a run folder, and a run with training.json has
-    finished (a checkpoint of the last step; its thresholds, if any, above 0)."""
-    from iepjax import checkpointing, runs
-    from iepjax.training import LOG_COLUMNS
-
-    if (cat_dir / "latest").is_symlink():
-        assert (cat_dir / "latest").resolve().is_dir()
-    for n in runs.versions(cat_dir):
-        run = cat_dir / f"v{n}"
-        for f in run.glob("*.json"):
-            _strict_json(f)
-        if (run / "train_log.csv").exists():
-            with open(run / "train_log.csv", newline="") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-            assert tuple(reader.fieldnames) == LOG_COLUMNS and all(float(r["step"]) > 0 for r in rows)
-        if (run / "training.json").exists():
-            assert checkpointing.complete_steps(run / "checkpoints")[-1] == steps
-        if (run / "thresholds.json").exists():
-            t = _strict_json(run / "thresholds.json")
-            assert all(t[row]["pixel_threshold"] > 0 and t[row]["image_threshold"] > 0 for row in ("grad", "recon"))
-
-
-PROJECTION_FILES = ("metrics.json", "thresholds.json", "projection_config.json", "timing.json", "maps.npz",
-                    "scores.csv", "index.html", "energy.png", "roc.png", "trajectory.png")
-
-
-def _check_projections(parent: Path) -> list[Path]:
-    """Every v<N> under a run's projections/ is complete (every file there, each parses) and `latest`
-    names one of them; returns them."""
-    from iepjax import runs
-
-    done = [parent / f"v{n}" for n in runs.versions(parent)]
-    for out in done:
-        assert sorted(p.name for p in out.iterdir()) == sorted(PROJECTION_FILES + ("anomaly_maps",)), out
-        for name in PROJECTION_FILES:
-            if name.endswith(".json"):
-                _strict_json(out / name)
-        with np.load(out / "maps.npz") as z:
-            n = len(z["ids"])
-            assert z["grad"].shape[0] == n > 0
-        assert len((out / "scores.csv").read_text().splitlines()) == n + 1
-        for name in ("energy.png", "roc.png", "trajectory.png"):
-            _decode_png(out / name)
-        tiffs = sorted((out / "anomaly_maps").rglob("*.tiff"))
-        assert len(tiffs) == 2 * n and all(p.stat().st_size > 0 for p in tiffs)
-    if (parent / "latest").is_symlink():
-        assert (parent / "latest").resolve() in {p.resolve() for p in done}
-    return done
-
-
-@slow
-def test_train_and_project_killed_at_random_points_leave_a_complete_result_or_none(e2e, env, tmp_path):
-    """SIGKILL at three seeded moments spread over a run of train.py (its duration measured from an
-    uninterrupted run), and of project.py, plus once while project.py writes its output folder: what
-    each wrote is complete or absent; a rerun then completes (train.py resumes its run folder and
-    trains the uninterrupted run's model, project.py writes a new complete folder and removes the
-    leftover).
-
-    Before, a kill during project.py left 0-byte TIFFs, an early metrics.json or a `latest` link to an
-    incomplete folder.
-    """
-    import shutil
-
-    from iepjax import atomic, checkpointing, training
-
-    tfds = str(e2e["tmp"] / "tfds")  # prepared by the fixture: the kills land in the scripts' own work
-
-    def train(results: Path) -> list[str]:
-        return ["train.py", "--category", "brick", "--tfds-dir", tfds, "--results", str(results), "--no-progress",
-                "--size", "32", "--steps", "4", "--batch-size", "4", "--allow-collapse", "--holdout", "0.02"]
-
-    def project(results: Path) -> list[str]:
-        return ["project.py", "--category", "brick", "--tfds-dir", tfds, "--results", str(results), "--no-progress",
-                "--steps", "2", "--allow-collapse", "--no-overlays"]
-
-    t0 = time.monotonic()
-    ref = _run(train(tmp_path / "ref"), env)
-    duration = time.monotonic() - t0
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    results = tmp_path / "killed"
-    cat = results / "vae" / "textures" / "brick"
-    for at in _kill_points(duration):
-        _kill_after(train(results), env, at)
-        _check_runs(cat, 4)
-    again = _run(train(results), env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    run = _folder(again.stdout, "run folder")
-    assert run == cat / "v0" and _runs_in(cat) == ["v0"]  # the killed runs' folder, resumed
-    _check_runs(cat, 4)
-    assert (run / "training.json").exists() and (run / "thresholds.json").exists()
-    assert not checkpointing.stale_tmp(run / "checkpoints")
-    ref_run = _folder(ref.stdout, "run folder")
-    assert (run / "train_log.csv").read_text() == (ref_run / "train_log.csv").read_text()
-    import jax
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(training.load_params(run)[0]),
-                                                    jax.tree.leaves(training.load_params(ref_run)[0])))
-
-    shutil.copytree(results, tmp_path / "ref_projection", symlinks=True)
-    t0 = time.monotonic()
-    ref = _run(project(tmp_path / "ref_projection"), env)
-    duration = time.monotonic() - t0
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    parent = run / "projections"
-    for at in _kill_points(duration):
-        _kill_after(project(results), env, at)
-        _check_projections(parent)
-
-    def metrics_written() -> bool:  # the early metrics.json that used to look like a finished projection
-        return parent.is_dir() and any(atomic.is_partial(p.name) and (p / "metrics.json").exists()
-                                       for p in parent.iterdir())
-
-    assert _kill_after(project(results), env, when=metrics_written) is None, "project.py ended before the kill"
-    _check_projections(parent)
-    assert [p for p in parent.iterdir() if atomic.is_partial(p.name)], "its output is a temporary folder, no v<N>"
-    final = _run(project(results), env)
-    assert final.returncode == 0, final.stderr[-3000:]
-    out = _folder(final.stdout, "output folder")
-    assert out in _check_projections(parent) and (parent / "latest").resolve() == out.resolve()
-    assert not [p for p in parent.iterdir() if atomic.is_partial(p.name)], "leftovers removed"
-    assert "incomplete output of an interrupted run" in final.stderr
-
-
-def _runs_in(cat_dir: Path) -> list[str]:
-    """The run folders v<N> of a category, by name."""
-    from iepjax import runs
-    return [f"v{n}" for n in runs.versions(cat_dir)]
