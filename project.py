@@ -1,6 +1,8 @@
 """Localise defects in the test images of a category with its latest trained run.
 
     python project.py --category brick
+    python project.py --category brick --model ae_ssim        # the AE-SSIM run (train.py --model ae_ssim)
+    python project.py --category brick --gradient detached    # f(x) held constant (the ports' ablation)
     python project.py --category brick --steps 50 --alpha 0.5 --lam 0.05
     python project.py --dataset mvtec_ad --category carpet     # official protocol, TIFF maps
     python project.py --data-dir my_images --category widget   # your own labelled folder
@@ -33,6 +35,8 @@ from iepjax.thresholds import ThresholdError, check_held_out
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_flags(p)
+    cli.add_model_flags(p)
+    cli.add_ablation_flags(p)
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
     p.add_argument("--steps", type=cli.nonnegative_int, help="projection steps T")
     p.add_argument("--alpha", type=cli.nonnegative_float, help="step size")
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
     thresholds = cli.threshold_config(a)
     try:
         presets.check(source.dataset, source.category)  # an unknown category is named before a missing run
-        run_dir = runs.find_run(a.results, "vae", source.dataset, source.category, a.run)
+        run_dir = runs.find_run(a.results, a.model, source.dataset, source.category, a.run)
         runs.check_outputs_writable(run_dir, a.out if a.input_dir else None, inference=a.input_dir is not None)
         if a.input_dir is not None:
             list_images(a.input_dir)  # the folder exists
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
     for w in warnings:
         print(w, file=sys.stderr)
     config = dataclasses.replace(cli.override(config, steps=a.steps, alpha=a.alpha, lam=a.lam, smoothing_sigma=a.sigma),
-                                 weighting=not a.no_weighting, use_kl=not a.no_kl, backtrack=not a.no_backtrack)
+                                 weighting=not a.no_weighting, use_kl=not a.no_kl, backtrack=not a.no_backtrack,
+                                 gradient=a.gradient or config.gradient)
     relative = None
     if a.hold is not None or a.step is not None:
         if a.input_dir is not None:
