@@ -253,3 +253,18 @@ def test_project_fn_compiles_one_scan_for_each_model(gradient):
         assert res.x_T.shape == x.shape and np.isfinite(np.asarray(res.energies)).all()
         projection.project_fn(_params(model), x, cfg)  # the same program again: no new compile
     assert projection._project_batch._cache_size() - n0 == len(MODELS)
+
+
+def test_presets_give_each_model_the_same_architecture_and_its_own_projection_scale():
+    from iepjax import presets
+    from iepjax.presets import LIKELIHOOD_PROJECTION
+
+    vae = presets.train_config("textures", "brick")
+    assert presets.train_config("textures", "brick", model="vae") == vae  # the VAE's config unchanged
+    for model, loss in (("ae_l2", "l2"), ("ae_ssim", "ssim")):
+        t = presets.train_config("textures", "brick", model=model)
+        assert t.model == dataclasses.replace(vae.model, likelihood=loss, use_kl=False)
+        assert dataclasses.replace(t, model=vae.model) == vae  # same steps, batch, lr, augmentation
+        p = presets.projection_config("textures", "brick", loss)
+        assert (p.alpha, p.lam) == (LIKELIHOOD_PROJECTION[loss]["alpha"], LIKELIHOOD_PROJECTION[loss]["lam"])
+        assert p.gradient == "full"
