@@ -101,9 +101,11 @@ def run_cell(plan: Plan, name: str, source: DataConfig, thresholds: ThresholdCon
             print(f"{plan.category} {plan.model} {name}: measured before, read from {cell}", file=sys.stderr)
             return stored["row"]
     mesh = sharding.make_mesh(divides=plan.train.batch_size)
-    run_dir, summary = train_run(plan.train, plan.prep, source, holdout=th.holdout, results=results,
+    # trained with the paper's threshold settings whatever the variant: the held-out share depends on
+    # them (`thresholds.min_held_out`), and every variant must project the same trained model
+    run_dir, summary = train_run(plan.train, plan.prep, source, holdout=thresholds.holdout, results=results,
                                  progress=progress, mesh=mesh,
-                                 min_held_out=min_held_out(th) if th.holdout > 0 else 1)
+                                 min_held_out=min_held_out(thresholds) if thresholds.holdout > 0 else 1)
     if name == "no_weighting":
         config = dataclasses.replace(config, alpha=_unweighted_alpha(run_dir, source, config, Preprocess.load(run_dir)))
     proj_dir, res = project_run(run_dir, source, config, th, batch_size=batch_size, overlays=overlays,
