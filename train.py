@@ -75,8 +75,9 @@ def main(argv=None) -> int:
         print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
               "predictor's, ratio >= 0.97). "
               + ("Try --likelihood gaussian, " if out.summary.config.model.likelihood == "bce" else "Try ")
-              + "--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, more --steps, "
-              "another --lr or --seed; see docs/calibration.md.", file=sys.stderr)
+              + ("--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, "
+                 if a.model == "vae" else "") + "more --steps, another --lr or --seed; see docs/calibration.md.",
+              file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {out.run_dir}")
             return cli.EXIT_COLLAPSED
