@@ -86,7 +86,7 @@ def ssim_map(a_HxWxC: jax.Array, b_HxWxC: jax.Array) -> jax.Array:
     pixels at the borders, as scikit-image's `structural_similarity(..., full=True)` does (its
     "reflect" mode), so the map has the image's size. Per channel.
     """
-    import dm_pix  # here, not at import: only the AE-SSIM model needs it (a quarter second to import)
+    import dm_pix  # here, not at module import: only the AE-SSIM model needs it
 
     return dm_pix.ssim(a_HxWxC, b_HxWxC, max_val=1.0, filter_size=SSIM_WINDOW, filter_sigma=SSIM_SIGMA,
                        k1=SSIM_K1, k2=SSIM_K2, return_map=True, filter_fn=_ssim_filter)
