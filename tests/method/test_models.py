@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from iepjax import ProjectionConfig, energy, projection
+from iepjax import ProjectionConfig, projection
 from iepjax import losses
 from iepjax.anomaly_maps import recon_map
 from iepjax.config import MODELS, ModelConfig, TrainConfig, model_config
-from iepjax.energy import reconstruct
+from iepjax.energy import energy, reconstruct
 from iepjax.model import VAE, init_params
 from iepjax.training_step import batch_loss, image_loss
 
