@@ -1,6 +1,8 @@
 """Localise defects in the test images of a category with its latest trained run.
 
     python project.py --category brick
+    python project.py --category brick --model ae_ssim        # the AE-SSIM run (train.py --model ae_ssim)
+    python project.py --category brick --gradient detached    # f(x) held constant (the ports' ablation)
     python project.py --category brick --steps 50 --alpha 0.5 --lam 0.05
     python project.py --dataset mvtec_ad --category carpet     # official protocol, TIFF maps
     python project.py --data-dir my_images --category widget   # your own labelled folder
@@ -31,6 +33,8 @@ from iepjax.thresholds import ThresholdError
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_flags(p)
+    cli.add_model_flags(p)
+    cli.add_ablation_flags(p)
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
     cli.add_projection_flags(p)
     cli.add_threshold_flags(p)
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     thresholds = cli.threshold_config(a)
     try:
-        run_dir, config, warnings = open_run(a.results, "vae", source, a.run, thresholds, allow_collapse=a.allow_collapse,
+        run_dir, config, warnings = open_run(a.results, a.model, source, a.run, thresholds, allow_collapse=a.allow_collapse,
                                              input_dir=a.input_dir, out=a.out, overwrite=a.overwrite)
     except runs.CollapsedRun as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,12 @@
-"""Train the method's VAE on the normal images of one category.
+"""Train the method's VAE (or the paper's AE baselines) on the normal images of one category.
 
-    python train.py --category brick            # built-in textures data, 128x128
+    python train.py --category brick            # built-in textures data, the VAE
+    python train.py --category brick --model ae_ssim   # the AE with the SSIM loss (or ae_l2)
     python train.py --category brick --steps 50 --batch-size 8   # a quick try
     python train.py --dataset mvtec_ad --category carpet --manual-dir ~/mvtec_anomaly_detection
     python train.py --data-dir my_images --category widget     # my_images/widget/train/good/*.png
 
-Prints the run folder (results/vae/<dataset>/<category>/v<N>/); rerunning resumes it. The
+Prints the run folder (results/<model>/<dataset>/<category>/v<N>/); rerunning resumes it. The
 thresholds project.py uses by default are fitted on held-out normal images and stored there.
 """
 import argparse
@@ -20,6 +21,7 @@ from iepjax.pipelines import train_category
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_flags(p)
+    cli.add_model_flags(p)
     p.add_argument("--steps", type=cli.positive_int, help="optimiser steps (default: the category preset)")
     p.add_argument("--batch-size", type=cli.positive_int, help="images per step")
     p.add_argument("--lr", type=cli.positive_float, help="Adam learning rate (paper: 2e-4)")
@@ -51,7 +53,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         source = cli.data_config(a)
-        config = presets.train_config(source.dataset, source.category, size=a.size, kind=a.kind)
+        if a.model != "vae" and (a.likelihood or a.free_bits or a.kl_warmup):
+            raise ValueError(f"--model {a.model} is a deterministic AE with its own loss: --likelihood, --free-bits and "
+                             "--kl-warmup are the VAE's")
+        config = presets.train_config(source.dataset, source.category, size=a.size, kind=a.kind, model=a.model)
         config = cli.override(config, model=cli.override(config.model, likelihood=a.likelihood, decoder=a.decoder),
                               steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
                               free_bits=a.free_bits, kl_warmup=a.kl_warmup)
@@ -70,8 +75,9 @@ def main(argv=None) -> int:
         print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
               "predictor's, ratio >= 0.97). "
               + ("Try --likelihood gaussian, " if out.summary.config.model.likelihood == "bce" else "Try ")
-              + "--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, more --steps, "
-              "another --lr or --seed; see docs/calibration.md.", file=sys.stderr)
+              + ("--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, "
+                 if a.model == "vae" else "") + "more --steps, another --lr or --seed; see docs/calibration.md.",
+              file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {out.run_dir}")
             return cli.EXIT_COLLAPSED

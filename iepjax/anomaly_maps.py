@@ -1,8 +1,11 @@
 """Anomaly maps: per-pixel scores from a projection or a reconstruction (docs/method.md, Anomaly maps).
 
-grad map:  A(x0) = mean_c |x_T - x0|        (paper, Sec. 3: the difference the projection made)
-recon map: A(x0) = mean_c |x0 - f(x0)|      (the plain autoencoder baseline, paper Table 1 "VAE")
-both optionally smoothed by a Gaussian of std `sigma` pixels.
+grad map:  A(x0) = mean_c |x_T - x0|        (paper, Sec. 3: the difference the projection made; every "-grad" row)
+recon map, the plain row of each model (paper Table 1):
+    VAE:     A(x0) = mean_c |x0 - f(x0)|
+    AE-L2:   A(x0) = mean_c (x0 - f(x0))^2   (per-pixel squared error)
+    AE-SSIM: A(x0) = mean_c (1 - SSIM(x0, f(x0)))   (Bergmann et al. 2018's residual map)
+all optionally smoothed by a Gaussian of std `sigma` pixels.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 
 from iepjax.config import ProjectionConfig
 from iepjax.energy import reconstruct
+from iepjax.losses import ssim_map
 
 
 def gaussian_kernel(sigma: float) -> jax.Array:
@@ -40,6 +44,21 @@ def difference_map(a_HxWxC: jax.Array, b_HxWxC: jax.Array, sigma: float = 0.0) -
     return gaussian_smooth(jnp.mean(jnp.abs(a_HxWxC - b_HxWxC), axis=-1), sigma)
 
 
+def residual_map(x0_HxWxC: jax.Array, f_HxWxC: jax.Array, likelihood: str, sigma: float = 0.0) -> jax.Array:
+    """The plain row's map of one image from x0 and f(x0), (H, W, C) x 2 -> (H, W), smoothed by `sigma`:
+    squared error for AE-L2 ("l2"), 1 - SSIM for AE-SSIM ("ssim"), |x0 - f| for the VAE (any other),
+    each a mean over channels (module docstring)."""
+    if likelihood == "l2":
+        m = jnp.mean(jnp.square(x0_HxWxC - f_HxWxC), axis=-1)
+    elif likelihood == "ssim":
+        m = jnp.mean(1.0 - ssim_map(x0_HxWxC, f_HxWxC), axis=-1)
+    else:
+        m = jnp.mean(jnp.abs(x0_HxWxC - f_HxWxC), axis=-1)
+    return gaussian_smooth(m, sigma)
+
+
 def recon_map(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -> jax.Array:
-    """The plain-VAE anomaly map mean_c |x0 - f(x0)| of one image (H, W, C) -> (H, W)."""
-    return difference_map(x0_HxWxC, reconstruct(params, x0_HxWxC, config), config.smoothing_sigma)
+    """The plain row's anomaly map of one image (H, W, C) -> (H, W): `residual_map` of x0 and f(x0)
+    for the model of `config` (VAE: mean_c |x0 - f(x0)|)."""
+    f = reconstruct(params, x0_HxWxC, config)
+    return residual_map(x0_HxWxC, f, config.model.likelihood, config.smoothing_sigma)

@@ -206,6 +206,23 @@ def add_runtime_flags(p: argparse.ArgumentParser, *, multi_process: bool = True)
                    help="call jax.distributed.initialize and let JAX detect what is not given (SLURM, Open MPI, TPU)")
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model: which of the paper's models (vae, ae_l2, ae_ssim): train.py trains it, project.py
+    projects its run (results/<model>/...)."""
+    p.add_argument("--model", default="vae", choices=("vae", "ae_l2", "ae_ssim"),
+                   help="vae (the method's model), ae_l2 (deterministic AE, summed squared error) or ae_ssim "
+                        "(deterministic AE, 1 - SSIM loss); the energy is the model's own loss (default vae)")
+
+
+def add_ablation_flags(p: argparse.ArgumentParser) -> None:
+    """--gradient: the projection's gradient through the network (full, the paper) or with f(x) held
+    constant (detached, as the public ports); the other ablations (--no-weighting, --no-kl,
+    --no-early-stop) are the scripts' own flags."""
+    p.add_argument("--gradient", choices=("full", "detached"), default=None,
+                   help="full: grad E flows through the encoder and decoder (the paper; default); detached: f(x) held "
+                        "constant, as the public ports (an ablation)")
+
+
 # --------------------------------------------------------------------------- from flags to a library call
 
 
@@ -224,11 +241,12 @@ def data_config(args: argparse.Namespace):
 
 
 def projection_settings(args: argparse.Namespace, config):
-    """(the `ProjectionConfig` `config` with the `add_projection_flags` flags applied, the
+    """(the `ProjectionConfig` `config` with the `add_projection_flags` flags (and --gradient) applied, the
     `loss_scale.RelativeSettings` of --hold / --step or None when neither was given)."""
     config = dataclasses.replace(
         override(config, steps=args.steps, alpha=args.alpha, lam=args.lam, smoothing_sigma=args.sigma),
-        weighting=not args.no_weighting, use_kl=not args.no_kl, backtrack=not args.no_backtrack)
+        weighting=not args.no_weighting, use_kl=not args.no_kl, backtrack=not args.no_backtrack,
+        gradient=getattr(args, "gradient", None) or config.gradient)
     if args.hold is None and args.step is None:
         return config, None
     from iepjax.loss_scale import RelativeSettings

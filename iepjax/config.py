@@ -5,11 +5,18 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-Likelihood = Literal["bce", "gaussian"]
+Likelihood = Literal["bce", "gaussian", "l2", "ssim"]
 Decoder = Literal["upsample", "transposed"]
+Gradient = Literal["full", "detached"]
 
-LIKELIHOODS: tuple[str, ...] = ("bce", "gaussian")
+LIKELIHOODS: tuple[str, ...] = ("bce", "gaussian", "l2", "ssim")
 DECODERS: tuple[str, ...] = ("upsample", "transposed")
+GRADIENTS: tuple[str, ...] = ("full", "detached")
+
+# The paper's three models (docs/method.md, Models): the name of each, the loss that makes it, and
+# whether it is a VAE. The AEs' losses are not likelihoods of a VAE: their models are deterministic.
+MODELS: tuple[str, ...] = ("vae", "ae_l2", "ae_ssim")
+AE_LOSSES: dict[str, str] = {"ae_l2": "l2", "ae_ssim": "ssim"}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -37,7 +44,9 @@ class ModelConfig:
         "transposed" (transposed convs, Bergmann et al. 2018).
       likelihood: reconstruction term L_r: "bce" (Bernoulli, summed binary cross-entropy, the
         public port's) or "gaussian" (Gaussian decoder with one learned variance gamma^2,
-        Dai & Wipf 2019).
+        Dai & Wipf 2019) for the VAE; "l2" (summed squared error) or "ssim" (summed 1 - SSIM
+        map, Bergmann et al. 2018) make the model a deterministic autoencoder (`model_name`
+        "ae_l2" / "ae_ssim"), which needs use_kl False.
       use_kl: whether the model's loss includes KL(q(z|x) || N(0, I)) (a VAE); False gives a
         deterministic AE on the posterior mean.
     """
@@ -56,6 +65,30 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.channels={self.channels}: must be 1 (gray) or 3 (RGB)")
         _check_choice("ModelConfig.decoder", self.decoder, DECODERS)
         _check_choice("ModelConfig.likelihood", self.likelihood, LIKELIHOODS)
+        if self.likelihood in AE_LOSSES.values() and self.use_kl:
+            raise ValueError(f"ModelConfig.likelihood={self.likelihood!r} is a deterministic autoencoder's loss: "
+                             "it needs use_kl=False (`model_config` builds it)")
+
+    @property
+    def model_name(self) -> str:
+        """"vae", "ae_l2" or "ae_ssim": the paper's name of the model (its run folder results/<model_name>/)."""
+        return {loss: name for name, loss in AE_LOSSES.items()}.get(self.likelihood, "vae")
+
+    @property
+    def deterministic(self) -> bool:
+        """True for the AEs: no posterior variance, no sampling, no KL (the VAE's logvar head is absent)."""
+        return self.likelihood in AE_LOSSES.values()
+
+
+def model_config(model: str, base: ModelConfig = ModelConfig()) -> ModelConfig:
+    """The ModelConfig of the paper's `model` ("vae", "ae_l2" or "ae_ssim") with `base`'s architecture.
+
+    "vae" returns `base` unchanged (its likelihood and KL as given); an AE gets its loss and no KL.
+    """
+    _check_choice("model", model, MODELS)
+    if model == "vae":
+        return base
+    return dataclasses.replace(base, likelihood=AE_LOSSES[model], use_kl=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +111,10 @@ class ProjectionConfig:
       weighting: multiply the gradient by (x - f(x))^2 (the paper); False = plain gradient step
         (the paper's ablation).
       use_kl: include the KL term in L_r during projection (only meaningful for a VAE).
+      gradient: "full" (the paper): grad_x E flows through the encoder and the decoder, f depends
+        on x; "detached" (the public ports): the network's outputs f(x) (and the posterior) are
+        held constant while differentiating, so grad_x L_r is the loss's derivative in its first
+        argument only (an ablation; docs/method.md, Projection).
       smoothing_sigma: std of the Gaussian smoothing of the anomaly map in pixels (0 = none).
       backtrack: a safeguard, not in the paper: when an image's energy rose at a step (E(x_t) >
         E(x_{t-1}): the step was too long), x_t is discarded and the step from x_{t-1} retaken
@@ -100,8 +137,10 @@ class ProjectionConfig:
     smoothing_sigma: float = 1.0
     backtrack: bool = True
     stop_loss: float | None = None
+    gradient: Gradient = "full"
 
     def __post_init__(self) -> None:
+        _check_choice("ProjectionConfig.gradient", self.gradient, GRADIENTS)
         if self.steps < 0:
             raise ValueError(f"ProjectionConfig.steps={self.steps}: must be >= 0")
         if self.alpha < 0 or self.lam < 0 or self.smoothing_sigma < 0:

@@ -2,7 +2,9 @@
 
 E(x) = L_r(x) + lam * ||x - x0||_1, where L_r is the trained model's own loss of x evaluated with
 the posterior mean (no sampling), so E is deterministic and its gradient flows through the
-encoder and the decoder.
+encoder and the decoder. The same code serves every model (VAE, AE-L2, AE-SSIM): only L_r, the
+model's training loss (`losses.model_loss`), differs. With `ProjectionConfig.gradient`
+"detached" the network's outputs are held constant while differentiating (the ports' ablation).
 """
 from __future__ import annotations
 
@@ -35,12 +37,17 @@ def energy(params: dict, x_HxWxC: jax.Array, x0_HxWxC: jax.Array,
            config: ProjectionConfig) -> tuple[jax.Array, EnergyAux]:
     """E(x) = L_r(x) + lam ||x - x0||_1 for one image (H, W, C); returns (E, aux).
 
-    L_r is `losses.model_loss` (the training loss: BCE or Gaussian NLL, summed, plus KL when
-    `config.use_kl`) at the posterior mean. Differentiate with `jax.grad(energy, argnums=1,
-    has_aux=True)`.
+    L_r is `losses.model_loss` (the training loss: BCE or Gaussian NLL plus KL when
+    `config.use_kl` for the VAE, summed squared error or summed 1 - SSIM for the AEs) at the
+    posterior mean. With `config.gradient` "detached", f(x) and the posterior are constants for
+    differentiation (`jax.lax.stop_gradient`): grad_x L_r is then dL_r(x, f)/dx at fixed f, and
+    the KL term (a function of the encoder's output only) contributes nothing. The value of E is
+    the same either way. Differentiate with `jax.grad(energy, argnums=1, has_aux=True)`.
     """
     vae = VAE(config.model)
     out = vae.apply(params, x_HxWxC[None])
+    if config.gradient == "detached":  # the public ports: no gradient through the network
+        out = jax.lax.stop_gradient(out)
     log_gamma = vae.apply(params, method=VAE.gamma_log)
     terms = model_loss(out.logits[0], x_HxWxC, out.posterior.mu[0], out.posterior.logvar[0],
                        log_gamma, config.model, use_kl=config.use_kl)

@@ -157,6 +157,9 @@ class Output(NamedTuple):
 class Encoder(nn.Module):
     """x (B, H, W, C) in [0, 1] -> q(z|x): eight convs, a (H/16)x(H/16) 'valid' conv to 1x1, dense mu, logvar.
 
+    For a deterministic AE (`ModelConfig.deterministic`) there is no logvar layer: the code is mu,
+    returned with logvar 0 (never sampled: the AE's loss has no KL and training draws no z).
+
     `conv`: the convolutions' implementation, as `VAE.conv`.
     """
 
@@ -171,9 +174,12 @@ class Encoder(nn.Module):
             h = _act(_conv(impl, features, kernel, stride)(h))
         h = _conv(impl, self.config.latent, self.config.size // 16, padding="VALID")(h)
         h = h.reshape(h.shape[0], -1)
+        mu = nn.Dense(self.config.latent, name="mu")(h)
+        if self.config.deterministic:  # an AE (ModelConfig.model_name "ae_l2" / "ae_ssim"): the code is mu, no variance
+            return Posterior(mu, jnp.zeros_like(mu))
         logvar = nn.Dense(self.config.latent, name="logvar")(h)
         # Bounded so exp(logvar) can neither overflow nor vanish (a NaN guard; q stays Gaussian).
-        return Posterior(nn.Dense(self.config.latent, name="mu")(h), jnp.clip(logvar, -15.0, 8.0))
+        return Posterior(mu, jnp.clip(logvar, -15.0, 8.0))
 
 
 class Decoder(nn.Module):
@@ -220,6 +226,10 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """The method's VAE; `__call__` decodes the posterior mean, or a sample when `key` is given.
 
+    The same module is the paper's deterministic autoencoders (AE-L2, AE-SSIM) when
+    `config.deterministic`: the same encoder and decoder without the logvar head; `key` is then
+    ignored (z = mu).
+
     Shapes: x (B, size, size, channels) in [0, 1] -> Output(logits (B, size, size, channels),
     Posterior(mu, logvar) each (B, latent)). With a Gaussian likelihood the module also owns
     the scalar parameter `log_gamma` (log of the decoder's standard deviation, Dai & Wipf 2019).
@@ -256,7 +266,7 @@ class VAE(nn.Module):
     def __call__(self, x_BxHxWxC: jax.Array, key: jax.Array | None = None) -> Output:
         post = self.encode(x_BxHxWxC)
         z = post.mu
-        if key is not None:  # reparameterisation trick (training only)
+        if key is not None and not self.config.deterministic:  # reparameterisation trick (training only)
             eps = jax.random.normal(key, post.mu.shape, post.mu.dtype)
             z = post.mu + jnp.exp(0.5 * post.logvar) * eps
         return Output(self.decode(z), post)

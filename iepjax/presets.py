@@ -10,7 +10,7 @@ docs/calibration.md.
 """
 from __future__ import annotations
 
-from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig
+from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig, model_config
 from iepjax.data.preprocess import Preprocess
 
 # Built-in textures: 64 px patches, Gaussian likelihood, the projection on its scale (docs/calibration.md).
@@ -42,8 +42,11 @@ for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
 # Own folders: an MVTec AD category's name gets its row, any other the object row (docs/calibration.md).
 FOLDER_DEFAULT = dict(_MVTEC_OBJECT, channels=3)
 
-# alpha and lam for a model trained with another likelihood: the public ports' BCE values (docs/calibration.md).
-LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05)}
+# alpha and lam for a model trained with another loss than the preset's (docs/calibration.md): the
+# public ports' BCE values; for the AEs, values chosen on the calibration split (data seed 1).
+LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05),
+                         "l2": dict(alpha=10.4, lam=0.033),
+                         "ssim": dict(alpha=0.142, lam=3.48)}
 
 
 def _row(dataset: str, category: str) -> dict:
@@ -62,12 +65,15 @@ def check(dataset: str, category: str) -> None:
     _row(dataset, category)
 
 
-def train_config(dataset: str, category: str, *, size: int | None = None, kind: str | None = None) -> TrainConfig:
-    """The category's training settings; `size` (model input) and `kind` ("texture": augmented
+def train_config(dataset: str, category: str, *, size: int | None = None, kind: str | None = None,
+                 model: str = "vae") -> TrainConfig:
+    """The category's training settings for the paper's `model` ("vae", "ae_l2", "ae_ssim": the same
+    architecture, `config.model_config`); `size` (model input) and `kind` ("texture": augmented
     with flips and rotations, "object": not) override the preset's."""
     pre = _row(dataset, category)
-    model = ModelConfig(size=size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
-                        decoder=pre["decoder"])
+    arch = ModelConfig(size=size or pre["size"], channels=pre["channels"], likelihood=pre["likelihood"],
+                       decoder=pre["decoder"])
+    model = model_config(model, arch)
     return TrainConfig(model=model, steps=pre["train_steps"], batch_size=pre["batch_size"],
                        learning_rate=pre["learning_rate"], free_bits=pre.get("free_bits", 0.0),
                        kl_warmup=pre.get("kl_warmup", 0),

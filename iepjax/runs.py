@@ -218,7 +218,8 @@ def find_run(root: str | os.PathLike, model: str, dataset: str, category: str, r
     """The run folder to use: `run` (a path or a v<N> name) or the latest; a clear error if missing.
 
     Errors (one message each, saying what to do): no such run (FileNotFoundError); a run trained
-    on another dataset or category (ValueError: its model does not fit this data); a run with no
+    on another dataset or category (ValueError: its model does not fit this data); a run of another
+    model than `model` ("vae", "ae_l2", "ae_ssim"; ValueError, `check_run_model`); a run with no
     complete checkpoint yet, being trained now or stopped before its first checkpoint
     (FileNotFoundError).
     """
@@ -239,8 +240,28 @@ def find_run(root: str | os.PathLike, model: str, dataset: str, category: str, r
         if found is None or not found.is_dir():
             raise FileNotFoundError(f"no trained run for {dataset}/{category} under {cat_dir}: "
                                     f"train one first with `python train.py --category {category}`")
+    check_run_model(found, model)
     _check_has_checkpoint(found, category, explicit=bool(run))
     return found
+
+
+def run_model(run_dir: str | os.PathLike) -> str | None:
+    """The paper's name of a run's model ("vae", "ae_l2", "ae_ssim"), from the loss in its config.json;
+    None when the run has no config.json."""
+    from iepjax.config import AE_LOSSES
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    likelihood = model_config(run_dir).get("likelihood")
+    return {loss: name for name, loss in AE_LOSSES.items()}.get(likelihood, "vae")
+
+
+def check_run_model(run_dir: Path, model: str) -> None:
+    """Raise ValueError when the run's config.json says it trained another model than `model`: a run of
+    one model is never read as another (its loss would be the wrong energy, its row the wrong one)."""
+    stored = run_model(run_dir)
+    if stored is not None and stored != model:
+        raise ValueError(f"run {run_dir} is a {stored} run (its config.json's loss), not {model}: pass --model {stored} "
+                         f"to use it, or a run trained with --model {model}")
 
 
 def check_outputs_writable(run_dir: Path, out: str | os.PathLike | None = None, *, inference: bool = False) -> None:

@@ -3,7 +3,7 @@
     pipelines.train      train_category / train_run: data -> run folder -> model -> thresholds (train.py)
     pipelines.project    project_run: thresholds, localisation, scores, outputs of a test split (project.py)
     pipelines.infer      infer_folder: maps and scores of a plain folder of images (project.py --input-dir)
-    pipelines.reproduce  reproduce: the MVTec AD table over categories (reproduce.py)
+    pipelines.reproduce  reproduce: the paper's comparison table (three models, -grad rows) over categories (reproduce.py)
 """
 from iepjax.pipelines.infer import infer_folder
 from iepjax.pipelines.project import project_run

@@ -3,7 +3,7 @@
     run_dir, summary = train_run(TrainConfig, Preprocess, DataConfig)
     outcome = train_category(TrainConfig, Preprocess, ThresholdConfig, DataConfig)   # what train.py does
 
-The run folder is results/vae/<dataset>/<category>/v<N>/ (`iepjax.runs`): config.json,
+The run folder is results/<model>/<dataset>/<category>/v<N>/ (model: vae, ae_l2 or ae_ssim) (`iepjax.runs`): config.json,
 preprocess.json, holdout.json, checkpoints/, train_log.csv, training.json and, after
 `train_category`, thresholds.json (docs/method.md, Training and Thresholds).
 """
@@ -108,7 +108,7 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
               f"{round(n_images * holdout)} (--holdout {holdout}): fitted thresholds need {len(held_idx)} "
               "(docs/method.md, Anomaly maps)", file=sys.stderr)
     held_ids = [split.ids[i] for i in held_idx]
-    cat_dir = runs.category_dir(results, "vae", dataset, category)
+    cat_dir = runs.category_dir(results, config.model.model_name, dataset, category)
     run_dir = None
     if distributed.is_main():
         run_dir = None if new else runs.latest_run(cat_dir)

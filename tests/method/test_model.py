@@ -300,7 +300,7 @@ def test_config_rejects_channels_other_than_1_or_3(channels):
         ModelConfig(channels=channels)
 
 
-@pytest.mark.parametrize("field,value", [("decoder", "deconv"), ("likelihood", "l2")])
+@pytest.mark.parametrize("field,value", [("decoder", "deconv"), ("likelihood", "mse")])
 def test_config_rejects_unknown_choice_listing_the_valid_ones(field, value):
     with pytest.raises(ValueError, match=r"choose one of"):
         ModelConfig(**{field: value})

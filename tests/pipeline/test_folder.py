@@ -35,7 +35,8 @@ def e2e(tmp_path_factory):
     src = fake_tree.make_fake_mvtec(base / "src", n_train=N_TRAIN)
     args = ["--data-dir", str(src), "--categories", ",".join(CATS), "--tfds-dir", str(base / "tfds"),
             "--results", str(base / "results"), "--out", str(base / "table"), "--image-size", "32",
-            "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2", "--no-progress"]
+            "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2", "--no-progress",
+            "--models", "vae"]
     rc = reproduce.main(args)
     return {"rc": rc, "base": base, "src": src, "args": args}
 
@@ -262,7 +263,7 @@ def test_reproduce_with_the_mvtec_builder(e2e, tmp_path):
     rc = reproduce.main(["--manual-dir", str(e2e["src"]), "--categories", "grid", "--tfds-dir", str(tmp_path / "tfds"),
                          "--results", str(b / "results"), "--out", str(tmp_path / "table"), "--image-size", "32",
                          "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2",
-                         "--no-progress", "--no-overlays"])
+                         "--no-progress", "--no-overlays", "--models", "vae"])
     assert rc == 0
     (row,) = _rows(tmp_path / "table" / "results.csv")
     assert row["status"] == "ok" and "/mvtec_ad/grid/" in row["run_dir"]
