@@ -23,6 +23,29 @@ import pytest
 from iepjax import ModelConfig, init_params
 from iepjax.config import TrainConfig
 
+
+def nested_jaxprs(jaxpr):
+    """`jaxpr` and every jaxpr nested in its equations (pjit, scan, cond, custom_* ...), depth first."""
+    from jax.extend import core as jcore
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, jcore.ClosedJaxpr):
+                    yield from nested_jaxprs(item.jaxpr)
+                elif isinstance(item, jcore.Jaxpr):
+                    yield from nested_jaxprs(item)
+
+
+def central_differences(e_fn, x, eps: float, n: int = 3, seed: int = 11):
+    """(v, (e_fn(x + eps v) - e_fn(x - eps v)) / 2 eps) along `n` random unit directions v (float64 checks
+    of an energy's gradient: compare with vdot(grad, v))."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        v = rng.normal(size=x.shape)
+        v /= np.linalg.norm(v)
+        yield v, (float(e_fn(x + eps * v)) - float(e_fn(x - eps * v))) / (2 * eps)
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # The suite's own process keeps one CPU device whatever the machine (the scripts' default is one per
 # core, `cpu_runtime.use_cpu_cores`, which leaves an explicit choice alone); multi-device tests run

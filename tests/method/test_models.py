@@ -9,7 +9,6 @@ import functools
 
 import dm_pix
 import jax
-from jax.extend import core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from iepjax.energy import energy, reconstruct
 from iepjax.model import VAE, init_params
 from iepjax.training_step import batch_loss, image_loss
 
-from conftest import SIZE, pattern_images
+from conftest import SIZE, central_differences, nested_jaxprs, pattern_images
 
 BASE = ModelConfig(size=SIZE, channels=1, likelihood="gaussian", decoder="transposed")
 
@@ -158,11 +157,7 @@ def test_energy_gradient_matches_finite_differences_for_each_model(model):
         e_fn = jax.jit(lambda x: energy(p64, x, x064, cfg)[0])
         g = jax.jit(jax.grad(lambda x: energy(p64, x, x064, cfg)[0]))(x64)
         assert g.dtype == jnp.float64
-        rng = np.random.default_rng(11)
-        for _ in range(3):
-            v = rng.normal(size=x.shape)
-            v /= np.linalg.norm(v)
-            fd = (float(e_fn(x64 + eps * v)) - float(e_fn(x64 - eps * v))) / (2 * eps)
+        for v, fd in central_differences(e_fn, x64, eps):
             np.testing.assert_allclose(float(jnp.vdot(g, v)), fd, rtol=1e-4, atol=1e-7)
 
 
@@ -228,18 +223,6 @@ def test_plain_row_map_of_each_model(model):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def _jaxprs(jaxpr):
-    """`jaxpr` and every jaxpr nested in its equations, depth first."""
-    yield jaxpr
-    for eqn in jaxpr.eqns:
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, jcore.ClosedJaxpr):
-                    yield from _jaxprs(item.jaxpr)
-                elif isinstance(item, jcore.Jaxpr):
-                    yield from _jaxprs(item)
-
-
 @pytest.mark.parametrize("gradient", ["full", "detached"])
 def test_project_fn_compiles_one_scan_for_each_model(gradient):
     x = jnp.asarray(pattern_images(2))
@@ -247,7 +230,7 @@ def test_project_fn_compiles_one_scan_for_each_model(gradient):
     for model in MODELS:
         cfg = ProjectionConfig(model=_cfg(model), steps=3, alpha=1e-3, lam=0.1, gradient=gradient)
         closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=cfg))(_params(model), x)
-        scans = [e for j in _jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == "scan"]
+        scans = [e for j in nested_jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == "scan"]
         assert len(scans) == 1 and scans[0].params["length"] == 3
         res = projection.project_fn(_params(model), x, cfg)
         assert res.x_T.shape == x.shape and np.isfinite(np.asarray(res.energies)).all()

@@ -18,28 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jcore
 
-from conftest import pattern_images
+from conftest import nested_jaxprs, pattern_images
 from iepjax import ProjectionConfig, project_fn, project_image, projection_step, reconstruct
 from iepjax import projection
 from iepjax import presets
 
 
-def _jaxprs(jaxpr):
-    """`jaxpr` and every jaxpr nested in its equations (pjit, scan, cond, custom_* ...), depth first."""
-    yield jaxpr
-    for eqn in jaxpr.eqns:
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, jcore.ClosedJaxpr):
-                    yield from _jaxprs(item.jaxpr)
-                elif isinstance(item, jcore.Jaxpr):
-                    yield from _jaxprs(item)
-
-
 def _eqns(closed, name):
-    return [e for j in _jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == name]
+    return [e for j in nested_jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == name]
 
 
 @pytest.mark.parametrize("steps", [3, 7])
