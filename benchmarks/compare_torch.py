@@ -82,7 +82,8 @@ def _jax_side(a, dec: str, npz: str) -> None:
     import jax
     import numpy as np
 
-    from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
+    from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, reconstruct
+    from iepjax.energy import energy
 
     conv = use_conv(a.conv)
     model = ModelConfig(size=a.size, channels=a.channels, decoder=dec)

@@ -12,7 +12,8 @@ configs of `iepjax.presets`.
     from iepjax import Predictor  # an exported model (export.py): needs jax and numpy only
     Predictor("exported/brick").predict(["part.png"])
 
-The names are imported on first use (PEP 562), so `import iepjax` and `iepjax.Predictor` do not
+The energy of eq. (3) is `iepjax.energy.energy`: the package's name `energy` is its module (a
+submodule's name always is, once imported). The names are imported on first use (PEP 562), so `import iepjax` and `iepjax.Predictor` do not
 import flax, optax, orbax or TensorFlow Datasets; `iepjax.VAE` and the training code do.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ _SOURCES = {
     "DataConfig": "iepjax.config", "ModelConfig": "iepjax.config", "ProjectionConfig": "iepjax.config",
     "ThresholdConfig": "iepjax.config", "TrainConfig": "iepjax.config",
     "VAE": "iepjax.model", "init_params": "iepjax.model",
-    "energy": "iepjax.energy", "reconstruct": "iepjax.energy",
+    "reconstruct": "iepjax.energy",
     "model_loss": "iepjax.losses", "kl_divergence": "iepjax.losses",
     "project_fn": "iepjax.projection", "project_image": "iepjax.projection",
     "projection_step": "iepjax.projection", "descent_direction": "iepjax.projection",
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from iepjax.anomaly_maps import difference_map, gaussian_smooth, recon_map
     from iepjax.config import DataConfig, ModelConfig, ProjectionConfig, ThresholdConfig, TrainConfig
-    from iepjax.energy import energy, reconstruct
+    from iepjax.energy import reconstruct
     from iepjax.losses import kl_divergence, model_loss
     from iepjax.model import VAE, init_params
     from iepjax.predictor import Predictor

@@ -137,3 +137,14 @@ def test_the_check_sees_nested_imports_and_names_the_cycle(tmp_path):
     graph = import_graph(known)
     assert graph["iepjax.a"] == {"iepjax.sub.b": 2} and graph["iepjax.sub.b"] == {"iepjax.a": 2}
     assert cycles(graph) == [["iepjax.a", "iepjax.sub.b", "iepjax.a"]]
+
+
+def test_no_public_name_is_shadowed_by_a_submodule():
+    """A lazily exported name that is also a submodule's name turns into the module once the
+    submodule is imported (the import system sets the package attribute): `from iepjax import X`
+    would then depend on import order."""
+    import iepjax
+    submodules = {name.split(".")[1] for name in modules() if name.count(".") >= 1}
+    assert not set(iepjax.__all__) & submodules, set(iepjax.__all__) & submodules
+    import iepjax.energy  # noqa: F401  (the submodule most like a public name)
+    assert all(not isinstance(getattr(iepjax, n), type(iepjax)) for n in iepjax.__all__)

@@ -151,7 +151,8 @@ def test_torch_reference_agrees_with_iepjax(decoder, likelihood, lam):
     import numpy as np
 
     from conftest import bench_module
-    from iepjax import ModelConfig, ProjectionConfig, energy, init_params, project_fn, reconstruct
+    from iepjax import ModelConfig, ProjectionConfig, init_params, project_fn, reconstruct
+    from iepjax.energy import energy
     ref = bench_module("torch_reference")
     model = ModelConfig(size=32, channels=3, decoder=decoder, likelihood=likelihood)
     cfg = ProjectionConfig(model=model, steps=5, alpha=0.5, lam=lam, backtrack=False)
