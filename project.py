@@ -67,9 +67,7 @@ def main(argv=None) -> int:
         return cli.EXIT_ERROR
     for w in warnings:
         print(w, file=sys.stderr)
-    config, relative = cli.projection_settings(a, config)
-    if relative is not None and a.input_dir is not None:
-        p.error("--hold / --step resolve alpha and lam for a run's test split; with --input-dir give --alpha / --lam")
+    config = cli.projection_settings(a, config)
     mesh = cli.start_runtime(a, projection_steps=config.steps)
     run = dict(batch_size=a.batch_size, overlays=not a.no_overlays, progress=not a.no_progress)
     usage = (ThresholdError, FileNotFoundError, FileExistsError)
@@ -77,8 +75,7 @@ def main(argv=None) -> int:
         status, done = cli.guarded(infer_folder, run_dir, a.input_dir, source, config, thresholds, out=a.out,
                                    overwrite=a.overwrite, usage=usage, **run)
         return status if done is None else cli.report_inference(*done)
-    status, out = cli.guarded(project_run, run_dir, source, config, thresholds, mesh=mesh, usage=usage,
-                              relative=relative, **run)
+    status, out = cli.guarded(project_run, run_dir, source, config, thresholds, mesh=mesh, usage=usage, **run)
     if out is not None and out[0] is not None:  # process 0 reports
         print(report.format_projection(out[1]))
         print(f"output folder: {out[0]}")

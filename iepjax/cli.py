@@ -133,14 +133,16 @@ def add_projection_flags(p: argparse.ArgumentParser) -> None:
     thresholds given instead of fitted (`threshold_config`)."""
     g = p.add_argument_group("projection (default: the category preset's; docs/calibration.md)")
     g.add_argument("--steps", type=nonnegative_int, help="projection steps T")
-    g.add_argument("--alpha", type=nonnegative_float, help="step size")
-    g.add_argument("--lam", type=nonnegative_float, help="weight of the L1 prior ||x - x0||_1")
+    g.add_argument("--alpha", type=nonnegative_float, help="step size as such (instead of --step)")
+    g.add_argument("--lam", type=nonnegative_float, help="weight of the L1 prior ||x - x0||_1 as such (instead of --hold)")
     g.add_argument("--sigma", type=nonnegative_float, help="Gaussian smoothing of the maps, pixels")
     g.add_argument("--hold", type=fraction,
                    help="lam in the model's own units: the fraction of held-out normal pixels the L1 prior keeps "
-                        "at x0 (iepjax.loss_scale; replaces --lam; written to loss_scale.json)")
+                        "at x0 (iepjax.loss_scale; the resolved lam is written to loss_scale.json; default: the "
+                        "preset's)")
     g.add_argument("--step", type=positive_float,
-                   help="alpha in the model's own units: a typical normal pixel's first step (replaces --alpha)")
+                   help="alpha in the model's own units: a typical normal pixel's first step, in intensity units "
+                        "(default: the preset's)")
     g.add_argument("--no-weighting", action="store_true", help="plain gradient step (the paper's ablation)")
     g.add_argument("--no-backtrack", action="store_true",
                    help="no safeguard: keep a step even when it raised the image's energy (the paper's plain loop)")
@@ -241,16 +243,21 @@ def data_config(args: argparse.Namespace):
 
 
 def projection_settings(args: argparse.Namespace, config):
-    """(the `ProjectionConfig` `config` with the `add_projection_flags` flags (and --gradient) applied, the
-    `loss_scale.RelativeSettings` of --hold / --step or None when neither was given)."""
+    """The `ProjectionConfig` `config` with the `add_projection_flags` flags (and --gradient) applied.
+
+    --alpha / --lam give the step size / prior weight as such (the preset's --step / --hold, alpha
+    and lam in the model's own units, no longer apply to it); --step / --hold give them in the
+    model's units, resolved on the run's held-out normal images (`thresholds.load_or_resolve`).
+    """
     config = dataclasses.replace(
         override(config, steps=args.steps, alpha=args.alpha, lam=args.lam, smoothing_sigma=args.sigma),
         weighting=not args.no_weighting, use_kl=not args.no_kl, backtrack=not args.no_backtrack,
         gradient=getattr(args, "gradient", None) or config.gradient)
-    if args.hold is None and args.step is None:
-        return config, None
-    from iepjax.loss_scale import RelativeSettings
-    return config, override(RelativeSettings(), hold=args.hold, step=args.step)
+    if args.alpha is not None:
+        config = dataclasses.replace(config, step=None)
+    if args.lam is not None:
+        config = dataclasses.replace(config, hold=None)
+    return override(config, step=args.step, hold=args.hold)
 
 
 def threshold_config(args: argparse.Namespace):

@@ -121,6 +121,13 @@ class ProjectionConfig:
         with half that image's alpha. Steps that lower the energy are the paper's update
         unchanged, so while E falls the result is the same; without it a too-large alpha lets
         an image run away to noise (seen on 1 of 192 brick tiles at the default alpha).
+      step, hold: alpha and lam in units of the trained model's own loss (docs/method.md,
+        Projection: scales), resolved into alpha and lam on a run's held-out normal images by
+        `loss_scale.resolve`, which then clears them: `step`, the first step in intensity units
+        of a normal pixel with a typical gradient and weighting; `hold`, the fraction of normal
+        pixels the prior keeps at x0 at the first step. None: alpha (lam) as given. The presets
+        give both, so that one default means the same for every model and dataset; the
+        projection itself takes only resolved configs (`resolved`).
       stop_loss: early stopping (docs/method.md, Projection: a public port stops once L_r falls
         below the smallest training loss): from the first step at which an image's
         L_r(x_t) <= stop_loss, that image stops moving, so x_T = x_t. None = never stop (T steps).
@@ -138,9 +145,20 @@ class ProjectionConfig:
     backtrack: bool = True
     stop_loss: float | None = None
     gradient: Gradient = "full"
+    step: float | None = None
+    hold: float | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether alpha and lam are final (no `step` / `hold` left to resolve on normal images)."""
+        return self.step is None and self.hold is None
 
     def __post_init__(self) -> None:
         _check_choice("ProjectionConfig.gradient", self.gradient, GRADIENTS)
+        if self.step is not None and not (self.step > 0 and math.isfinite(self.step)):
+            raise ValueError(f"ProjectionConfig.step={self.step}: must be > 0 (or None: alpha as given)")
+        if self.hold is not None and not 0.0 <= self.hold < 1.0:
+            raise ValueError(f"ProjectionConfig.hold={self.hold}: a fraction in [0, 1) (or None: lam as given)")
         if self.steps < 0:
             raise ValueError(f"ProjectionConfig.steps={self.steps}: must be >= 0")
         if self.alpha < 0 or self.lam < 0 or self.smoothing_sigma < 0:

@@ -29,7 +29,6 @@ import json
 import os
 import platform as _platform
 import shlex
-import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig, to_dict
+from iepjax.config import ProjectionConfig, TrainConfig, to_dict
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
 from iepjax.runs import atomic_write_bytes, atomic_write_text
@@ -94,7 +93,8 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     `iepjax.data.preprocess.Preprocess.load`, `iepjax.config.from_dict`, the run folder's
     holdout.json, training.json and thresholds.json, a projection folder's thresholds.json
     and metrics.json and, when the run has no stored thresholds, `iepjax.thresholds`'
-    `thresholds.held_out_images`, `presets.projection_config`, `early_stop.with_early_stop` and `thresholds.load_or_calibrate`
+    `thresholds.held_out_images`, `presets.projection_config`, `thresholds.load_or_resolve`,
+    `early_stop.with_early_stop` and `thresholds.load_or_calibrate`
     (which store them in the run folder, as project.py does).
 
     run: a run folder or a v<N> name (default: the category's latest); projection: "latest", a
@@ -144,7 +144,8 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
         normal = thresholds.held_out_images(run_dir, dataset, category, tfds_dir,
                                             source_dir=source_dir or holdout.get("source_dir"))
         config = presets.projection_config(dataset, category, tcfg.model.likelihood)
-        config = with_early_stop(params, dataclasses.replace(config, model=tcfg.model), normal, Preprocess.load(run_dir))
+        config, _ = thresholds.load_or_resolve(run_dir, params, dataclasses.replace(config, model=tcfg.model), normal)
+        config = with_early_stop(params, config, normal, Preprocess.load(run_dir))
         stats, _ = thresholds.load_or_calibrate(run_dir, params, config, normal, batch_size=batch_size,
                                                 progress=progress)
         th = {"source": "held-out normal training images", **{k: v._asdict() for k, v in stats.items()}}

@@ -14,7 +14,8 @@ images (never on test images, never with labels):
   typical: alpha = step / (rms(dL_r/dx(x0)) * mean((x0 - f(x0))^2)) over normal pixels.
 
 Multiplying L_r by c multiplies every gradient by c, so the resolved lam by c and alpha by 1/c:
-the projection's trajectory is unchanged (tested).
+the projection's trajectory is unchanged (tested). The settings live on the config
+(`ProjectionConfig.step` / `hold`); `resolve` turns them into alpha and lam.
 """
 from __future__ import annotations
 
@@ -28,25 +29,6 @@ import numpy as np
 
 from iepjax.config import ProjectionConfig
 from iepjax.energy import energy
-
-
-@dataclasses.dataclass(frozen=True)
-class RelativeSettings:
-    """alpha and lam of the projection in units of the model's loss on normal images.
-
-    Attributes:
-      step: first step of a typical normal pixel, in intensity units (alpha, normalised).
-      hold: fraction of normal pixels the L1 prior holds at x0 at the first step (lam, normalised).
-    """
-
-    step: float = 1e-3
-    hold: float = 0.37
-
-    def __post_init__(self) -> None:
-        if not self.step > 0:
-            raise ValueError(f"RelativeSettings.step={self.step}: must be > 0")
-        if not 0.0 <= self.hold < 1.0:
-            raise ValueError(f"RelativeSettings.hold={self.hold}: a fraction in [0, 1)")
 
 
 class LossScale(NamedTuple):
@@ -95,19 +77,31 @@ def measure(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarra
     return LossScale(float(np.sqrt(np.mean(np.square(g)))), float(np.mean(w)), float(np.quantile(np.abs(g), hold)))
 
 
-def resolve(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarray,
-            relative: RelativeSettings, *, batch_size: int = 32) -> tuple[ProjectionConfig, dict]:
-    """`config` with alpha and lam resolved from `relative` on normal images, and a JSON-ready record.
+def resolve(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarray, *,
+            batch_size: int = 32) -> tuple[ProjectionConfig, dict | None]:
+    """`config` with its `step` / `hold` resolved into alpha / lam on normal images, and a JSON-ready record.
 
-    lam = quantile_hold |dL_r/dx(x0)|,  alpha = step / (rms dL_r/dx(x0) * mean (x0 - f(x0))^2),
-    both over the pixels of the normal images (N, H, W, C); the rest of `config` is kept.
+    lam = quantile_hold |dL_r/dx(x0)|,  alpha = step / (rms dL_r/dx(x0) * mean (x0 - f(x0))^2)
+    (without the weighting, `config.weighting` False: alpha = step / rms dL_r/dx(x0)), both over
+    the pixels of the normal images (N, H, W, C), float in [0, 1]. The returned config has `step`
+    and `hold` None (`ProjectionConfig.resolved`); the rest is kept. A config with neither is
+    returned as it is, with the record None.
     """
-    scale = measure(params, config, normal_x0_NxHxWxC, relative.hold, batch_size=batch_size)
-    denom = scale.grad_rms * scale.weight_mean
-    if not denom > 0:
-        raise ValueError("the model reconstructs the normal images exactly (zero gradient or weighting): "
-                         "no loss scale to resolve alpha from; give alpha and lam explicitly")
-    resolved = dataclasses.replace(config, alpha=relative.step / denom, lam=scale.grad_abs_quantile)
-    record = {"relative": dataclasses.asdict(relative), "scale": scale._asdict(),
+    if config.resolved:
+        return config, None
+    hold = 0.5 if config.hold is None else config.hold
+    scale = measure(params, dataclasses.replace(config, step=None, hold=None), normal_x0_NxHxWxC, hold,
+                    batch_size=batch_size)
+    alpha, lam = config.alpha, config.lam
+    if config.step is not None:
+        denom = scale.grad_rms * (scale.weight_mean if config.weighting else 1.0)
+        if not denom > 0:
+            raise ValueError("the model reconstructs the normal images exactly (zero gradient or weighting): "
+                             "no loss scale to resolve alpha from; give alpha and lam explicitly")
+        alpha = config.step / denom
+    if config.hold is not None:
+        lam = scale.grad_abs_quantile
+    resolved = dataclasses.replace(config, alpha=alpha, lam=lam, step=None, hold=None)
+    record = {"step": config.step, "hold": config.hold, "scale": scale._asdict(),
               "alpha": resolved.alpha, "lam": resolved.lam, "n_normal_inputs": int(len(normal_x0_NxHxWxC))}  # model inputs: tiles of textures
     return resolved, record

@@ -2,7 +2,7 @@
 
     train_config(dataset, category)       -> TrainConfig (model, steps, batch, lr, augmentation)
     preprocess(dataset, category)         -> Preprocess (objects resized, textures cropped / tiled)
-    projection_config(dataset, category)  -> ProjectionConfig (T, alpha, lam, smoothing)
+    projection_config(dataset, category)  -> ProjectionConfig (T, step and hold, smoothing)
     ThresholdConfig()                     -> the same for every category (iepjax.config)
 
 The scripts change single fields with `dataclasses.replace`. How the values were chosen:
@@ -13,10 +13,14 @@ from __future__ import annotations
 from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig, model_config
 from iepjax.data.preprocess import Preprocess
 
-# Built-in textures: 64 px patches, Gaussian likelihood, the projection on its scale (docs/calibration.md).
+# The projection's step and prior in the model's own units (`ProjectionConfig.step` / `hold`, resolved
+# on each run's held-out normal images): the values that give the built-in brick VAE the alpha 0.02
+# and lam 15 calibrated for it (docs/calibration.md, "Projection").
+_RELATIVE = dict(step=1.07e-3, hold=0.37)
+# Built-in textures: 64 px patches, Gaussian likelihood (docs/calibration.md).
 _TEXTURE = dict(kind="texture", size=64, channels=1, likelihood="gaussian", decoder="transposed",
                 train_steps=5000, batch_size=16, learning_rate=5e-4,
-                proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=1.0,
+                proj_steps=100, alpha=0.02, lam=15.0, **_RELATIVE, smoothing_sigma=1.0,
                 augment=True, texture_fov=0.5, patches_per_epoch=10000, tile_step=0.5)
 
 PRESETS: dict[tuple[str, str], dict] = {
@@ -33,7 +37,7 @@ _MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
                   "transistor", "zipper")
 _MVTEC_GRAY = ("grid", "screw", "zipper")
 _MVTEC = dict(size=128, likelihood="gaussian", decoder="transposed", train_steps=10000, batch_size=32,
-              learning_rate=2e-4, proj_steps=100, alpha=0.02, lam=15.0, smoothing_sigma=2.0)
+              learning_rate=2e-4, proj_steps=100, alpha=0.02, lam=15.0, **_RELATIVE, smoothing_sigma=2.0)
 _MVTEC_TEXTURE = dict(_MVTEC, kind="texture", augment=True, texture_fov=0.25, patches_per_epoch=10000)
 _MVTEC_OBJECT = dict(_MVTEC, kind="object", augment=False)
 for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
@@ -42,11 +46,12 @@ for _c in _MVTEC_TEXTURES + _MVTEC_OBJECTS:
 # Own folders: an MVTec AD category's name gets its row, any other the object row (docs/calibration.md).
 FOLDER_DEFAULT = dict(_MVTEC_OBJECT, channels=3)
 
-# alpha and lam for a model trained with another loss than the preset's (docs/calibration.md): the
-# public ports' BCE values; for the AEs, values chosen on the calibration split (data seed 1).
-LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05),
-                         "l2": dict(alpha=10.4, lam=0.033),
-                         "ssim": dict(alpha=0.142, lam=3.48)}
+# The projection for a model trained with another loss than the preset's (docs/calibration.md): the
+# public ports' BCE values, as given; for the AEs, step and hold chosen on the calibration split
+# (data seed 1), with the alpha and lam they gave the brick AEs.
+LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05, step=None, hold=None),
+                         "l2": dict(alpha=10.4, lam=0.033, step=1.07e-3, hold=0.37),
+                         "ssim": dict(alpha=0.142, lam=3.48, step=2e-3, hold=0.37)}
 
 
 def _row(dataset: str, category: str) -> dict:
@@ -103,12 +108,15 @@ def preprocess(dataset: str, category: str, *, size: int | None = None, kind: st
 
 
 def projection_config(dataset: str, category: str, likelihood: str | None = None) -> ProjectionConfig:
-    """The category's projection settings (T, alpha, lam, smoothing) for a model trained with
-    `likelihood` (None: the preset's own): alpha and lam are the preset's, or those of that
-    likelihood where the preset was calibrated for another one. Its `model` is the default
-    ModelConfig: projecting a run sets it to the run's model."""
+    """The category's projection settings (T, step and hold, smoothing) for a model trained with
+    `likelihood` (None: the preset's own), or those of that likelihood where the preset was
+    calibrated for another one. step and hold are alpha and lam in the model's own units
+    (`ProjectionConfig.step` / `hold`): the pipelines resolve them on the run's held-out normal
+    images (`loss_scale.resolve`); alpha and lam are what they resolve to on the brick model they
+    were chosen with. Its `model` is the default ModelConfig: projecting a run sets it to the
+    run's model."""
     pre = _row(dataset, category)
-    scale = {"alpha": pre["alpha"], "lam": pre["lam"]}
+    scale = {k: pre[k] for k in ("alpha", "lam", "step", "hold")}
     if likelihood is not None and likelihood != pre["likelihood"]:
         scale.update(LIKELIHOOD_PROJECTION.get(likelihood, {}))
     return ProjectionConfig(steps=pre["proj_steps"], smoothing_sigma=pre["smoothing_sigma"], **scale)

@@ -95,6 +95,7 @@ def project_image(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig) -
 def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
     """(initial carry, body) of `project_image`'s scan for one image: body(carry) -> (carry, E(x_t)),
     carry.x = x_{t+1}. Shared with `localization.trajectory`, which also records the x_t."""
+    check_resolved(config)
     def step(c: _Carry):
         if not config.backtrack:  # the paper's loop: alpha never changes
             x_next, e = projection_step(params, c.x, x0_HxWxC, config)
@@ -124,6 +125,14 @@ def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
 @functools.partial(jax.jit, static_argnames="config")
 def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
     return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+
+
+def check_resolved(config: ProjectionConfig) -> None:
+    """ValueError when `config` still gives alpha or lam in the model's units (`step` / `hold`)."""
+    if not config.resolved:
+        raise ValueError(f"ProjectionConfig gives step={config.step} / hold={config.hold} (alpha and lam in the "
+                         "model's own units): resolve them on normal images first (iepjax.loss_scale.resolve), "
+                         "or set them to None and give alpha and lam")
 
 
 def check_images(x_BxHxWxC, config: ProjectionConfig) -> None:
@@ -208,13 +217,14 @@ def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
     Returns:
       ProjectionResult(x_T (B, H, W, C), maps (B, H, W), energies (B, T)).
     Raises:
-      ValueError: images of the wrong shape, or (numpy or concrete jax arrays) with values outside
+      ValueError: a config with `step` / `hold` left to resolve (`loss_scale.resolve`); images of the wrong shape, or (numpy or concrete jax arrays) with values outside
         [0, 1] beyond float round-off: the message gives the range found and says to divide by 255
         or clip. Such images are not clipped silently: a batch scaled by 255 would give maps up to
         ~160 that look like results. NaN / inf values pass (their images get non-finite maps).
         Inside jit or vmap only the shape and dtype are checked.
       TypeError: integer images (divide uint8 images by 255.0 first).
     """
+    check_resolved(config)
     check_images(x0_BxHxWxC, config)
     with using_conv(resolve_conv(conv)):
         return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)

@@ -27,6 +27,7 @@ Fits that would be nonsense are refused (`ThresholdError`, a message that names 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -35,10 +36,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from iepjax import calibrated_maps, data
+from iepjax import calibrated_maps, data, loss_scale
 from iepjax.atomic import dumps_json, finite_or_none
 from iepjax.config import MapConfig, ProjectionConfig, ThresholdConfig, to_dict
-from iepjax.data.preprocess import Preprocess, resize_images
+from iepjax.data.preprocess import Preprocess, model_inputs, resize_images
 from iepjax.early_stop import frozen_at_start
 from iepjax.localization import calibrate_maps, localize, localize_images
 from iepjax.runs import atomic_write_text, model_config
@@ -256,6 +257,43 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
     if jax.process_index() == 0:
         atomic_write_text(path, dumps_json({**want, **{k: v._asdict() for k, v in stats.items()}}) + "\n")
     return stats, compile_s
+
+
+def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, normal_images: np.ndarray, *,
+                    step: int | None = None) -> tuple[ProjectionConfig, dict | None]:
+    """`config` with its `step` / `hold` resolved into alpha / lam on the run's held-out normal images
+    (`loss_scale.resolve`; docs/method.md, Projection: scales), and the record of how.
+
+    The record is kept in run_dir/loss_scale.json for this config (and checkpoint `step`, the
+    preprocessing and the number of images) and read back instead of measuring again, so that
+    train.py's threshold fit and project.py use the same floats. The images go through the run's
+    preprocessing, as the test images do. A config with neither is returned as it is (record None).
+    """
+    if config.resolved:
+        return config, None
+    path = Path(run_dir) / "loss_scale.json"
+    prep = Preprocess.load(run_dir)
+    want = {"projection": to_dict(config), "n_images": len(normal_images)}
+    if step is not None:
+        want["checkpoint_step"] = int(step)
+    if prep is not None:
+        want["preprocess"] = prep.to_dict()
+    want = finite_or_none(want)  # as stored (strict JSON)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            if {k: stored.get(k) for k in want} == want:
+                resolved = dataclasses.replace(config, alpha=float(stored["alpha"]), lam=float(stored["lam"]),
+                                               step=None, hold=None)
+                return resolved, stored
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable or of another layout: measured again
+    x = model_inputs(normal_images, prep)[0] if prep is not None else resize_images(normal_images, config.model.size)
+    resolved, record = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0)
+    record = finite_or_none({**want, **record})
+    if jax.process_index() == 0:
+        atomic_write_text(path, dumps_json(record) + "\n")
+    return resolved, record
 
 
 def given(stats: dict, thresholds: ThresholdConfig) -> tuple[dict, str]:

@@ -19,6 +19,7 @@ and the printed row gives the resolved values. --model picks the run of an AE (a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -78,8 +79,8 @@ def main(argv=None) -> int:
                                gradient=a.gradient)
         relative = None
         if a.relative:  # the entry's 2nd and 3rd numbers are step and hold
-            relative = loss_scale.RelativeSettings(step=float(alpha), hold=float(lam))
-            cfg, _ = loss_scale.resolve(params, cfg, normal_x, relative)
+            relative = {"step": float(alpha), "hold": float(lam)}
+            cfg, _ = loss_scale.resolve(params, dataclasses.replace(cfg, **relative), normal_x)
         if not a.no_early_stop:
             cfg = with_early_stop(params, cfg, normal, prep)
         t0 = time.perf_counter()
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
             scores = {"recon": score(loc.recon_maps, masks, test.labels), "grad": score(loc.grad_maps, masks, test.labels)}
             e = loc.energies.mean(axis=0)
         row = {"run": str(run_dir), "model": a.model, "data_seed": a.data_seed, "gradient": cfg.gradient,
-               **({"step": relative.step, "hold": relative.hold} if relative else {}),
+               **(relative or {}),
                "steps": cfg.steps, "alpha": cfg.alpha, "lam": cfg.lam,
                "sigma": cfg.smoothing_sigma, "weighting": cfg.weighting, "use_kl": cfg.use_kl,
                "stop_loss": cfg.stop_loss,

@@ -5,8 +5,11 @@
 
 For each category with a trained run under --results, and each map setting (the paper's map
 with the max as image score; the normal-calibrated map with the default image score, and the max
-on the same maps), it runs `pipelines.project_run` (what project.py runs) and prints one row:
-pixel AUROC, AU-PRO, image AUROC (the setting's image score, and the max) for recon and grad.
+on the same maps), and each parametrisation of the projection's alpha and lam (`--projections`:
+"relative", the preset's step and hold resolved in the model's own units on the run's held-out
+normal images, the default; "fixed", the constants they give on the brick model), it runs `pipelines.project_run` (what
+project.py runs) and prints one row: pixel AUROC, AU-PRO, image AUROC (the setting's image
+score, and the max) for recon and grad, and the alpha and lam used.
 
 The map and image-score defaults were chosen on brick and grass, data seed 1 (the calibration
 split, docs/calibration.md): those rows say "chosen on". Seed 0 (the reported split) of every
@@ -16,12 +19,14 @@ Every call writes a projection folder into the run, like project.py (without ove
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 CATEGORIES = ("brick", "grass", "tissue_gray", "weave", "tissue")
 CHOSEN_ON = {("brick", 1), ("grass", 1)}  # (category, data seed) the defaults were chosen on
 SETTINGS = {"paper": ("paper", "max"), "nce": ("nce", "topk")}
+PROJECTIONS = ("relative", "fixed")
 
 
 def role(category: str, seed: int) -> str:
@@ -31,11 +36,12 @@ def role(category: str, seed: int) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows (one per category, seed and map)."""
-    head = ("| category | seed | role | map (image score) | recon pixel | recon AU-PRO | recon image | recon image (max) "
+    head = ("| category | seed | role | map (image score) | projection (alpha, lam) | recon pixel | recon AU-PRO | recon image | recon image (max) "
             "| grad pixel | grad AU-PRO | grad image | grad image (max) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cells = [r["category"], str(r["seed"]), r["role"], f"{r['map']} ({r['image_score']})"]
+        cells = [r["category"], str(r["seed"]), r["role"], f"{r['map']} ({r['image_score']})",
+                 f"{r['parametrisation']} ({r['alpha']:.3g}, {r['lam']:.3g})"]
         for row in ("recon", "grad"):
             m = r[row]
             cells += [f"{m['pixel_auroc']:.3f}", f"{m['pixel_aupro']:.3f}", f"{m['image_auroc']:.3f}",
@@ -50,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     p.add_argument("--maps", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--projections", nargs="+", default=["relative"], choices=PROJECTIONS,
+                   help="alpha and lam: resolved in the model's units (relative, the default) and/or the constants "
+                        "they give on the brick model (fixed)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="data seeds (default: 1 and 0 for the categories defaults were chosen on, 0 for the others)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -60,6 +69,7 @@ def main(argv=None) -> int:
     cpu_runtime.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     from iepjax import runs, sharding
     from iepjax.config import DataConfig, MapConfig, ThresholdConfig
+    from iepjax import presets
     from iepjax.pipelines import project_run
 
     mesh = sharding.make_mesh()
@@ -72,19 +82,24 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             continue
         seeds = a.seeds or ([1, 0] if any(c == category for c, _ in CHOSEN_ON) else [0])
-        for name in a.maps:  # the seeds inside: one threshold fit per map setting
+        for name, param in [(n, q) for n in a.maps for q in a.projections]:  # the seeds inside: one fit per setting
             kind, score = SETTINGS[name]
             thresholds = ThresholdConfig(map=MapConfig(kind=kind, image_score=score))
+            config = presets.projection_config("textures", category)
+            if param == "fixed":
+                config = dataclasses.replace(config, step=None, hold=None)
             for seed in seeds:
-                out, m = project_run(run_dir, DataConfig("textures", category, a.tfds_dir), None, thresholds,
+                out, m = project_run(run_dir, DataConfig("textures", category, a.tfds_dir), config, thresholds,
                                      overlays=False, progress=False, mesh=mesh, data_seed=seed)
+                used = json.loads((out / "projection_config.json").read_text())
                 row = {"category": category, "seed": seed, "role": role(category, seed), "map": kind,
-                       "image_score": score, "run": str(run_dir), "projection": str(out),
+                       "image_score": score, "parametrisation": param, "alpha": used["alpha"],
+                       "lam": used["lam"], "run": str(run_dir), "projection": str(out),
                        **{r: {k: m[r][k] for k in ("pixel_auroc", "pixel_aupro", "image_auroc", "image_auroc_max")
                               if k in m[r]} for r in ("recon", "grad")}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    rows.sort(key=lambda r: (r["role"] != "chosen on", r["seed"] != 1, r["category"], r["map"]))
+    rows.sort(key=lambda r: (r["role"] != "chosen on", r["seed"] != 1, r["category"], r["map"], r["parametrisation"]))
     print(format_table(rows))
     if a.json:
         from iepjax.atomic import dumps_json

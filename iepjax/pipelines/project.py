@@ -15,16 +15,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from iepjax import calibrated_maps, data, distributed, loss_scale, outputs, presets, report, runs
+from iepjax import calibrated_maps, data, distributed, outputs, presets, report, runs
 from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, MapConfig, ProjectionConfig, ThresholdConfig
 from iepjax.data.layout import list_images
-from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_masks
+from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, calibrate_maps, localize, localize_images, trajectory
 from iepjax.scoring import official_metrics, split_metrics
 from iepjax.thresholds import (FITTED, GIVEN, ThresholdError, both_given, check_held_out, given, given_only,
-                               held_out_ids, held_out_images, load_or_calibrate, map_fits, min_held_out, run_source)
+                               held_out_ids, held_out_images, load_or_calibrate, load_or_resolve, map_fits, min_held_out,
+                               run_source)
 from iepjax.training import load_checkpoint
 
 
@@ -33,7 +34,7 @@ class PreparedRun(NamedTuple):
     with early stopping, the stopping loss), its preprocessing (None for runs without
     preprocess.json), the thresholds used ({"grad", "recon"} -> NormalStats), where they come
     from, the compile seconds of a threshold calibration done now (else None), and the record of
-    alpha and lam resolved in the model's units (`loss_scale.resolve`; None when given directly)."""
+    alpha and lam resolved in the model's units (`thresholds.load_or_resolve`; None when given directly)."""
 
     params: dict
     config: ProjectionConfig
@@ -74,10 +75,11 @@ def open_run(results: str | Path, model: str, source: DataConfig, run: str | Non
 
 def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, progress: bool = True,
-                mesh=None, relative: loss_scale.RelativeSettings | None = None) -> PreparedRun:
+                mesh=None) -> PreparedRun:
     """Load a run and fit (or read) its thresholds on its held-out normal images for `config`
-    (default: the category preset's, for the run's likelihood). With `relative`, alpha and lam are
-    first resolved in units of the model's loss on those normal images (`loss_scale.resolve`).
+    (default: the category preset's, for the run's likelihood). Its `step` / `hold` (alpha and lam
+    in the model's own units, the presets' default) are first resolved on those normal images
+    (`thresholds.load_or_resolve`, recorded in the run folder).
 
     Too few held-out images for a fit are refused (`thresholds.check_held_out`, ThresholdError)
     before any image is loaded, unless both thresholds are given: then nothing is fitted
@@ -96,15 +98,12 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         raise ThresholdError(f"run {run_dir} holds out too few normal images to fit the nce map on (it needs "
                              f"{min_held_out(thresholds)}): use --map paper")
     normal = []
-    if fit or thresholds.early_stop or relative is not None:
+    if fit or thresholds.early_stop or not config.resolved:
         normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
             lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir,
                                     source_dir=source.source_dir))
     prep = Preprocess.load(run_dir)
-    scale = None
-    if relative is not None:  # normal images only: the same inputs the test images become
-        x = model_inputs(normal, prep)[0] if prep is not None else resize_images(normal, config.model.size)
-        config, scale = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0, relative)
+    config, scale = load_or_resolve(run_dir, params, config, normal, step=step)  # normal images only
     if thresholds.early_stop and config.stop_loss is None:
         config = with_early_stop(params, config, normal, prep)
     if not fit:
@@ -117,8 +116,7 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
 
 def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, overlays: bool = True,
-                progress: bool = True, mesh=None, relative: loss_scale.RelativeSettings | None = None,
-                data_seed: int = 0) -> tuple[Path | None, dict]:
+                progress: bool = True, mesh=None, data_seed: int = 0) -> tuple[Path | None, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
     `config` defaults to the category preset's projection settings; its model is the run's. The
@@ -130,8 +128,7 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     docs/calibration.md), recorded in the metrics when not 0.
     """
     split_seed = {"seed": data_seed} if data_seed else {}
-    run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh,
-                      relative=relative)
+    run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh)
     size, official, map_cfg = run.config.model.size, None, thresholds.map
     fits = map_fits(run.stats) if map_cfg.kind == "nce" else None
     if run.prep is not None:  # the official protocol at the original image sizes

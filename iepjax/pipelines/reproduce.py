@@ -54,7 +54,8 @@ class Reproduction(NamedTuple):
 
 
 def _unweighted_alpha(run_dir: Path, source: DataConfig, config: ProjectionConfig, prep: Preprocess) -> float:
-    """alpha for the plain gradient step (no weighting): the weighted alpha times the mean weight
+    """alpha for the plain gradient step (no weighting) when alpha is given as such (not as a `step`,
+    which `loss_scale.resolve` resolves without the weight): the weighted alpha times the mean weight
     (x0 - f(x0))^2 over the run's held-out normal pixels, so that a typical normal pixel's first step
     is as long as with the weighting (`loss_scale.measure`; no test image, no label)."""
     from iepjax.training import load_checkpoint
@@ -106,15 +107,16 @@ def run_cell(plan: Plan, name: str, source: DataConfig, thresholds: ThresholdCon
     run_dir, summary = train_run(plan.train, plan.prep, source, holdout=thresholds.holdout, results=results,
                                  progress=progress, mesh=mesh,
                                  min_held_out=min_held_out(thresholds) if thresholds.holdout > 0 else 1)
-    if name == "no_weighting":
+    if name == "no_weighting" and config.step is None:  # a step in the model's units resolves without the weight
         config = dataclasses.replace(config, alpha=_unweighted_alpha(run_dir, source, config, Preprocess.load(run_dir)))
     proj_dir, res = project_run(run_dir, source, config, th, batch_size=batch_size, overlays=overlays,
                                 progress=progress, mesh=mesh)
     protocol = res.get("protocol", {})
+    used = json.loads((Path(proj_dir) / "projection_config.json").read_text())  # alpha and lam as resolved
     row = {"category": plan.category, "kind": plan.prep.kind, "model": plan.model, "variant": name, "status": "ok",
            "train_steps": plan.train.steps, "collapsed": bool(summary.collapse.collapsed),
            "n_test": protocol.get("n_images"), "skipped_pixel_images": len(protocol.get("skipped_pixel_metrics", [])),
-           "alpha": config.alpha, "lam": config.lam, "minutes": round((time.time() - t0) / 60, 2),
+           **{k: used[k] for k in ("alpha", "lam")}, "minutes": round((time.time() - t0) / 60, 2),
            "run_dir": str(run_dir), "projection_dir": str(proj_dir)}
     for r in ("recon", "grad"):
         row[f"{r}_pixel_auroc"] = res[r]["pixel_auroc"]

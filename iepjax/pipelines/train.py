@@ -25,7 +25,8 @@ from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.data import DataError
 from iepjax.data.preprocess import Preprocess, training_inputs
 from iepjax.early_stop import with_early_stop
-from iepjax.thresholds import ThresholdError, held_out_ids, held_out_images, load_or_calibrate, run_source
+from iepjax.thresholds import (ThresholdError, held_out_ids, held_out_images, load_or_calibrate, load_or_resolve,
+                               run_source)
 from iepjax.thresholds import min_held_out as held_out_needed
 from iepjax.training import TrainSummary, train
 
@@ -154,6 +155,10 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
     normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
     pcfg = calibrated_maps.projection_for(dataclasses.replace(
         presets.projection_config(source.dataset, source.category, model.likelihood), model=model), thresholds.map)
+    try:  # alpha and lam in the model's units, recorded in the run folder (as project.py reads them)
+        pcfg, _ = load_or_resolve(run_dir, params, pcfg, normal, step=int(summary.state.step))
+    except ValueError as e:
+        raise RunFailed(str(e), run_dir) from e
     if thresholds.early_stop:
         try:
             pcfg = with_early_stop(params, pcfg, normal, Preprocess.load(run_dir))

@@ -35,9 +35,10 @@ def gaussian():
 def test_resolved_settings_follow_the_loss_scale_and_give_the_same_projection(gaussian):
     params, scaled, cfg = gaussian
     normal, test = pattern_images(4, seed=1), pattern_images(3, phase=0.5, seed=3)
-    rel = loss_scale.RelativeSettings(step=2e-3, hold=0.4)
-    a_cfg, a_rec = loss_scale.resolve(params, cfg, normal, rel)
-    b_cfg, b_rec = loss_scale.resolve(scaled, cfg, normal, rel)
+    rel = dataclasses.replace(cfg, step=2e-3, hold=0.4)
+    a_cfg, a_rec = loss_scale.resolve(params, rel, normal)
+    b_cfg, b_rec = loss_scale.resolve(scaled, rel, normal)
+    assert a_cfg.resolved and b_cfg.resolved and a_rec["step"] == 2e-3 and a_rec["hold"] == 0.4
     assert b_cfg.alpha == pytest.approx(a_cfg.alpha / C, rel=1e-4)
     assert b_cfg.lam == pytest.approx(a_cfg.lam * C, rel=1e-4)
     assert b_rec["scale"]["weight_mean"] == pytest.approx(a_rec["scale"]["weight_mean"], rel=1e-6)
@@ -57,17 +58,17 @@ def test_hold_is_the_fraction_of_normal_pixels_the_prior_keeps_at_x0(gaussian):
     params, _, cfg = gaussian
     normal = pattern_images(4, seed=1)
     for hold in (0.2, 0.6):
-        resolved, _ = loss_scale.resolve(params, dataclasses.replace(cfg, steps=1, backtrack=False), normal,
-                                         loss_scale.RelativeSettings(hold=hold))
+        resolved, _ = loss_scale.resolve(params, dataclasses.replace(cfg, steps=1, backtrack=False, hold=hold), normal)
+        assert resolved.alpha == cfg.alpha  # no step given: alpha as it was
         x1 = np.asarray(project_fn(params, normal, resolved).x_T)
         assert np.mean(x1 == normal) == pytest.approx(hold, abs=0.01)
 
 
 def test_settings_are_resolved_from_normal_images_only():
-    """The resolution receives the model, the config, normal images and the relative settings: no
+    """The resolution receives the model, the config (with its step and hold) and normal images: no
     labels, masks or test split can reach it."""
     names = set(inspect.signature(loss_scale.resolve).parameters)
-    assert names == {"params", "config", "normal_x0_NxHxWxC", "relative", "batch_size"}
+    assert names == {"params", "config", "normal_x0_NxHxWxC", "batch_size"}
     assert set(inspect.signature(loss_scale.measure).parameters) == {"params", "config", "normal_x0_NxHxWxC", "hold",
                                                                      "batch_size"}
 
@@ -75,4 +76,24 @@ def test_settings_are_resolved_from_normal_images_only():
 @pytest.mark.parametrize("kwargs, pattern", [(dict(step=0.0), "step"), (dict(hold=1.0), "hold"), (dict(hold=-0.1), "hold")])
 def test_relative_settings_are_checked(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        loss_scale.RelativeSettings(**kwargs)
+        ProjectionConfig(**kwargs)
+
+
+def test_the_projection_refuses_settings_left_to_resolve(gaussian):
+    """A config with step / hold (the presets' kind) is resolved first; projecting it as it is would
+    silently use the alpha and lam it carries for another model."""
+    params, _, cfg = gaussian
+    with pytest.raises(ValueError, match="loss_scale.resolve"):
+        project_fn(params, pattern_images(1, seed=1), dataclasses.replace(cfg, step=1e-3))
+    same, record = loss_scale.resolve(params, cfg, pattern_images(2, seed=1))
+    assert same is cfg and record is None
+
+
+def test_without_the_weighting_the_step_resolves_to_the_same_first_step(gaussian):
+    """alpha = step / (rms g * mean w) with the weighting, step / rms g without: the typical normal
+    pixel's first step is `step` either way (the ablation's alpha follows, not a constant)."""
+    params, _, cfg = gaussian
+    normal = pattern_images(4, seed=1)
+    w, rec = loss_scale.resolve(params, dataclasses.replace(cfg, step=1e-3), normal)
+    plain, _ = loss_scale.resolve(params, dataclasses.replace(cfg, step=1e-3, weighting=False), normal)
+    assert plain.alpha == pytest.approx(w.alpha * rec["scale"]["weight_mean"], rel=1e-6)

@@ -250,4 +250,5 @@ def test_presets_give_each_model_the_same_architecture_and_its_own_projection_sc
         assert dataclasses.replace(t, model=vae.model) == vae  # same steps, batch, lr, augmentation
         p = presets.projection_config("textures", "brick", loss)
         assert (p.alpha, p.lam) == (LIKELIHOOD_PROJECTION[loss]["alpha"], LIKELIHOOD_PROJECTION[loss]["lam"])
+        assert (p.step, p.hold) == (LIKELIHOOD_PROJECTION[loss]["step"], LIKELIHOOD_PROJECTION[loss]["hold"])
         assert p.gradient == "full"

@@ -297,7 +297,8 @@ def test_projection_defaults_follow_the_likelihood(tmp_path):
     assert presets.train_config("textures", "brick").model.likelihood == "gaussian"
     gauss = presets.projection_config("textures", "brick", "gaussian")
     bce = presets.projection_config("textures", "brick", "bce")
-    assert (gauss.alpha, gauss.lam) == (0.02, 15.0)
+    assert (gauss.alpha, gauss.lam) == (0.02, 15.0)  # what step and hold resolve to on the brick model
+    assert (gauss.step, gauss.hold) == (1.07e-3, 0.37) and bce.resolved  # the ports' BCE values as such
     assert (bce.alpha, bce.lam) == (LIKELIHOOD_PROJECTION["bce"]["alpha"], LIKELIHOOD_PROJECTION["bce"]["lam"])
     assert bce.steps == gauss.steps and bce.smoothing_sigma == gauss.smoothing_sigma
     assert presets.projection_config("textures", "brick", None) == gauss

@@ -90,7 +90,7 @@ def _check_runs(cat_dir: Path, steps: int) -> None:
             assert all(t[row]["pixel_threshold"] > 0 and t[row]["image_threshold"] > 0 for row in ("grad", "recon"))
 
 
-PROJECTION_FILES = ("metrics.json", "thresholds.json", "projection_config.json", "timing.json", "maps.npz",
+PROJECTION_FILES = ("metrics.json", "thresholds.json", "projection_config.json", "loss_scale.json", "timing.json", "maps.npz",
                     "scores.csv", "index.html", "energy.png", "roc.png", "trajectory.png")
 
 

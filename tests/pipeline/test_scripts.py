@@ -233,6 +233,17 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
         if thresholds["projection"] == used["projection"]:
             assert thresholds[row] == used[row]
     assert result["thresholds"]["source"] == "held-out normal training images"
+    # alpha and lam: the preset's step and hold resolved on the held-out images, recorded in the run
+    # folder (train.py resolved them for its threshold fit) and in the projection folder
+    from iepjax import presets
+    pre = presets.projection_config("textures", "brick")
+    scale = json.loads((run_dir / "loss_scale.json").read_text())
+    assert (scale["step"], scale["hold"]) == (pre.step, pre.hold) and scale["checkpoint_step"] == 4
+    assert scale["n_images"] == len(holdout["ids"]) and scale["alpha"] > 0 and scale["lam"] > 0
+    assert (thresholds["projection"]["alpha"], thresholds["projection"]["lam"]) == (scale["alpha"], scale["lam"])
+    assert thresholds["projection"]["step"] is None and thresholds["projection"]["hold"] is None
+    used_scale = json.loads((out_dir / "loss_scale.json").read_text())
+    assert (used["projection"]["alpha"], used["projection"]["lam"]) == (used_scale["alpha"], used_scale["lam"])
     assert result["thresholds"]["n_normal_images"] == used["grad"]["n_images"]
     assert result["thresholds"]["pixel_quantile"] == 0.995 and result["thresholds"]["image_quantile"] == 0.99
 
@@ -435,6 +446,24 @@ def test_bad_tile_stride_is_a_usage_error(tmp_path, capsys, value, says):
 
 def _metrics(recon: float, grad: float) -> dict:
     return {row: {"pixel_auroc": v, "image_auroc": 0.5, "pixel_aupro": v / 2} for row, v in (("recon", recon), ("grad", grad))}
+
+
+def test_alpha_and_lam_flags_replace_the_step_and_hold_they_stand_for():
+    """--alpha / --lam give the value as such (the preset's step / hold no longer resolve it);
+    --step / --hold give them in the model's units; the other setting keeps the preset's kind."""
+    import argparse
+
+    from iepjax import cli, presets
+    p = argparse.ArgumentParser()
+    cli.add_projection_flags(p)
+    pre = presets.projection_config("textures", "brick")
+    assert cli.projection_settings(p.parse_args([]), pre) == pre
+    a = cli.projection_settings(p.parse_args(["--alpha", "0.05"]), pre)
+    assert (a.alpha, a.step, a.lam, a.hold) == (0.05, None, pre.lam, pre.hold)
+    b = cli.projection_settings(p.parse_args(["--lam", "3", "--step", "2e-3"]), pre)
+    assert (b.lam, b.hold, b.step) == (3.0, None, 2e-3)
+    c = cli.projection_settings(p.parse_args(["--alpha", "0.05", "--lam", "3"]), pre)
+    assert c.resolved and (c.alpha, c.lam) == (0.05, 3.0)
 
 
 def test_seeds_summary_matches_a_hand_computed_case():
