@@ -3,6 +3,7 @@
     python export.py --category brick --out exported/brick
     python export.py --category brick --run results/vae/textures/brick/v0 --out exported/brick
     python export.py --data-dir my_images --category widget --out exported/widget
+    python export.py --category brick --model ae_l2 --out exported/brick_ae_l2
 
 The folder holds the projection and the reconstruction-error map as jax.export programs (symbolic
 batch, lowered for CPU, CUDA and TPU where this jax can), the parameters, metadata.json
@@ -13,6 +14,8 @@ from the run's thresholds.json, else they are fitted on the run's held-out norma
 import argparse
 import sys
 
+from iepjax import cli
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--tfds-dir", default=None, help="where TFDS keeps prepared data (used only to fit missing thresholds)")
     p.add_argument("--results", default="results")
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
+    cli.add_model_flags(p)
+    p.add_argument("--allow-collapse", action="store_true",
+                   help="export a run whose model collapsed to the mean image (refused by default)")
     p.add_argument("--projection", default="latest",
                    help="projection folder name under <run>/projections whose settings, thresholds and metrics to ship "
                         "(default latest; 'none': the run's own thresholds.json)")
@@ -36,12 +42,17 @@ def main(argv=None) -> int:
     cpu_runtime.use_cpu_cores()  # as train.py: a checkpoint restores onto the device count it was saved from
     from iepjax.data import DataError
     from iepjax.export import export_run
+    from iepjax.runs import CollapsedRun
     from iepjax.predictor import METADATA_FILE
     try:
         out = export_run(a.out, category=a.category, dataset=a.dataset, results=a.results, run=a.run,
                          data_dir=a.data_dir, tfds_dir=a.tfds_dir,
                          projection=None if a.projection == "none" else a.projection,
-                         platforms=platforms, progress=not a.no_progress)
+                         platforms=platforms, progress=not a.no_progress, model=a.model,
+                         allow_collapse=a.allow_collapse)
+    except CollapsedRun as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_COLLAPSED
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,7 +84,8 @@ def check_paper_map(stored: dict, where: Path) -> None:
 
 def read_run(*, category: str | None = None, dataset: str = "textures", results: str | os.PathLike = "results",
              run: str | os.PathLike | None = None, data_dir: str | None = None, tfds_dir: str | None = None,
-             projection: str | None = "latest", batch_size: int = 16, progress: bool = True) -> RunContents:
+             projection: str | None = "latest", batch_size: int = 16, progress: bool = True, model: str = "vae",
+             allow_collapse: bool = False) -> RunContents:
     """The run folder's checkpoint, configs, preprocessing, thresholds and metrics, for `export_run`.
 
     This is the only function of the module that calls the training pipeline (run folders,
@@ -97,9 +98,11 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     `early_stop.with_early_stop` and `thresholds.load_or_calibrate`
     (which store them in the run folder, as project.py does).
 
-    run: a run folder or a v<N> name (default: the category's latest); projection: "latest", a
-    v<N> name under <run>/projections, or None to use the run's own thresholds.json (fitted on
-    the held-out normal images for the projection settings of its last calibration).
+    run: a run folder or a v<N> name (default: the category's latest run of `model`); projection:
+    "latest", a v<N> name under <run>/projections, or None to use the run's own thresholds.json
+    (fitted on the held-out normal images for the projection settings of its last calibration).
+    A run whose model collapsed to the mean image is refused (`runs.CollapsedRun`, before any
+    work) unless `allow_collapse`: its programs would flag nothing, or everything.
     """
     from iepjax import runs
     from iepjax.config import from_dict
@@ -113,7 +116,8 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     else:
         if category is None:
             raise ValueError("give the category (or a run folder)")
-        run_dir = runs.find_run(results, "vae", dataset, category, None if run is None else str(run))
+        run_dir = runs.find_run(results, model, dataset, category, None if run is None else str(run))
+    runs.check_trained(run_dir, category or run_dir.parent.name, allow_collapse=allow_collapse)
     params, tcfg = load_params(run_dir)
     prep = Preprocess.load(run_dir) or Preprocess(kind="object", size=tcfg.model.size)  # older runs: resized
     holdout = _json(run_dir / "holdout.json") or {}
@@ -328,6 +332,8 @@ def export_run(out_dir: str | os.PathLike, *, platforms: Sequence[str] = DEFAULT
         args += ["--projection", "none"]
     if tuple(platforms) != DEFAULT_PLATFORMS:
         args += ["--platforms", ",".join(platforms)]
+    if run_args.get("allow_collapse"):
+        args += ["--allow-collapse"]
     command = "python export.py " + " ".join(shlex.quote(a) for a in args)
     meta = metadata(run, artefacts, list(programs["projection"].platforms), skipped, formulation, command)
     atomic_write_text(out_dir / CARD_FILE, model_card(meta))

@@ -209,7 +209,8 @@ def write_reproduction(out: Path, rows: list[dict], meta: dict) -> None:
     lines = ["# Reproduction of the paper's comparison (iepjax)", "",
              f"Data: {meta['data']}; model input {meta['size']}x{meta['size']}; training steps "
              f"{meta['steps'] or 'per preset'}; projection steps {meta['proj_steps'] or 'per preset'}; "
-             f"{len({r['category'] for r in ok})} of {len(meta['categories'])} categories evaluated.", "",
+             f"{len({r['category'] for r in ok})} of {_count(len(meta['categories']), 'category', 'categories')} "
+             "evaluated.", "",
              "Pixel AUROC (all pixels of a category pooled) on anomaly maps at each test image's original size. "
              "Plain rows: AE-L2 = per-pixel squared error, AE-SSIM = 1 - SSIM map, VAE = |x0 - f(x0)|; every "
              "-grad row = |x_T - x0| after the projection of the same trained model. Image AUROC and AU-PRO "
@@ -257,9 +258,14 @@ def write_reproduction(out: Path, rows: list[dict], meta: dict) -> None:
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     lines += ["", "## Beside the paper (mean pixel AUROC over categories)", "",
               "| method | mean pixel AUROC | source |", "|---|---|---|"]
-    lines += [f"| {label}, this run | {_fmt(means[label][0])} | measured here, {means[label][1]} categories |"
+    lines += [f"| {label}, this run | {_fmt(means[label][0])} | measured here, {_count(means[label][1], 'category', 'categories')} |"
               for label, _, _ in TABLE_COLUMNS if means[label][1]]
     lines += [f"| {name} | {v:.3f} | reported, 15 categories |" for name, v in PAPER]
     lines += ["", "The paper's per-category values are not available here, so only means are compared. "
               "A mean over fewer than 15 MVTec AD categories, or over other data, is not comparable with the paper's."]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """"1 category", "2 categories"."""
+    return f"{n} {one if n == 1 else many}"

@@ -61,6 +61,9 @@ def main(argv=None) -> int:
                         "they give on the brick model (fixed)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="data seeds (default: 1 and 0 for the categories defaults were chosen on, 0 for the others)")
+    p.add_argument("--defect-kinds", default="default", choices=("default", "detail", "all"),
+                   help="the test split's defects: the default split's kinds, the detail-loss kinds (blur, smooth, "
+                        "lost_texture) or every kind; the latter two are other splits of the same region")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--cpu-devices", type=int, default=None, help="on CPU: JAX devices (default: one per core)")
     a = p.parse_args(argv)
@@ -70,9 +73,12 @@ def main(argv=None) -> int:
     from iepjax import runs, sharding
     from iepjax.config import DataConfig, MapConfig, ThresholdConfig
     from iepjax import presets
+    from iepjax.data import defects
     from iepjax.pipelines import project_run
 
     mesh = sharding.make_mesh()
+    test_split = {"default": None, "detail": {"defect_kinds": defects.DETAIL_LOSS_KINDS},
+                  "all": {"defect_kinds": defects.DEFECT_KINDS}}[a.defect_kinds]
     rows = []
     for category in a.categories:
         try:
@@ -90,11 +96,12 @@ def main(argv=None) -> int:
                 config = dataclasses.replace(config, step=None, hold=None)
             for seed in seeds:
                 out, m = project_run(run_dir, DataConfig("textures", category, a.tfds_dir), config, thresholds,
-                                     overlays=False, progress=False, mesh=mesh, data_seed=seed)
+                                     overlays=False, progress=False, mesh=mesh, data_seed=seed, test_split=test_split)
                 used = json.loads((out / "projection_config.json").read_text())
                 row = {"category": category, "seed": seed, "role": role(category, seed), "map": kind,
                        "image_score": score, "parametrisation": param, "alpha": used["alpha"],
-                       "lam": used["lam"], "run": str(run_dir), "projection": str(out),
+                       "lam": used["lam"], "defect_kinds": a.defect_kinds, "run": str(run_dir), "projection": str(out),
+                       "per_kind": {k: {r: v[r]["pixel_auroc"] for r in ("recon", "grad")} for k, v in m["per_kind"].items()},
                        **{r: {k: m[r][k] for k in ("pixel_auroc", "pixel_aupro", "image_auroc", "image_auroc_max")
                               if k in m[r]} for r in ("recon", "grad")}}
                 rows.append(row)

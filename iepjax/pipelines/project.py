@@ -116,7 +116,8 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
 
 def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
                 thresholds: ThresholdConfig = ThresholdConfig(), *, batch_size: int = 16, overlays: bool = True,
-                progress: bool = True, mesh=None, data_seed: int = 0) -> tuple[Path | None, dict]:
+                progress: bool = True, mesh=None, data_seed: int = 0,
+                test_split: dict | None = None) -> tuple[Path | None, dict]:
     """Evaluate a trained run on the test split: writes run_dir/projections/v<N>/; returns (folder, metrics).
 
     `config` defaults to the category preset's projection settings; its model is the run's. The
@@ -125,9 +126,11 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     run was trained on). `mesh`: as in `localization.localize`; with several processes each
     projects its share and process 0 writes everything, the others return (None, {}). `data_seed`:
     the built-in data's split seed (0, the reported split; 1, the calibration split of
-    docs/calibration.md), recorded in the metrics when not 0.
+    docs/calibration.md), recorded in the metrics when not 0. `test_split`: other builder-config
+    fields of the built-in test split, e.g. {"defect_kinds": defects.DETAIL_LOSS_KINDS} (recorded
+    in the metrics); the held-out normal images, and so the thresholds, stay the run's.
     """
-    split_seed = {"seed": data_seed} if data_seed else {}
+    split_seed = {**({"seed": data_seed} if data_seed else {}), **(test_split or {})}
     run = prepare_run(run_dir, source, config, thresholds, batch_size=batch_size, progress=progress, mesh=mesh)
     size, official, map_cfg = run.config.model.size, None, thresholds.map
     fits = map_fits(run.stats) if map_cfg.kind == "nce" else None
@@ -159,14 +162,15 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                 for row, root in outputs.write_maps(out.path, source.category, test.ids, res.maps).items()}
         result = evaluate(run.params, run.config, test, loc, run.stats, out.path, source=run.source,
                           official=official, batch_size=batch_size, overlays=overlays,
-                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg, data_seed=data_seed)
+                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg, data_seed=data_seed,
+                          test_split=test_split)
     return out.final, result
 
 
 def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,
              source: str = FITTED, official: dict | None = None, batch_size: int = 16, overlays: bool = True,
              compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig(),
-             data_seed: int = 0) -> dict:
+             data_seed: int = 0, test_split: dict | None = None) -> dict:
     """Score a labelled split's localisation and write the projection folder; returns the metrics.
 
     `test`: an `iepjax.data.Split` at the model size; `stats`: {"grad", "recon"} -> NormalStats
@@ -181,6 +185,8 @@ def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, st
                            compiled_in_calibration=compiled_in_calibration, map_cfg=map_cfg)
     if data_seed:
         result["data_seed"] = data_seed
+    if test_split:  # a test split of other builder-config fields than the default's
+        result["test_split"] = {k: list(v) if isinstance(v, tuple) else v for k, v in test_split.items()}
     outputs.write_results(out_dir, result, loc, test.ids, config, stats, source)
     img_scores = calibrated_maps.image_scores(loc.grad_maps, map_cfg, stats["grad"].pixel_threshold)
     report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,

@@ -143,7 +143,9 @@ def e2e(tmp_path_factory, env, tiny_run):
     tmp = tmp_path_factory.mktemp("export")
     results, _ = copy_results(tiny_run, tmp / "results")
     model = tmp / "model"
-    export = _run(["export.py", "--category", "brick", "--results", str(results), "--out", str(model)], env)
+    # the tiny run's 4-step model collapsed to the mean image: export.py refuses it unless allowed
+    export = _run(["export.py", "--category", "brick", "--results", str(results), "--out", str(model),
+                   "--allow-collapse"], env)
     assert export.returncode == 0, export.stderr[-3000:]
     run_dir = Path(json.loads((model / "metadata.json").read_text())["source"]["run_dir"])
     proj_dir = (run_dir / "projections" / "latest").resolve()
@@ -226,6 +228,23 @@ def fresh(e2e):
     with open(out / "scores.csv", newline="") as f:
         rows = {row["file"]: row for row in csv.DictReader(f)}
     return dict(result=result, out=out, rows=rows, stderr=r.stderr, arrays=arrays)
+
+
+@slow
+def test_export_refuses_a_collapsed_run_unless_allowed(e2e, tmp_path, capsys):
+    """A model that collapsed to the mean image flags nothing (or everything): export.py says so
+    and exits with the collapse status before any work; --allow-collapse exports it anyway (the
+    fixture), and the re-export command it records keeps the flag."""
+    import export
+
+    from iepjax import cli
+    record = json.loads((e2e["run_dir"] / "training.json").read_text())
+    assert record["collapse"]["collapsed"]  # what the fixture's export needed --allow-collapse for
+    rc = export.main(["--run", str(e2e["run_dir"]), "--out", str(tmp_path / "model")])
+    assert rc == cli.EXIT_COLLAPSED and "collapsed" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+    meta = json.loads((e2e["model"] / "metadata.json").read_text())
+    assert meta["source"]["reexport_command"].endswith("--allow-collapse")
 
 
 @slow
