@@ -135,7 +135,8 @@ def add_projection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=nonnegative_int, help="projection steps T")
     g.add_argument("--alpha", type=nonnegative_float, help="step size as such (instead of --step)")
     g.add_argument("--lam", type=nonnegative_float, help="weight of the L1 prior ||x - x0||_1 as such (instead of --hold)")
-    g.add_argument("--sigma", type=nonnegative_float, help="Gaussian smoothing of the maps, pixels")
+    g.add_argument("--sigma", type=nonnegative_float,
+                   help="Gaussian smoothing of the paper's maps, pixels (--map nce smooths with its own window)")
     g.add_argument("--hold", type=fraction,
                    help="lam in the model's own units: the fraction of held-out normal pixels the L1 prior keeps "
                         "at x0 (iepjax.loss_scale; the resolved lam is written to loss_scale.json; default: the "
