@@ -4,7 +4,8 @@ The test labels never choose a threshold. A fraction of the normal training imag
 of training (`pipelines.train.holdout_split`); their anomaly maps give the score distributions of
 normal data, and the thresholds are quantiles of them (`ThresholdConfig`). They are fitted once
 per projection config and checkpoint and kept in the run folder (thresholds.json), or given by
-the user.
+the user. The same images resolve the projection's step and hold into alpha and lam
+(`load_or_resolve`, loss_scale.json; docs/method.md, Projection).
 
 Fits that would be nonsense are refused (`ThresholdError`, a message that names the flags):
 
