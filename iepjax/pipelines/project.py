@@ -97,6 +97,11 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     if nce and not fit:
         raise ThresholdError(f"run {run_dir} holds out too few normal images to fit the nce map on (it needs "
                              f"{min_held_out(thresholds)}): use --map paper")
+    if not config.resolved and not held_out_ids(run_dir):  # trained with --holdout 0, thresholds given
+        print(f"warning: run {run_dir} holds out no normal image to resolve the projection's step and hold on: "
+              f"alpha {config.alpha:g} and lam {config.lam:g} are used as they are (the values they give the "
+              "built-in brick model); pass --alpha and --lam for this model's scale", file=sys.stderr)
+        config = dataclasses.replace(config, step=None, hold=None)
     normal = []
     if fit or thresholds.early_stop or not config.resolved:
         normal = distributed.main_first(  # process 0 prepares the data set, then the others read it

@@ -496,3 +496,20 @@ def test_seeds_reads_scored_runs_and_does_not_rerun_them(e2e, tmp_path, capsys):
     assert lines[0]["margin_pixel_auroc"] == margin
     assert lines[2]["margin_pixel_auroc"] == {"mean": margin, "std": 0.0, "min": margin, "max": margin}
     assert _snapshot(e2e["run_dir"]) == before
+
+
+def test_a_run_without_held_out_images_projects_with_alpha_and_lam_as_given(tiny_run, tmp_path, capsys):
+    """A run trained with --holdout 0 (both thresholds then given, no early stop) has no normal image
+    to resolve the preset's step and hold on: the preset's alpha and lam are used, with a warning."""
+    from iepjax import presets
+    from iepjax.config import DataConfig, ThresholdConfig
+    from iepjax.pipelines.project import prepare_run
+
+    _, run_dir = copy_results(tiny_run, tmp_path / "results")
+    holdout = json.loads((run_dir / "holdout.json").read_text())
+    (run_dir / "holdout.json").write_text(json.dumps({**holdout, "ids": []}))
+    given = ThresholdConfig(pixel_threshold=0.1, image_threshold=0.2, early_stop=False)
+    run = prepare_run(run_dir, DataConfig("textures", "brick", str(tiny_run["tfds"])), None, given, progress=False)
+    pre = presets.projection_config("textures", "brick")
+    assert run.config.resolved and (run.config.alpha, run.config.lam) == (pre.alpha, pre.lam) and run.scale is None
+    assert "holds out no normal image to resolve" in capsys.readouterr().err
