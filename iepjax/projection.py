@@ -217,14 +217,14 @@ def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
     Returns:
       ProjectionResult(x_T (B, H, W, C), maps (B, H, W), energies (B, T)).
     Raises:
-      ValueError: a config with `step` / `hold` left to resolve (`loss_scale.resolve`); images of the wrong shape, or (numpy or concrete jax arrays) with values outside
+      ValueError: a config with `step` / `hold` left to resolve (`loss_scale.resolve`; raised while
+        tracing, by `scan_parts`); images of the wrong shape, or (numpy or concrete jax arrays) with values outside
         [0, 1] beyond float round-off: the message gives the range found and says to divide by 255
         or clip. Such images are not clipped silently: a batch scaled by 255 would give maps up to
         ~160 that look like results. NaN / inf values pass (their images get non-finite maps).
         Inside jit or vmap only the shape and dtype are checked.
       TypeError: integer images (divide uint8 images by 255.0 first).
     """
-    check_resolved(config)
     check_images(x0_BxHxWxC, config)
     with using_conv(resolve_conv(conv)):
         return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)

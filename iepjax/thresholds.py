@@ -223,6 +223,30 @@ def _usable(stats: dict, thresholds: ThresholdConfig) -> bool:
                for st in stats.values())
 
 
+def _record_key(prep: Preprocess | None, step: int | None, **fields) -> dict:
+    """What a record kept in the run folder was made for: `fields`, the checkpoint `step` (when
+    given) and the run's preprocessing (when it has one), as stored (strict JSON)."""
+    if step is not None:
+        fields["checkpoint_step"] = int(step)
+    if prep is not None:
+        fields["preprocess"] = prep.to_dict()
+    return finite_or_none(fields)
+
+
+def _stored_record(path: Path, want: dict) -> dict | None:
+    """The JSON record at `path` if it was made for `want` (the same value under each of its keys),
+    else None (missing, unreadable, or made for something else)."""
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in want} != want:
+        return None
+    return stored
+
+
 def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, normal_images: np.ndarray,
                       thresholds: ThresholdConfig = ThresholdConfig(), *, step: int | None = None,
                       batch_size: int = 16, progress: bool = True, mesh=None) -> tuple[dict, float | None]:
@@ -235,24 +259,18 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
     cannot be fitted sensibly; stored thresholds that would now be refused are fitted again.
     """
     path = Path(run_dir) / "thresholds.json"
-    want = {"projection": to_dict(config), "pixel_quantile": thresholds.pixel_quantile,
-            "image_quantile": thresholds.image_quantile, "n_images": len(normal_images),
-            "map": to_dict(thresholds.map)}
-    if step is not None:
-        want["checkpoint_step"] = int(step)
     prep = Preprocess.load(run_dir)
-    if prep is not None:
-        want["preprocess"] = prep.to_dict()
-    want = finite_or_none(want)  # as stored (strict JSON)
-    if path.exists():
+    want = _record_key(prep, step, projection=to_dict(config), pixel_quantile=thresholds.pixel_quantile,
+                       image_quantile=thresholds.image_quantile, n_images=len(normal_images),
+                       map=to_dict(thresholds.map))
+    stored = _stored_record(path, want)
+    if stored is not None:
         try:
-            stored = json.loads(path.read_text())
-            if {k: stored.get(k) for k in want} == want:
-                stats = {k: NormalStats(**stored[k]) for k in ("grad", "recon")}
-                if _usable(stats, thresholds) and (thresholds.map.kind == "paper" or map_fits(stats)):
-                    return stats, None
+            stats = {k: NormalStats(**stored[k]) for k in ("grad", "recon")}
+            if _usable(stats, thresholds) and (thresholds.map.kind == "paper" or map_fits(stats)):
+                return stats, None
         except (ValueError, TypeError, KeyError):
-            pass  # unreadable or of another layout: fitted again
+            pass  # of another layout: fitted again
     stats, compile_s = calibrate(params, config, normal_images, thresholds, prep=prep, batch_size=batch_size,
                                  progress=progress, mesh=mesh)
     if jax.process_index() == 0:
@@ -274,21 +292,14 @@ def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, norma
         return config, None
     path = Path(run_dir) / "loss_scale.json"
     prep = Preprocess.load(run_dir)
-    want = {"projection": to_dict(config), "n_images": len(normal_images)}
-    if step is not None:
-        want["checkpoint_step"] = int(step)
-    if prep is not None:
-        want["preprocess"] = prep.to_dict()
-    want = finite_or_none(want)  # as stored (strict JSON)
-    if path.exists():
+    want = _record_key(prep, step, projection=to_dict(config), n_images=len(normal_images))
+    stored = _stored_record(path, want)
+    if stored is not None:
         try:
-            stored = json.loads(path.read_text())
-            if {k: stored.get(k) for k in want} == want:
-                resolved = dataclasses.replace(config, alpha=float(stored["alpha"]), lam=float(stored["lam"]),
-                                               step=None, hold=None)
-                return resolved, stored
+            return dataclasses.replace(config, alpha=float(stored["alpha"]), lam=float(stored["lam"]),
+                                       step=None, hold=None), stored
         except (ValueError, TypeError, KeyError):
-            pass  # unreadable or of another layout: measured again
+            pass  # of another layout: measured again
     x = model_inputs(normal_images, prep)[0] if prep is not None else resize_images(normal_images, config.model.size)
     resolved, record = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0)
     record = finite_or_none({**want, **record})
