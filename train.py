@@ -47,7 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=cli.fraction, help="fraction of normal training images kept for thresholds (0.1)")
     p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
     cli.add_threshold_flags(p)
-    p.add_argument("--allow-collapse", action="store_true", help="exit 0 even if the model collapsed to the mean")
+    p.add_argument("--allow-collapse", action="store_true",
+                   help="keep a model that collapsed to the mean image as it is (no retraining) and exit 0")
+    p.add_argument("--no-collapse-retry", action="store_true",
+                   help="when the VAE collapses, stop (exit 3) instead of training it again with --free-bits 0.5")
     cli.add_output_flags(p, overlays=False)
     cli.add_runtime_flags(p)
     a = p.parse_args(argv)
@@ -67,17 +70,21 @@ def main(argv=None) -> int:
         p.error(str(e))
     mesh = cli.start_runtime(a, train=config)
     status, out = cli.guarded(train_category, config, prep, cli.threshold_config(a), source, results=a.results,
-                              new=a.new, progress=not a.no_progress, mesh=mesh, calibrate_collapsed=a.allow_collapse)
+                              new=a.new, progress=not a.no_progress, mesh=mesh, calibrate_collapsed=a.allow_collapse,
+                              retry_collapsed=not a.no_collapse_retry)
     if out is None:
         return status
+    if out.retried_from is not None:
+        print(f"collapsed run: {out.retried_from} (trained again here with --free-bits {out.summary.config.free_bits})")
     print(report.format_collapse(out.summary.collapse))
     if out.summary.collapse.collapsed:
+        used = out.summary.config
         print("ERROR: the model collapsed to predicting the mean image (reconstruction loss near the constant "
-              "predictor's, ratio >= 0.97). "
-              + ("Try --likelihood gaussian, " if out.summary.config.model.likelihood == "bce" else "Try ")
-              + ("--free-bits 0.5 (a floor on each latent dimension's KL), --kl-warmup 1000, "
-                 if a.model == "vae" else "") + "more --steps, another --lr or --seed; see docs/calibration.md.",
-              file=sys.stderr)
+              "predictor's, ratio >= 0.97)" + (f" with free bits {used.free_bits}" if used.free_bits else "") + ". "
+              + ("Try --likelihood gaussian, " if used.model.likelihood == "bce" else "Try ")
+              + (("" if used.free_bits else "--free-bits 0.5 (a floor on each latent dimension's KL), ")
+                 + "--kl-warmup 1000, " if a.model == "vae" else "")
+              + "more --steps, another --lr or --seed; see docs/calibration.md.", file=sys.stderr)
         if not a.allow_collapse:
             print(f"run folder: {out.run_dir}")
             return cli.EXIT_COLLAPSED

@@ -7,6 +7,7 @@ the trained VAE only predicts the mean image; `load_params` reads a trained run 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import math
@@ -92,6 +93,21 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+# The VAE's remedy for a collapse to the mean image: a floor of this many nats on each latent
+# dimension's KL term (free bits, `losses.kl_free_bits`; docs/calibration.md, Collapse).
+COLLAPSE_FREE_BITS = 0.5
+
+
+def collapse_remedy(config: TrainConfig) -> TrainConfig | None:
+    """The config to train again with when `config`'s model collapsed (`collapse_check`): the same
+    with free bits (`COLLAPSE_FREE_BITS`); None when there is no remedy to try (a deterministic AE
+    has no KL term, and a config that already floors the KL is what the user chose). The train
+    pipeline (`pipelines.train.train_category`) applies it."""
+    if not config.model.use_kl or config.free_bits > 0:
+        return None
+    return dataclasses.replace(config, free_bits=COLLAPSE_FREE_BITS)
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:

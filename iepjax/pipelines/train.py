@@ -5,7 +5,8 @@
 
 The run folder is results/<model>/<dataset>/<category>/v<N>/ (model: vae, ae_l2 or ae_ssim) (`iepjax.runs`): config.json,
 preprocess.json, holdout.json, checkpoints/, train_log.csv, training.json and, after
-`train_category`, thresholds.json (docs/method.md, Training and Thresholds).
+`train_category`, thresholds.json (docs/method.md, Training and Thresholds). A run trained again
+after its first model collapsed (`collapse_remedy`) also holds collapse_retry.json.
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ import numpy as np
 
 from iepjax import calibrated_maps, data, distributed, presets, runs
 from iepjax.atomic import dumps_json
-from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, to_dict
+from iepjax.config import DataConfig, ThresholdConfig, TrainConfig, from_dict, to_dict
 from iepjax.data import DataError
 from iepjax.data.preprocess import Preprocess, training_inputs
 from iepjax.early_stop import with_early_stop
 from iepjax.thresholds import (ThresholdError, held_out_ids, held_out_images, load_or_calibrate, load_or_resolve,
                                run_source)
 from iepjax.thresholds import min_held_out as held_out_needed
-from iepjax.training import TrainSummary, train
+from iepjax.training import TrainSummary, collapse_remedy, train
 
 
 class RunFailed(FloatingPointError):
@@ -41,11 +42,20 @@ class RunFailed(FloatingPointError):
 
 class TrainOutcome(NamedTuple):
     """What `train_category` returns: the run folder, the training summary (with the collapse
-    check), and the thresholds fitted on the held-out images (None when none were fitted)."""
+    check), the thresholds fitted on the held-out images (None when none were fitted), and the run
+    whose model collapsed when this one is its retraining (`collapse_remedy`; else None)."""
 
     run_dir: Path
     summary: TrainSummary
     thresholds: dict | None
+    retried_from: Path | None = None
+
+
+RETRY_FILE = "collapse_retry.json"  # in a retrained run: the config asked for and the collapsed run
+
+
+def _json_file(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +89,8 @@ def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> t
 
 def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, holdout: float = 0.1,
               results: str | os.PathLike = "results", new: bool = False, progress: bool = True,
-              mesh=None, min_held_out: int = 1) -> tuple[Path, TrainSummary]:
+              mesh=None, min_held_out: int = 1, retry_of: tuple[Path, TrainConfig] | None = None
+              ) -> tuple[Path, TrainSummary]:
     """Train on the `train` split of `source` in a run folder; resume its latest run if unfinished.
 
     A run with the same config, preprocessing and image folder is resumed; anything else, or
@@ -112,32 +123,43 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
     cat_dir = runs.category_dir(results, config.model.model_name, dataset, category)
     run_dir = None
     if distributed.is_main():
-        run_dir = None if new else runs.latest_run(cat_dir)
-        cfg_json = dumps_json(to_dict(config))
+        run_dir = None if (new or retry_of) else runs.latest_run(cat_dir)
+        asked = json.loads(dumps_json(to_dict(config)))
         if run_dir is not None:
-            old = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else None
-            if old is not None and json.loads(old) != json.loads(cfg_json):
+            old, retry = _json_file(run_dir / "config.json"), _json_file(run_dir / RETRY_FILE)
+            if old is not None and (retry["requested"] if retry else old) != asked:
                 run_dir = None  # a different config is a new run
             elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
                 run_dir = None  # other preprocessing or another image folder: a new run
             elif (run_dir / "holdout.json").exists() and held_out_ids(run_dir) != held_ids:
                 run_dir = None  # another held-out set: the model has seen some of them, a new run
+            elif retry and old is not None:  # the retraining of this config after a collapse: continue it with its own config
+                config = from_dict(TrainConfig, old)
         run_dir = runs.resume_or_new(cat_dir, run_dir)  # held by this process: concurrent runs never share it
-        runs.atomic_write_text(run_dir / "config.json", cfg_json)
+        runs.atomic_write_text(run_dir / "config.json", dumps_json(to_dict(config)))
+        if retry_of is not None:  # after config.json: killed in between, the run is only not recognised
+            runs.atomic_write_text(run_dir / RETRY_FILE, dumps_json(
+                {"requested": to_dict(retry_of[1]), "collapsed_run": str(retry_of[0]),
+                 "free_bits": config.free_bits}))
         prep.save(run_dir)
         runs.atomic_write_text(run_dir / "holdout.json", dumps_json(
             {"dataset": dataset, "category": category, "fraction": holdout, "source_dir": folder,
              "n_normal_images": n_images, "ids": held_ids}))
     run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir is not None else None))
+    config = from_dict(TrainConfig, json.loads(distributed.broadcast_text(  # process 0 may continue a retraining
+        dumps_json(to_dict(config)) if distributed.is_main() else None)))
     images = training_inputs([split.images[i] for i in train_idx], prep, seed=config.seed)
     return run_dir, train(config, images, run_dir, progress=progress, mesh=mesh)
 
 
 def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdConfig, source: DataConfig, *,
                    results: str | os.PathLike = "results", new: bool = False, progress: bool = True, mesh=None,
-                   calibrate_collapsed: bool = False) -> TrainOutcome:
+                   calibrate_collapsed: bool = False, retry_collapsed: bool = True) -> TrainOutcome:
     """`train_run`, then the thresholds project.py will use by default, fitted on the held-out images.
 
+    A VAE that collapsed to the mean image is trained again, in a new run folder, with the remedy
+    `collapse_remedy` gives (free bits), unless `calibrate_collapsed` (the collapsed model is kept as
+    it is) or not `retry_collapsed`; `TrainOutcome.retried_from` then names the collapsed run.
     The thresholds are fitted for the category's projection preset (with early stopping, as
     `thresholds.early_stop` says) and stored in the run folder; not when nothing is held out,
     nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Enough images
@@ -146,11 +168,24 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
     a warning says why, and no thresholds are returned. Raises `RunFailed` (naming the run
     folder) when the trained model's losses are not finite.
     """
-    run_dir, summary = train_run(config, prep, source, holdout=thresholds.holdout, results=results, new=new,
-                                 progress=progress, mesh=mesh,
-                                 min_held_out=held_out_needed(thresholds) if thresholds.holdout > 0 else 1)
+    def run(cfg: TrainConfig, **kw) -> tuple[Path, TrainSummary]:
+        return train_run(cfg, prep, source, holdout=thresholds.holdout, results=results, progress=progress,
+                         mesh=mesh, min_held_out=held_out_needed(thresholds) if thresholds.holdout > 0 else 1, **kw)
+
+    run_dir, summary = run(config, new=new)
+    retried_from = None
+    remedy = collapse_remedy(summary.config)
+    if summary.collapse.collapsed and remedy is not None and retry_collapsed and not calibrate_collapsed:
+        if distributed.is_main():
+            print(f"note: the model of {run_dir} collapsed to the mean image (reconstruction error "
+                  f"{summary.collapse.ratio:.3f}x the constant predictor's); training again with free bits "
+                  f"{remedy.free_bits} in a new run folder (docs/calibration.md, Collapse)", file=sys.stderr)
+        retried_from = run_dir
+        run_dir, summary = run(remedy, retry_of=(run_dir, summary.config))
+    elif (retry := _json_file(run_dir / RETRY_FILE)) is not None:  # continued a retraining
+        retried_from = Path(retry["collapsed_run"])
     if thresholds.holdout == 0 or (summary.collapse.collapsed and not calibrate_collapsed):
-        return TrainOutcome(run_dir, summary, None)
+        return TrainOutcome(run_dir, summary, None, retried_from)
     model, params = summary.config.model, summary.state.params
     normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
     pcfg = calibrated_maps.projection_for(dataclasses.replace(
@@ -169,8 +204,8 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
                                      progress=progress, mesh=mesh)
     except ThresholdError as e:
         print(f"warning: no thresholds fitted: {e}", file=sys.stderr)
-        return TrainOutcome(run_dir, summary, None)
-    return TrainOutcome(run_dir, summary, stats)
+        return TrainOutcome(run_dir, summary, None, retried_from)
+    return TrainOutcome(run_dir, summary, stats, retried_from)
 
 
 def _same_training_inputs(a: Preprocess, b: Preprocess) -> bool:

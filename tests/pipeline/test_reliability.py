@@ -7,6 +7,7 @@ concerns a whole process): this file is also their worker, `python tests/pipelin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -640,6 +641,40 @@ def test_a_collapsed_run_is_refused_unless_allowed(tmp_path, capsys):
     assert runs.check_trained(run, "brick", allow_collapse=True) == []
     (run / "training.json").write_text(json.dumps({"steps": 1, "collapse": {"collapsed": False, "ratio": 0.5}}))
     assert runs.check_trained(run, "brick") == []
+
+
+def test_a_collapsed_vae_is_trained_again_with_free_bits_in_a_new_run(tmp_path):
+    """A VAE that collapses (4 steps do) is trained again with free bits (`collapse_remedy`) in a new run folder
+    that records the collapsed one; asking for the same run again continues that retraining instead of starting
+    over; --allow-collapse (calibrate_collapsed) and retry_collapsed=False keep the first model as it is."""
+    from iepjax import presets
+    from iepjax.config import DataConfig, ThresholdConfig
+    from iepjax.data import fake_tree
+    from iepjax.pipelines.train import RETRY_FILE, train_category
+    from iepjax.training import COLLAPSE_FREE_BITS, collapse_remedy
+
+    fake_tree.make_category(tmp_path / "src", "rough", channels=1, size_hw=(40, 48), n_train=4, n_good=1, n_defect=0)
+    source = DataConfig("folder", "rough", str(tmp_path / "tfds"), str(tmp_path / "src"))
+    config = dataclasses.replace(presets.train_config("folder", "rough", size=32), steps=4, batch_size=4)
+    prep = presets.preprocess("folder", "rough", size=32)
+    kw = dict(results=tmp_path / "results", progress=False)
+    no_thresholds = ThresholdConfig(holdout=0.0)
+    first = train_category(config, prep, no_thresholds, source, **kw)
+    collapsed, retrained = first.retried_from, first.run_dir
+    assert collapsed is not None and (collapsed.name, retrained.name) == ("v0", "v1"), first
+    assert first.summary.config.free_bits == COLLAPSE_FREE_BITS == collapse_remedy(config).free_bits
+    record = json.loads((retrained / RETRY_FILE).read_text())
+    assert record["collapsed_run"] == str(collapsed) and record["requested"]["free_bits"] == 0.0
+    assert json.loads((collapsed / "training.json").read_text())["collapse"]["collapsed"]
+    assert json.loads((retrained / "config.json").read_text())["free_bits"] == COLLAPSE_FREE_BITS
+    again = train_category(config, prep, no_thresholds, source, **kw)
+    assert (again.run_dir, again.retried_from, again.summary.resumed_from) == (retrained, collapsed, 4), again
+    assert sorted(p.name for p in collapsed.parent.glob("v*")) == ["v0", "v1"]
+    for opts in (dict(calibrate_collapsed=True), dict(retry_collapsed=False)):
+        kept = train_category(config, prep, no_thresholds, source, new=True, **opts, **kw)
+        assert kept.retried_from is None and kept.summary.collapse.collapsed and not (kept.run_dir / RETRY_FILE).exists()
+    assert collapse_remedy(collapse_remedy(config)) is None
+    assert collapse_remedy(presets.train_config("folder", "rough", size=32, model="ae_l2")) is None
 
 
 def test_an_unfinished_run_is_projected_with_a_warning(tmp_path):
