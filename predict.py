@@ -6,7 +6,7 @@
 
 For each image: the raw anomaly map at the image's size (maps/<name>.tiff, float32), the mask at
 the stored pixel threshold (masks/<name>.png), an overlay (overlays/<name>.png) and a row of
-scores.csv: the image score (max of the map at the model size), the normalised score
+scores.csv: the image score (as project.py's, of the map at the model size), the normalised score
 s / (s + t) (0.5 at the stored image threshold t) and the label (1: score >= t). <name> is the
 file's path relative to the inputs' common folder, extension kept.
 

@@ -167,21 +167,18 @@ def add_map_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-score", choices=IMAGE_SCORES,
                    help="max of the map (the paper's), topk (mean of the top --topk-frac of the pixels), smoothed_max "
                         "(max after a Gaussian of --smoothed-max-sigma px), area (fraction above the pixel threshold); "
-                        "default: max for --map paper, topk for --map nce")
-    p.add_argument("--topk-frac", type=unit_fraction, help="topk: fraction of the pixels averaged (default 0.005)")
+                        "default: topk")
+    p.add_argument("--topk-frac", type=unit_fraction,
+                   help="topk: fraction of the pixels averaged (default 0.001 for --map paper, 0.005 for --map nce)")
     p.add_argument("--smoothed-max-sigma", type=positive_float, help="smoothed_max: Gaussian std in px (default 4)")
 
 
 def map_config(args: argparse.Namespace):
-    """The `MapConfig` of the flags of `add_map_flags` (the defaults for those a script lacks or leaves out)."""
-    from iepjax.config import MapConfig
-    kind = getattr(args, "map_kind", None) or MapConfig().kind
-    score = getattr(args, "image_score", None) or DEFAULT_IMAGE_SCORE[kind]
-    return override(MapConfig(kind=kind, image_score=score), topk_frac=getattr(args, "topk_frac", None),
+    """The `MapConfig` of the flags of `add_map_flags` (`config.default_map` for those a script lacks or leaves out)."""
+    from iepjax.config import MapConfig, default_map
+    base = default_map(getattr(args, "map_kind", None) or MapConfig().kind)
+    return override(base, image_score=getattr(args, "image_score", None), topk_frac=getattr(args, "topk_frac", None),
                     smoothed_max_sigma=getattr(args, "smoothed_max_sigma", None))
-
-
-DEFAULT_IMAGE_SCORE = {"paper": "max", "nce": "topk"}  # chosen on the calibration split (docs/calibration.md)
 
 
 def add_output_flags(p: argparse.ArgumentParser, *, overlays: bool = True) -> None:

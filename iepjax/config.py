@@ -222,7 +222,9 @@ class MapConfig:
         two-sided tail probability of its local energy in a context bin).
       image_score: "max" (the paper's), "topk" (mean of the top `topk_frac` of the pixels),
         "smoothed_max" (max after a Gaussian of std `smoothed_max_sigma` px), "area" (fraction
-        of the pixels at or above the pixel threshold).
+        of the pixels at or above the pixel threshold). The defaults, chosen on the calibration
+        splits (docs/calibration.md, Anomaly map and image score), are `default_map`'s: the paper's
+        map scored by the mean of its top 0.1 % pixels.
       window_sigma: nce, px: std of the Gaussian window of the local energy.
       feature_sigma: nce, px: scale of the local standard deviation of x0 (the context).
       feature_bins: nce: quantile bins of that local standard deviation.
@@ -234,8 +236,8 @@ class MapConfig:
     """
 
     kind: str = "paper"
-    image_score: str = "max"
-    topk_frac: float = 0.005
+    image_score: str = "topk"
+    topk_frac: float = 0.001
     smoothed_max_sigma: float = 4.0
     window_sigma: float = 2.0
     feature_sigma: float = 4.0
@@ -259,6 +261,24 @@ class MapConfig:
         if list(self.border_bands) != sorted(set(self.border_bands)) or any(b < 1 for b in self.border_bands):
             raise ValueError(f"MapConfig.border_bands={self.border_bands}: increasing edges >= 1")
 
+    def score_record(self) -> dict:
+        """The map kind and image score as recorded beside metrics and thresholds, with the image
+        score's parameter (topk_frac or smoothed_max_sigma) where it has one."""
+        param = {"topk": "topk_frac", "smoothed_max": "smoothed_max_sigma"}.get(self.image_score)
+        return {"kind": self.kind, "image_score": self.image_score, **({param: getattr(self, param)} if param else {})}
+
+
+# The image score of each map kind: the mean of its top fraction of pixels (docs/calibration.md).
+DEFAULT_TOPK_FRAC = {"paper": 0.001, "nce": 0.005}
+
+
+def default_map(kind: str = "paper") -> MapConfig:
+    """The map `kind` ("paper" or "nce") with its default image score, the mean of the map's top
+    `DEFAULT_TOPK_FRAC[kind]` of the pixels (chosen on the calibration splits: docs/calibration.md,
+    Anomaly map and image score)."""
+    _check_choice("map kind", kind, MAP_KINDS)
+    return MapConfig(kind=kind, image_score="topk", topk_frac=DEFAULT_TOPK_FRAC[kind])
+
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig:
@@ -267,7 +287,7 @@ class ThresholdConfig:
     Attributes:
       holdout: fraction of the normal training images kept out of training for this.
       pixel_quantile, image_quantile: the thresholds are these quantiles of the held-out images'
-        pixel scores and image scores (max of the map), so about (1 - q) of normal pixels /
+        pixel scores and image scores (`map`'s), so about (1 - q) of normal pixels /
         images are flagged.
       pixel_threshold, image_threshold: thresholds given by the user instead (None: fitted).
       early_stop: stop each image's projection once its L_r is as low as the lowest of the

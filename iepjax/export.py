@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax.config import ProjectionConfig, TrainConfig, to_dict
+from iepjax.config import ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
 from iepjax.runs import atomic_write_bytes, atomic_write_text
@@ -70,16 +70,29 @@ class RunContents(NamedTuple):
     category: str
 
 
-def check_paper_map(stored: dict, where: Path) -> None:
-    """Refuse thresholds fitted for another map than the one exported: the exported programs give the
-    paper's map (docs/method.md, Anomaly maps) and the predictor scores images by its maximum, so
-    thresholds of a normal-calibrated map or another image score would not apply (ValueError)."""
+EXPORTED_SCORES = ("max", "topk")  # the image scores the predictor computes (`predictor.image_score`)
+
+
+def _score_text(score: dict) -> str:
+    return (f"mean of the top {100 * score['topk_frac']:g} % of the pixels" if score["image_score"] == "topk"
+            else "maximum")
+
+
+def check_paper_map(stored: dict, where: Path) -> dict:
+    """The image score of thresholds fitted for the exported map: {"image_score": "max"} or {"image_score":
+    "topk", "topk_frac": f}. The exported programs give the paper's map (docs/method.md, Anomaly maps) and
+    the predictor scores images by its maximum or the mean of its top pixels, so thresholds of a
+    normal-calibrated map or another image score would not apply (ValueError)."""
     m = stored.get("map") or {}
     kind, score = m.get("kind", "paper"), m.get("image_score", "max")
-    if (kind, score) != ("paper", "max") or any((stored.get(r) or {}).get("map_fit") for r in ("grad", "recon")):
+    if (kind != "paper" or score not in EXPORTED_SCORES
+            or any((stored.get(r) or {}).get("map_fit") for r in ("grad", "recon"))):
         raise ValueError(f"the thresholds in {where} are for the {kind} map with the {score} image score; export.py "
-                         "exports the paper's map scored by its maximum: project with --map paper --image-score max "
-                         "first (or pick such a projection with --projection)")
+                         "exports the paper's map scored by its maximum or its top pixels: project with --map paper "
+                         "--image-score topk (or max) first (or pick such a projection with --projection)")
+    # a record without the fraction predates it: the MapConfig default of then
+    return {"image_score": "topk", "topk_frac": float(m.get("topk_frac", 0.005))} if score == "topk" \
+        else {"image_score": "max"}
 
 
 def read_run(*, category: str | None = None, dataset: str = "textures", results: str | os.PathLike = "results",
@@ -154,7 +167,9 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
                                                 progress=progress)
         th = {"source": "held-out normal training images", **{k: v._asdict() for k, v in stats.items()}}
     if proj_dir is not None or (run_dir / "thresholds.json").is_file():
-        check_paper_map(stored, proj_dir or run_dir)
+        th["score"] = check_paper_map(stored, proj_dir or run_dir)
+    else:  # fitted just now, with the default map and image score
+        th["score"] = check_paper_map({"map": ThresholdConfig().map.score_record()}, run_dir)
     g = th["grad"]
     th.update(pixel_quantile=g["pixel_quantile"], image_quantile=g["image_quantile"], n_images=g["n_images"])
     config = dataclasses.replace(config, model=tcfg.model)
@@ -419,13 +434,14 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                        "vmax": g.get("vmax"),
                        "meaning": (f"pixel: the {th['pixel_quantile']} quantile of the anomaly-map pixels of the "
                                    f"{th['n_images']} held-out normal images; image: the {th['image_quantile']} quantile "
-                                   "of their image scores (max of the map at the model size)"
+                                   f"of their image scores ({_score_text(th['score'])} of the map at the model size)"
                                    + ("; replaced by the values given to project.py" if th["source"].startswith("given")
                                       else "")),
                        "pixel_quantiles": g.get("pixel_quantiles"), "image_quantiles": g.get("image_quantiles"),
                        "recon": {k: r.get(k) for k in ("pixel_threshold", "image_threshold", "vmax")}},
-        "scores": {"image_score": f"max of the anomaly map resized from the stitched working resolution to {s}x{s} "
-                                  "(the scale the image threshold was fitted at, as project.py's scores.csv)",
+        "scores": {"image_score": f"{_score_text(th['score'])} of the anomaly map resized from the stitched working "
+                                  f"resolution to {s}x{s} (the scale the image threshold was fitted at, as project.py's "
+                                  "scores.csv)", "rule": th["score"],
                    "label": "1 if image_score >= thresholds.image_threshold",
                    "mask": "anomaly map at the original size >= thresholds.pixel_threshold"},
         "normalisation": {"formula": "s / (s + t)", "t": g["image_threshold"], "text": NORMALISATION,

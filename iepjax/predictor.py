@@ -8,8 +8,9 @@ TensorFlow Datasets, and gives for each image (docs/method.md, Anomaly maps):
 * the raw anomaly map mean_c |x_T - x0| at the image's original size (the image preprocessed as
   project.py does: objects resized to the model size, textures tiled at the training scale and
   the tile maps stitched with blending; the map resized back, `iepjax.data.preprocess`);
-* the image score s = max of the map at the model size (size x size, the scale at which the
-  image threshold was fitted on held-out normal images, as project.py's scores.csv);
+* the image score s of the map at the model size (size x size, the scale at which the image
+  threshold was fitted on held-out normal images, as project.py's scores.csv): the mean of its
+  top pixels (the default) or its maximum, as the export's metadata says (`image_score`);
 * the label s >= image threshold, and the mask: map >= pixel threshold;
 * the normalised score n = s / (s + t), t the image threshold: 0 for a zero map, 0.5 exactly at
   the threshold, towards 1 for s >> t; monotone, so n >= 0.5 <=> s >= t; s = t n / (1 - n).
@@ -169,7 +170,7 @@ class Prediction(NamedTuple):
     """The result for one image of (H, W) pixels.
 
     map: (H, W) float32 raw anomaly map at the original size; mask: (H, W) bool, map >= the
-    pixel threshold; score: max of the map at the model size (the scale of the image threshold);
+    pixel threshold; score: `image_score` of the map at the model size (the scale of the image threshold);
     normalised: score / (score + image threshold) in [0, 1]; label: 1 if score >= image threshold.
     """
 
@@ -178,6 +179,16 @@ class Prediction(NamedTuple):
     score: float
     normalised: float
     label: int
+
+
+def image_score(map_HxW: np.ndarray, rule: dict) -> float:
+    """The image score of one map by the export's rule (metadata "scores"/"rule"): the maximum, or the mean
+    of the top `topk_frac` of the pixels (at least one), as `calibrated_maps.image_score` computes them."""
+    a = np.asarray(map_HxW, np.float64)
+    if rule["image_score"] == "max":
+        return float(a.max())
+    k = max(1, int(round(a.size * float(rule["topk_frac"]))))
+    return float(np.partition(a.ravel(), a.size - k)[a.size - k:].mean())
 
 
 def normalise(score: float | np.ndarray, threshold: float) -> float | np.ndarray:
@@ -242,6 +253,7 @@ class Predictor:
         th = meta["thresholds"]
         self.pixel_threshold = float(th["pixel_threshold"])
         self.image_threshold = float(th["image_threshold"])
+        self.score_rule = meta["scores"].get("rule", {"image_score": "max"})  # exports without a rule: the max
         self.vmax = float(th.get("vmax") or max(self.pixel_threshold, 1e-6))
 
     # ------------------------------------------------------------------ the programs
@@ -330,7 +342,7 @@ class Predictor:
         for lay in layouts:
             work = stitch(maps, lay)  # working resolution
             full = resize_map(work, lay.orig_hw)
-            score = float(np.max(resize_map(work, (s, s))))  # the model-size view the thresholds were fitted on
+            score = image_score(resize_map(work, (s, s)), self.score_rule)  # the view the thresholds were fitted on
             out.append(Prediction(full, full >= self.pixel_threshold, score,
                                   normalise(score, self.image_threshold), int(score >= self.image_threshold)))
         return out

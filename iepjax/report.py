@@ -66,7 +66,7 @@ def format_thresholds(stats: dict) -> str:
 
 def write_scores_csv(path: Path, ids: list[str], defect_types: list[str], scores_N: np.ndarray,
                      labels_N: np.ndarray | None, threshold: float) -> None:
-    """One row per image: file id, defect kind, image score (max of map), label, predicted label."""
+    """One row per image: file id, defect kind, image score, label, predicted label."""
     write_csv(path, SCORE_COLUMNS, [[id_, defect_types[i], f"{float(scores_N[i]):.6g}",
                                      "" if labels_N is None else int(labels_N[i]), int(scores_N[i] >= threshold)]
                                     for i, id_ in enumerate(ids)])

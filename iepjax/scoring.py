@@ -80,7 +80,7 @@ def split_metrics(loc, test, stats: dict, source: str, *, official: dict | None 
         result[row]["pixel_threshold"] = st.pixel_threshold
         result[row]["image_threshold"] = st.image_threshold
     g = stats["grad"]
-    result["map"] = {"kind": map_cfg.kind, "image_score": map_cfg.image_score}
+    result["map"] = map_cfg.score_record()
     result["thresholds"] = {"source": source, "pixel_quantile": g.pixel_quantile, "image_quantile": g.image_quantile,
                             "n_normal_images": g.n_images}
     n_steady = len(test.images) - min(batch_size, len(test.images))

@@ -98,7 +98,7 @@ class NormalStats(NamedTuple):
     """Score statistics of held-out normal images (never test images) and the thresholds they give.
 
     pixel_threshold / image_threshold: the `pixel_quantile` / `image_quantile` quantiles of the
-    normal pixel scores / image scores (max of map); vmax: the heat-map bound (99.9th percentile
+    normal pixel scores / image scores (`MapConfig.image_score`); vmax: the heat-map bound (99.9th percentile
     of normal pixel scores, at least the pixel threshold) used for every image's picture;
     n_images: the images fitted on; n_excluded: held-out images left out (frozen at step 0 by
     early stopping); pixel_quantiles / image_quantiles: the score distributions at QUANTILES;

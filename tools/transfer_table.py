@@ -3,17 +3,17 @@
     python tools/transfer_table.py                         # every built-in category with a trained run
     python tools/transfer_table.py --categories weave tissue_gray --json transfer.json
 
-For each category with a trained run under --results, and each map setting (the paper's map
-with the max as image score; the normal-calibrated map with the default image score, and the max
-on the same maps), and each parametrisation of the projection's alpha and lam (`--projections`:
+For each category with a trained run under --results, and each map (the paper's and the
+normal-calibrated one, each with its default image score, and the max on the same maps), and each parametrisation of the projection's alpha and lam (`--projections`:
 "relative", the preset's step and hold resolved in the model's own units on the run's held-out
 normal images, the default; "fixed", the constants they give on the brick model), it runs `pipelines.project_run` (what
 project.py runs) and prints one row: pixel AUROC, AU-PRO, image AUROC (the setting's image
 score, and the max) for recon and grad, and the alpha and lam used.
 
-The map and image-score defaults were chosen on brick and grass, data seed 1 (the calibration
-split, docs/calibration.md): those rows say "chosen on". Seed 0 (the reported split) of every
-category, and every seed of the other categories, was never used for a choice: "scored only".
+The defaults were chosen on data seed 1 (the calibration split, docs/calibration.md) of brick
+and grass, and of weave and tissue_gray for the projection's step and hold and the image score:
+those rows say "chosen on". Seed 0 (the reported split) of every category, and every seed of
+tissue, was never used for a choice: "scored only".
 Every call writes a projection folder into the run, like project.py (without overlays).
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ import json
 import sys
 
 CATEGORIES = ("brick", "grass", "tissue_gray", "weave", "tissue")
-CHOSEN_ON = {("brick", 1), ("grass", 1)}  # (category, data seed) the defaults were chosen on
-SETTINGS = {"paper": ("paper", "max"), "nce": ("nce", "topk")}
+# (category, data seed) the defaults were chosen on (docs/calibration.md)
+CHOSEN_ON = {("brick", 1), ("grass", 1), ("weave", 1), ("tissue_gray", 1)}
+MAPS = ("paper", "nce")  # config.MAP_KINDS, each with its default image score (config.default_map)
 PROJECTIONS = ("relative", "fixed")
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    p.add_argument("--maps", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     p.add_argument("--projections", nargs="+", default=["relative"], choices=PROJECTIONS,
                    help="alpha and lam: resolved in the model's units (relative, the default) and/or the constants "
                         "they give on the brick model (fixed)")
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     from iepjax import cpu_runtime
     cpu_runtime.use_cpu_cores(a.cpu_devices)  # before any JAX computation
     from iepjax import runs, sharding
-    from iepjax.config import DataConfig, MapConfig, ThresholdConfig
+    from iepjax.config import DataConfig, ThresholdConfig, default_map
     from iepjax import presets
     from iepjax.data import defects
     from iepjax.pipelines import project_run
@@ -89,8 +90,7 @@ def main(argv=None) -> int:
             continue
         seeds = a.seeds or ([1, 0] if any(c == category for c, _ in CHOSEN_ON) else [0])
         for name, param in [(n, q) for n in a.maps for q in a.projections]:  # the seeds inside: one fit per setting
-            kind, score = SETTINGS[name]
-            thresholds = ThresholdConfig(map=MapConfig(kind=kind, image_score=score))
+            thresholds = ThresholdConfig(map=default_map(name))
             config = presets.projection_config("textures", category)
             if param == "fixed":
                 config = dataclasses.replace(config, step=None, hold=None)
@@ -98,8 +98,9 @@ def main(argv=None) -> int:
                 out, m = project_run(run_dir, DataConfig("textures", category, a.tfds_dir), config, thresholds,
                                      overlays=False, progress=False, mesh=mesh, data_seed=seed, test_split=test_split)
                 used = json.loads((out / "projection_config.json").read_text())
-                row = {"category": category, "seed": seed, "role": role(category, seed), "map": kind,
-                       "image_score": score, "parametrisation": param, "alpha": used["alpha"],
+                row = {"category": category, "seed": seed, "role": role(category, seed), "map": name,
+                       "image_score": thresholds.map.image_score, "topk_frac": thresholds.map.topk_frac,
+                       "parametrisation": param, "alpha": used["alpha"],
                        "lam": used["lam"], "defect_kinds": a.defect_kinds, "run": str(run_dir), "projection": str(out),
                        "per_kind": {k: {r: v[r]["pixel_auroc"] for r in ("recon", "grad")} for k, v in m["per_kind"].items()},
                        **{r: {k: m[r][k] for k in ("pixel_auroc", "pixel_aupro", "image_auroc", "image_auroc_max")

@@ -7,7 +7,7 @@ with its whole file name kept (`output_name`: x.png and x.jpg never share an out
 
     maps/<relative path>.tiff      float32 grad map at the original size, e.g. maps/line2/x.png.tiff
     overlays/<relative path>.png   input | x_T | f(x0) | map | overlay at the model size
-    a row of scores.csv            file, image score (the map's max, or ThresholdConfig.map's score), predicted label at the run's
+    a row of scores.csv            file, image score (ThresholdConfig.map's), predicted label at the run's
                                    image threshold, share of pixels above the pixel threshold, size
 
 A file that cannot be read as an image (truncated, empty, 16-bit, not an image) does not stop the
@@ -153,7 +153,7 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
         report.write_csv(folder.path / "errors.csv", ERROR_COLUMNS, failed)
         user = thresholds.pixel_threshold is not None or thresholds.image_threshold is not None
         summary = {"run": str(run_dir), "input_dir": str(input_dir), "n_images": len(rows),
-                   "map": {"kind": thresholds.map.kind, "image_score": thresholds.map.image_score},
+                   "map": thresholds.map.score_record(),
                    "n_flagged": sum(r[2] for r in rows), "n_failed": len(failed),
                    "failed": [f for f, _ in failed], "image_threshold": g.image_threshold,
                    "pixel_threshold": g.pixel_threshold,

@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 
 from iepjax import calibrated_maps as C
-from iepjax.config import MapConfig, ThresholdConfig, from_dict, to_dict
+from iepjax.config import MapConfig, ThresholdConfig, default_map, from_dict, to_dict
 
-CFG = MapConfig(kind="nce", image_score="topk")
+CFG = default_map("nce")
 SIZE = 48
 
 
@@ -103,6 +103,18 @@ def test_image_scores_by_hand():
     np.testing.assert_allclose(C.image_scores([m, 2 * m], MapConfig(image_score="max")), [9.0, 18.0])
 
 
+def test_the_predictor_scores_images_as_project_does():
+    """An exported model's predictor (`predictor.image_score`, numpy only) gives the image scores of
+    `calibrated_maps.image_score` for the scores it can be exported with, the defaults included."""
+    from iepjax.predictor import image_score
+    maps = np.random.default_rng(0).gamma(2.0, 0.05, size=(3, 64, 64))
+    for cfg in (MapConfig(image_score="max"), default_map("paper"), MapConfig(image_score="topk", topk_frac=0.02)):
+        rule = {"image_score": cfg.image_score, "topk_frac": cfg.topk_frac}
+        assert [image_score(m, rule) for m in maps] == [C.image_score(m, cfg) for m in maps]
+    assert default_map() == MapConfig() == ThresholdConfig().map  # the dataclass defaults are the chosen ones
+    assert (default_map().image_score, default_map().topk_frac, default_map("nce").topk_frac) == ("topk", 0.001, 0.005)
+
+
 def test_map_config_checks_and_round_trips():
     with pytest.raises(ValueError, match="kind"):
         MapConfig(kind="ssim")
@@ -115,12 +127,14 @@ def test_map_config_checks_and_round_trips():
 
 
 def test_export_refuses_thresholds_of_another_map(tmp_path):
-    """export.py ships the paper's map scored by its max: thresholds fitted for the nce map (or another
-    image score) are refused, those of the paper's map pass."""
+    """export.py ships the paper's map scored by its max or its top-k mean: thresholds fitted for the nce map (or
+    another image score) are refused, those of the paper's map pass and give the predictor's rule."""
     from iepjax.export import check_paper_map
-    check_paper_map({"grad": {}, "recon": {}}, tmp_path)  # older files: no "map", the paper's
-    check_paper_map({"map": {"kind": "paper", "image_score": "max"}}, tmp_path)
-    for stored in ({"map": {"kind": "nce", "image_score": "topk"}}, {"map": {"kind": "paper", "image_score": "topk"}},
+    max_rule = {"image_score": "max"}
+    assert check_paper_map({"grad": {}, "recon": {}}, tmp_path) == max_rule  # older files: no "map", the paper's
+    assert check_paper_map({"map": {"kind": "paper", "image_score": "max"}}, tmp_path) == max_rule
+    assert check_paper_map({"map": default_map().score_record()}, tmp_path) == {"image_score": "topk", "topk_frac": 0.001}
+    for stored in ({"map": {"kind": "nce", "image_score": "topk"}}, {"map": {"kind": "paper", "image_score": "area"}},
                    {"grad": {"map_fit": {"eps": 1.0}}}):
         with pytest.raises(ValueError, match="--map paper"):
             check_paper_map(stored, tmp_path)

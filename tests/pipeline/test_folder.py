@@ -127,6 +127,8 @@ def _good_images(e2e, inp: Path) -> dict[str, Path]:
 
 def test_project_cli_plain_folder_inference(e2e, tmp_path, capsys):
     import project
+    from iepjax.calibrated_maps import image_score
+    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     _good_images(e2e, inp)
@@ -139,7 +141,7 @@ def test_project_cli_plain_folder_inference(e2e, tmp_path, capsys):
         with Image.open(inp / r["file"]) as im:
             w, h = im.size
         t = tifffile.imread(out / "maps" / (r["file"] + ".tiff"))  # the whole name kept: x.png -> x.png.tiff
-        assert t.shape == (h, w) and float(r["image_score"]) == pytest.approx(float(t.max()), rel=1e-4)
+        assert t.shape == (h, w) and float(r["image_score"]) == pytest.approx(image_score(t, default_map()), rel=1e-4)
         assert (out / "overlays" / (r["file"] + ".png")).exists()
     # part1.png and part1.jpg are different images: two maps, neither overwritten
     a, b = (tifffile.imread(out / "maps" / f"part1.{e}.tiff") for e in ("png", "jpg"))
@@ -167,6 +169,8 @@ def test_folder_inference_processes_every_readable_image_and_names_the_others(e2
     and overlay, every bad file is named on stderr and in errors.csv, and the exit status (4) says that
     some failed. The default output folder is <run>/inference/v<N>, complete, with `latest` on it."""
     import project
+    from iepjax.calibrated_maps import image_score
+    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     good = _good_images(e2e, inp)
@@ -194,6 +198,8 @@ def test_folder_inference_processes_every_readable_image_and_names_the_others(e2
 
 def test_folder_inference_with_no_readable_image_is_an_error_before_any_work(e2e, tmp_path, capsys):
     import project
+    from iepjax.calibrated_maps import image_score
+    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     inp.mkdir()
@@ -210,6 +216,8 @@ def test_folder_inference_with_no_readable_image_is_an_error_before_any_work(e2e
 def test_folder_inference_into_an_existing_out_folder(e2e, tmp_path, capsys):
     """--out that holds files is refused before any work unless --overwrite, which replaces it whole."""
     import project
+    from iepjax.calibrated_maps import image_score
+    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     _good_images(e2e, inp)
