@@ -30,11 +30,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_image_score(result: dict) -> str:
+    """One line naming the image score of a projection's metrics.json ("map"), with the image AUROC of
+    the map's maximum (the paper's score) when another score was used."""
+    m = result.get("map") or {}
+    score = m.get("image_score", "max")
+    name = {"topk": f"mean of the top {100 * m.get('topk_frac', 0):g} % map pixels",
+            "smoothed_max": f"max of the map smoothed by {m.get('smoothed_max_sigma')} px",
+            "area": "share of pixels above the pixel threshold"}.get(score, "max of the map (the paper's)")
+    if score == "max" or "image_auroc_max" not in result.get("grad", {}):
+        return f"image score: {name}"
+    return (f"image score: {name} (image AUROC of the max: recon {result['recon']['image_auroc_max']:.4f}, "
+            f"grad {result['grad']['image_auroc_max']:.4f})")
+
+
 def format_projection(result: dict) -> str:
-    """What project.py prints about a projection's metrics.json: the table, thresholds and timing."""
+    """What project.py prints about a projection's metrics.json: the table, image score, thresholds and timing."""
     th, t = result["thresholds"], result["timing"]
     where = " (during threshold calibration)" if t.get("compiled_in") else ""
-    lines = [format_table(result),
+    lines = [format_table(result), format_image_score(result),
              f"thresholds ({th['source']}): pixel {result['grad']['pixel_threshold']:.4g}, "
              f"image {result['grad']['image_threshold']:.4g}",
              f"compile {t['compile_s']:.1f} s{where}, total {t['total_s']:.1f} s, "
@@ -146,6 +160,7 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 <table><tr><th>map</th><th>pixel AUROC</th><th>image AUROC</th><th>AU-PRO@0.3</th><th>pixel F1</th>
 <th>image F1</th><th>pixel threshold</th><th>image threshold</th></tr>{''.join(rows)}</table>
 {per_kind}
+<p>{e(format_image_score(result))}.</p>
 <p>Thresholds: {e(str(th.get('source', '')))}; pixel quantile {th.get('pixel_quantile')}, image quantile
 {th.get('image_quantile')}, {th.get('n_normal_images')} normal images. Test labels were not used to choose them.</p>
 <p>Timing: compile {t.get('compile_s')} s, total {t.get('total_s')} s, steady state {t.get('steady_img_per_s')} images/s.</p>

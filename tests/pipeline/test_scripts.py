@@ -92,6 +92,10 @@ def test_project_writes_metrics_maps_and_overlays(e2e):
         assert {"pixel_auroc", "image_auroc", "pixel_aupro"} <= set(metrics[row]), metrics[row]
         for key in ("pixel_auroc", "image_auroc", "pixel_aupro"):
             assert 0.0 <= metrics[row][key] <= 1.0
+    # the default image score, named on the console with the paper's maximum beside it
+    assert metrics["map"] == {"kind": "paper", "image_score": "topk", "topk_frac": 0.001}
+    assert (f"image score: mean of the top 0.1 % map pixels (image AUROC of the max: recon "
+            f"{metrics['recon']['image_auroc_max']:.4f}, grad {metrics['grad']['image_auroc_max']:.4f})") in e2e["project_out"]
     with np.load(out_dir / "maps.npz") as maps:
         grad, recon, ids = maps["grad"], maps["recon"], maps["ids"]
     assert grad.ndim == 3 and grad.shape == recon.shape and len(ids) == len(grad) > 0
@@ -113,6 +117,7 @@ def test_project_with_the_normal_calibrated_map(e2e):
     out_dir = _folder(nce.stdout, "output folder")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["map"] == {"kind": "nce", "image_score": "area"}
+    assert "image score: share of pixels above the pixel threshold (image AUROC of the max" in nce.stdout
     assert "area" in metrics["protocol"]["image_auroc"]
     for row in ("recon", "grad"):
         assert 0.0 <= metrics[row]["image_auroc_max"] <= 1.0 and 0.0 <= metrics[row]["pixel_auroc"] <= 1.0
