@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,22 @@ def test_own_folders_never_upsample_textures(tmp_path):
     assert mvtec.upsample and mvtec.working_shape(128, 128) == (256, 256)
     own.save(tmp_path)
     assert Preprocess.load(tmp_path) == own and '"upsample": false' in (tmp_path / "preprocess.json").read_text()
+
+
+def test_the_rough_texture_folder_is_a_valid_category(tmp_path):
+    """tools/rough_folder.py (the collapse check on a full-size own folder, docs/calibration.md) writes a
+    category the folder layout accepts: 120 normal training crops, 8 good and 8 masked defect test crops."""
+    from iepjax.data.layout import scan_category
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    try:
+        import rough_folder
+    finally:
+        sys.path.pop(0)
+    rough_folder.write_folder(tmp_path, sigma=1.5)
+    entries = scan_category(tmp_path, "noise")
+    train = [e for e in entries if e.split == "train"]
+    spots = [e for e in entries if e.split == "test" and e.defect_type == "spot"]
+    assert len(train) == 120 and len(entries) == 136 and len(spots) == 8
+    assert all(e.mask_path is not None for e in spots)
+    with Image.open(spots[0].mask_path) as m:
+        assert m.size == (128, 128) and np.asarray(m).max() == 255
