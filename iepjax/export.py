@@ -39,7 +39,7 @@ import numpy as np
 from iepjax.config import ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
-from iepjax.runs import atomic_write_bytes, atomic_write_text
+from iepjax.runs import atomic_write_bytes, atomic_write_text, read_json
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -133,10 +133,10 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     runs.check_trained(run_dir, category or run_dir.parent.name, allow_collapse=allow_collapse)
     params, tcfg = load_params(run_dir)
     prep = Preprocess.load(run_dir) or Preprocess(kind="object", size=tcfg.model.size)  # older runs: resized
-    holdout = _json(run_dir / "holdout.json") or {}
+    holdout = read_json(run_dir / "holdout.json") or {}
     dataset = holdout.get("dataset", dataset)
     category = holdout.get("category", category)
-    training = _json(run_dir / "training.json") or {}
+    training = read_json(run_dir / "training.json") or {}
     proj_dir = None
     if projection is not None:
         cand = run_dir / "projections" / projection
@@ -146,13 +146,13 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
             raise FileNotFoundError(f"no projection {projection!r} with a thresholds.json under {run_dir / 'projections'}")
     metrics = None
     if proj_dir is not None:  # what project.py evaluated: its settings, thresholds and metrics
-        stored = _json(proj_dir / "thresholds.json")
-        metrics = _json(proj_dir / "metrics.json")
+        stored = read_json(proj_dir / "thresholds.json")
+        metrics = read_json(proj_dir / "metrics.json")
         th = {"source": stored.get("source", "held-out normal training images"),
               "grad": stored["grad"], "recon": stored["recon"]}
         config = from_dict(ProjectionConfig, stored["projection"])
     elif (run_dir / "thresholds.json").is_file():  # fitted by train.py / project.py for its settings
-        stored = _json(run_dir / "thresholds.json")
+        stored = read_json(run_dir / "thresholds.json")
         th = {"source": "held-out normal training images", "grad": stored["grad"], "recon": stored["recon"]}
         config = from_dict(ProjectionConfig, stored["projection"])
     else:  # nothing stored: fit them as project.py would (the preset's settings, early stop)
@@ -175,10 +175,6 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     config = dataclasses.replace(config, model=tcfg.model)
     return RunContents(run_dir, params, tcfg, config, prep.to_dict(), th, metrics, proj_dir, holdout, training,
                        dataset, category)
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------- the programs

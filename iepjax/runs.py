@@ -336,6 +336,12 @@ class CollapsedRun(ValueError):
     """A run whose training.json says its model collapsed to predicting the mean image."""
 
 
+def read_json(path: Path) -> dict | None:
+    """The JSON file at `path` (a run folder's record), None when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def training_record(run_dir: Path) -> dict | None:
     """The run's training.json (written when its training finished), None when it has none yet."""
     path = Path(run_dir) / "training.json"

@@ -43,7 +43,7 @@ from iepjax.config import MapConfig, ProjectionConfig, ThresholdConfig, to_dict
 from iepjax.data.preprocess import Preprocess, model_inputs, resize_images
 from iepjax.early_stop import frozen_at_start
 from iepjax.localization import calibrate_maps, localize, localize_images
-from iepjax.runs import atomic_write_text, model_config
+from iepjax.runs import atomic_write_text, model_config, read_json
 
 FITTED = "held-out normal training images"  # the thresholds' source in the outputs
 GIVEN = "given by the user"
@@ -236,10 +236,8 @@ def _record_key(prep: Preprocess | None, step: int | None, **fields) -> dict:
 def _stored_record(path: Path, want: dict) -> dict | None:
     """The JSON record at `path` if it was made for `want` (the same value under each of its keys),
     else None (missing, unreadable, or made for something else)."""
-    if not path.exists():
-        return None
     try:
-        stored = json.loads(path.read_text())
+        stored = read_json(path)
     except ValueError:
         return None
     if not isinstance(stored, dict) or {k: stored.get(k) for k in want} != want:
@@ -402,5 +400,4 @@ def run_source(run_dir: Path, source_dir: str | None) -> str | None:
     """`source_dir`, else the image folder the run was trained on (holdout.json), else None."""
     if source_dir is not None:
         return source_dir
-    path = Path(run_dir) / "holdout.json"
-    return json.loads(path.read_text()).get("source_dir") if path.exists() else None
+    return (read_json(Path(run_dir) / "holdout.json") or {}).get("source_dir")

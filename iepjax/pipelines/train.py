@@ -54,10 +54,6 @@ class TrainOutcome(NamedTuple):
 RETRY_FILE = "collapse_retry.json"  # in a retrained run: the config asked for and the collapsed run
 
 
-def _json_file(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Split range(n) into (train, held-out) index arrays; the held-out normal images fit thresholds.
 
@@ -126,7 +122,7 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
         run_dir = None if (new or retry_of) else runs.latest_run(cat_dir)
         asked = json.loads(dumps_json(to_dict(config)))
         if run_dir is not None:
-            old, retry = _json_file(run_dir / "config.json"), _json_file(run_dir / RETRY_FILE)
+            old, retry = runs.read_json(run_dir / "config.json"), runs.read_json(run_dir / RETRY_FILE)
             if old is not None and (retry["requested"] if retry else old) != asked:
                 run_dir = None  # a different config is a new run
             elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
@@ -182,7 +178,7 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
                   f"{remedy.free_bits} in a new run folder (docs/calibration.md, Collapse)", file=sys.stderr)
         retried_from = run_dir
         run_dir, summary = run(remedy, retry_of=(run_dir, summary.config))
-    elif (retry := _json_file(run_dir / RETRY_FILE)) is not None:  # continued a retraining
+    elif (retry := runs.read_json(run_dir / RETRY_FILE)) is not None:  # continued a retraining
         retried_from = Path(retry["collapsed_run"])
     if thresholds.holdout == 0 or (summary.collapse.collapsed and not calibrate_collapsed):
         return TrainOutcome(run_dir, summary, None, retried_from)
