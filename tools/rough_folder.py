@@ -48,9 +48,10 @@ def write_folder(out: Path, sigma: float, seed: int = 0) -> Path:
 
 
 def main(argv=None) -> int:
+    from iepjax.cli import positive_float
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the data folder to write (train.py --data-dir)")
-    p.add_argument("--sigma", type=float, default=1.5, help="blur of the noise in px")
+    p.add_argument("--sigma", type=positive_float, default=1.5, help="blur of the noise in px")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     print(f"category folder: {write_folder(Path(a.out), a.sigma, a.seed)}")
