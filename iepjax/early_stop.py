@@ -16,6 +16,7 @@ import numpy as np
 from iepjax.config import ProjectionConfig
 from iepjax.data.preprocess import Preprocess, model_inputs
 from iepjax.energy import energy
+from iepjax.sharding import fixed_batches
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -29,16 +30,17 @@ def model_losses(params: dict, config: ProjectionConfig, normal_images, prep: Pr
     """L_r(x) (the energy at x0 = x, paper eq. 3) of each model input of uint8 `images` (M,), and the
     images' layouts (`preprocess.model_inputs`; None without `prep`: the images are the inputs).
 
-    The same batches every time, so the same images give bit-identical losses: `frozen_at_start`
-    recomputes exactly the values `with_early_stop` took its minimum of.
+    The same batches every time (`sharding.fixed_batches`: equal sizes, one compiled program), so the
+    same images give bit-identical losses: `frozen_at_start` recomputes exactly the values
+    `with_early_stop` took its minimum of.
     """
     if prep is not None:
         x, layouts = model_inputs(normal_images, prep)
     else:
         x, layouts = np.asarray(normal_images), None
     cfg = dataclasses.replace(config, stop_loss=None)
-    losses = [np.asarray(_model_losses(params, jnp.asarray(x[i:i + batch_size], jnp.float32) / 255.0, cfg))
-              for i in range(0, len(x), batch_size)]
+    losses = [np.asarray(_model_losses(params, jnp.asarray(xb, jnp.float32) / 255.0, cfg))[:real]
+              for xb, real in fixed_batches(np.asarray(x), batch_size)]
     return np.concatenate(losses), layouts
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from iepjax.config import ProjectionConfig
 from iepjax.energy import energy
+from iepjax.sharding import fixed_batches
 
 
 class LossScale(NamedTuple):
@@ -67,10 +68,10 @@ def measure(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarra
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"expected normal images shaped (N, H, W, C) with N >= 1, got {x.shape}")
     grads, weights = [], []
-    for i in range(0, len(x), batch_size):
-        g, w = _batch_gradient_and_weight(params, jnp.asarray(x[i:i + batch_size]), config)
-        grads.append(np.asarray(g, np.float64))
-        weights.append(np.asarray(w, np.float64))
+    for xb, real in fixed_batches(x, batch_size):
+        g, w = _batch_gradient_and_weight(params, jnp.asarray(xb), config)
+        grads.append(np.asarray(g, np.float64)[:real])
+        weights.append(np.asarray(w, np.float64)[:real])
     g, w = np.concatenate(grads), np.concatenate(weights)
     if not (np.isfinite(g).all() and np.isfinite(w).all()):
         raise ValueError("the model's loss gradient is not finite on the normal images: the run diverged")

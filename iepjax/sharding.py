@@ -15,7 +15,7 @@ See docs/scaling.md.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -117,6 +117,19 @@ def pad_to(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     return x, real
 
 
+def fixed_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(batch, real rows) over the leading axis of `x` (N >= 1 rows), every batch of one shape, so
+    that a jitted function compiles once: ceil(N / batch_size) batches of equal size (at most
+    `batch_size`), the last padded by repeating its final row (`pad_to`); drop a batch's outputs
+    beyond its real rows. No batch for N = 0."""
+    n = len(x)
+    if n == 0:
+        return
+    size = -(-n // -(-n // batch_size))
+    for i in range(0, n, size):
+        yield pad_to(x[i:i + size], size)
+
+
 def data_parallel(fn: Callable, mesh: Mesh, *, static: tuple[str, ...] = ("config",),
                   out_replicated: bool = False, donate: bool = False) -> Callable:
     """`jax.jit(fn)` for `fn(params_or_state, batch, **static)` split over the mesh.
@@ -195,5 +208,5 @@ def _train_step_sharded(mesh: Mesh) -> Callable:
 
 
 __all__ = ["DATA", "make_mesh", "devices_dividing", "local_size", "batch_sharding", "replicated", "replicate", "shard_batch",
-           "local_rows", "pad_to", "data_parallel", "run_batched", "project_sharded",
+           "local_rows", "pad_to", "fixed_batches", "data_parallel", "run_batched", "project_sharded",
            "train_step_sharded", "training_on"]

@@ -64,6 +64,20 @@ def test_hold_is_the_fraction_of_normal_pixels_the_prior_keeps_at_x0(gaussian):
         assert np.mean(x1 == normal) == pytest.approx(hold, abs=0.01)
 
 
+def test_measuring_any_number_of_images_compiles_one_program(gaussian):
+    """The last batch is padded to the others' size (`sharding.fixed_batches`): 5 images in batches of
+    at most 3 are two batches of 3, one program; the padding changes no value."""
+    params, _, cfg = gaussian
+    normal = pattern_images(5, seed=1)
+    jitted = loss_scale._batch_gradient_and_weight
+    jitted.clear_cache()
+    one = loss_scale.measure(params, cfg, normal, 0.5, batch_size=3)
+    assert jitted._cache_size() == 1
+    each = [loss_scale._batch_gradient_and_weight(params, normal[i:i + 1], cfg) for i in range(5)]
+    g = np.concatenate([np.asarray(a, np.float64) for a, _ in each])
+    assert one.grad_rms == pytest.approx(float(np.sqrt(np.mean(np.square(g)))), rel=1e-5)
+
+
 def test_settings_are_resolved_from_normal_images_only():
     """The resolution receives the model, the config (with its step and hold) and normal images: no
     labels, masks or test split can reach it."""

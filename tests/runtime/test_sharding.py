@@ -75,6 +75,10 @@ def test_mesh_helpers_in_one_process():
         sharding.make_mesh(2)
     x, real = sharding.pad_to(np.arange(5)[:, None], 4)
     assert real == 5 and x.shape == (8, 1) and (x[5:] == 4).all()
+    for n, batch_size, sizes in ((40, 32, [20, 20]), (65, 64, [33, 33]), (5, 32, [5]), (7, 3, [3, 3, 3]), (0, 4, [])):
+        got = list(sharding.fixed_batches(np.arange(n), batch_size))  # equal batches: one compiled shape
+        assert [len(b) for b, _ in got] == sizes and sum(r for _, r in got) == n
+        assert np.concatenate([b[:r] for b, r in got] or [np.arange(0)]).tolist() == list(range(n))
     from iepjax import distributed
     rows, real = distributed.process_rows(5)
     assert real == 5 and rows.tolist() == [0, 1, 2, 3, 4]
