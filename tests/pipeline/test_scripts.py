@@ -518,3 +518,19 @@ def test_a_run_without_held_out_images_projects_with_alpha_and_lam_as_given(tiny
     pre = presets.projection_config("textures", "brick")
     assert run.config.resolved and (run.config.alpha, run.config.lam) == (pre.alpha, pre.lam) and run.scale is None
     assert "holds out no normal image to resolve" in capsys.readouterr().err
+
+
+def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path, capsys):
+    """tools/normal_losses.py on the tiny run: one line per set (its 11 held-out images, as many other
+    training images, the normal test images), quantiles in order; a folder that is no run is exit 2."""
+    tool = _load(ROOT / "tools" / "normal_losses.py")
+    args = ["--category", "brick", "--tfds-dir", str(tiny_run["tfds"]), "--data-seed", "0"]
+    assert tool.main(["--run", str(tiny_run["run_dir"]), *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["held-out normal training images", "other training images",
+                                                      "normal test images (data seed 0)"]
+    assert lines[0].startswith("held-out normal training images: 11 images") and " other training images: 11 images" in " " + lines[1]
+    for line in lines:
+        q = [float(v) for v in re.findall(r"(?:min|p10|median|p90) (-?[\d.]+)", line)]
+        assert len(q) == 4 and q == sorted(q) and all(np.isfinite(q)), line
+    assert tool.main(["--run", str(tmp_path), *args]) == 2 and "not a run folder" in capsys.readouterr().err
