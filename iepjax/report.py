@@ -44,6 +44,15 @@ def format_image_score(result: dict) -> str:
             f"grad {result['grad']['image_auroc_max']:.4f})")
 
 
+def steady_rate(timing: dict) -> str:
+    """The steady-state throughput of a projection's timing record, or why there is none (every image
+    was in the first batch, whose time includes the compile)."""
+    rate = timing.get("steady_img_per_s")
+    if rate is None:
+        return "no steady-state rate (every image was in the first batch)"
+    return f"steady state {rate} img/s"
+
+
 def format_projection(result: dict) -> str:
     """What project.py prints about a projection's metrics.json: the table, image score, thresholds and timing."""
     th, t = result["thresholds"], result["timing"]
@@ -51,8 +60,7 @@ def format_projection(result: dict) -> str:
     lines = [format_table(result), format_image_score(result),
              f"thresholds ({th['source']}): pixel {result['grad']['pixel_threshold']:.4g}, "
              f"image {result['grad']['image_threshold']:.4g}",
-             f"compile {t['compile_s']:.1f} s{where}, total {t['total_s']:.1f} s, "
-             f"steady state {t['steady_img_per_s']} img/s"]
+             f"compile {t['compile_s']:.1f} s{where}, total {t['total_s']:.1f} s, {steady_rate(t)}"]
     if "protocol" in result:
         lines.append(f"metrics on maps at the original image sizes; TIFF maps: {result['protocol']['tiff_maps']['grad']}")
     return "\n".join(lines)
@@ -163,7 +171,7 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 <p>{e(format_image_score(result))}.</p>
 <p>Thresholds: {e(str(th.get('source', '')))}; pixel quantile {th.get('pixel_quantile')}, image quantile
 {th.get('image_quantile')}, {th.get('n_normal_images')} normal images. Test labels were not used to choose them.</p>
-<p>Timing: compile {t.get('compile_s')} s, total {t.get('total_s')} s, steady state {t.get('steady_img_per_s')} images/s.</p>
+<p>Timing: compile {t.get('compile_s')} s, total {t.get('total_s')} s, {e(steady_rate(t))}.</p>
 <h2>Convergence</h2><img src="energy.png"> <img src="roc.png">
 <h2>The projection over the iterations</h2><img src="trajectory.png" width="900">
 {cases('Best detected defects', picks['best'])}

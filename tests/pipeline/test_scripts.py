@@ -534,3 +534,16 @@ def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path
         q = [float(v) for v in re.findall(r"(?:min|p10|median|p90) (-?[\d.]+)", line)]
         assert len(q) == 4 and q == sorted(q) and all(np.isfinite(q)), line
     assert tool.main(["--run", str(tmp_path), *args]) == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_a_projection_within_one_batch_reports_no_steady_state_rate():
+    """project.py's timing line: the steady-state rate, or, when every image was in the first (compiling)
+    batch, says there is none (it printed "steady state None img/s")."""
+    from iepjax.report import format_projection, steady_rate
+    assert steady_rate({"steady_img_per_s": 1.5}) == "steady state 1.5 img/s"
+    assert steady_rate({"steady_img_per_s": None}) == "no steady-state rate (every image was in the first batch)"
+    row = {"pixel_auroc": 0.5, "image_auroc": 0.5, "pixel_aupro": 0.5, "pixel_threshold": 0.1, "image_threshold": 0.2}
+    result = {"recon": row, "grad": row, "thresholds": {"source": "given"},
+              "timing": {"compile_s": 3.8, "total_s": 3.8, "steady_img_per_s": None}}
+    out = format_projection(result)
+    assert "None" not in out and out.endswith("compile 3.8 s, total 3.8 s, no steady-state rate (every image was in the first batch)")
