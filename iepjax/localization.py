@@ -27,7 +27,9 @@ class Localization(NamedTuple):
     """Per-image outputs over a split of N images (H, W, C).
 
     grad_maps, recon_maps: (N, H, W) float32; x_T, recon: (N, H, W, C) float32 in [0, 1];
-    energies: (N, T) energy per step; compile_s / run_s: first-batch and total wall time.
+    energies: (N, T) energy per step; compile_s / run_s: first-batch and total wall time;
+    first_share: the share of the model inputs (images or tiles) in the first batch, whose time
+    includes the compile (1.0: all of them, no steady-state time).
     """
 
     grad_maps: np.ndarray
@@ -37,6 +39,7 @@ class Localization(NamedTuple):
     energies: np.ndarray
     compile_s: float
     run_s: float
+    first_share: float = 1.0
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -91,7 +94,7 @@ def localize(params: dict, images_NxHxWxC: np.ndarray, config: ProjectionConfig,
         if bar is not None:
             bar.close()
     cat = distributed.gather_rows([np.concatenate(parts) for parts in zip(*outs)], n_all)  # every share, in order
-    return Localization(*cat, compile_s=compile_s, run_s=time.perf_counter() - t0)
+    return Localization(*cat, compile_s=compile_s, run_s=time.perf_counter() - t0, first_share=min(batch_size, n) / n)
 
 
 class Localized(NamedTuple):
@@ -128,7 +131,8 @@ def localize_images(params: dict, config: ProjectionConfig, images: np.ndarray |
             view[field].append(resize_map(stitch(getattr(loc, field), lay), (s, s)))
         energies.append(np.asarray(loc.energies[lay.start:lay.start + len(lay.positions)]).mean(0))
     view_loc = Localization(**{k: np.stack(v) for k, v in view.items()},
-                            energies=np.stack(energies), compile_s=loc.compile_s, run_s=loc.run_s)
+                            energies=np.stack(energies), compile_s=loc.compile_s, run_s=loc.run_s,
+                            first_share=loc.first_share)
     return Localized(resize_images(images, s), view_loc, maps)
 
 

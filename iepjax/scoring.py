@@ -54,7 +54,7 @@ def rates(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, pixel_t: floa
             "image_fpr_good_test": float(np.mean(img[good] >= image_t)) if good.any() else float("nan")}
 
 
-def split_metrics(loc, test, stats: dict, source: str, *, official: dict | None = None, batch_size: int = 16,
+def split_metrics(loc, test, stats: dict, source: str, *, official: dict | None = None,
                   compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig()) -> dict:
     """The metrics of a labelled split's localisation (`localization.Localization` of `test`, an
     `iepjax.data.Split` at the model size) at the thresholds `stats` ({"grad", "recon"} ->
@@ -83,10 +83,11 @@ def split_metrics(loc, test, stats: dict, source: str, *, official: dict | None 
     result["map"] = map_cfg.score_record()
     result["thresholds"] = {"source": source, "pixel_quantile": g.pixel_quantile, "image_quantile": g.image_quantile,
                             "n_normal_images": g.n_images}
-    n_steady = len(test.images) - min(batch_size, len(test.images))
+    # the images after the first batch (in model inputs: a tiled image's tiles may span batches)
+    n_steady = len(test.images) * (1.0 - loc.first_share)
     result["timing"] = {"compile_s": round(loc.compile_s, 2), "total_s": round(loc.run_s, 2),
                         "steady_img_per_s": (round(n_steady / max(loc.run_s - loc.compile_s, 1e-9), 3)
-                                             if n_steady else None)}
+                                             if n_steady > 0 else None)}
     if compiled_in_calibration is not None:  # the first test batch found the program compiled
         result["timing"].update(compile_s=round(compiled_in_calibration, 2), compiled_in="threshold calibration",
                                 first_batch_s=round(loc.compile_s, 2))

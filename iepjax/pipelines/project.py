@@ -166,27 +166,26 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
                 row: str(out.final / Path(root).relative_to(out.path))
                 for row, root in outputs.write_maps(out.path, source.category, test.ids, res.maps).items()}
         result = evaluate(run.params, run.config, test, loc, run.stats, out.path, source=run.source,
-                          official=official, batch_size=batch_size, overlays=overlays,
-                          compiled_in_calibration=run.compile_s, map_cfg=map_cfg, data_seed=data_seed,
-                          test_split=test_split)
+                          official=official, overlays=overlays, compiled_in_calibration=run.compile_s,
+                          map_cfg=map_cfg, data_seed=data_seed, test_split=test_split)
     return out.final, result
 
 
 def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, stats: dict, out_dir: Path, *,
-             source: str = FITTED, official: dict | None = None, batch_size: int = 16, overlays: bool = True,
+             source: str = FITTED, official: dict | None = None, overlays: bool = True,
              compiled_in_calibration: float | None = None, map_cfg: MapConfig = MapConfig(),
              data_seed: int = 0, test_split: dict | None = None) -> dict:
     """Score a labelled split's localisation and write the projection folder; returns the metrics.
 
     `test`: an `iepjax.data.Split` at the model size; `stats`: {"grad", "recon"} -> NormalStats
-    (the thresholds), `source` says where they come from; `official`, `batch_size` and
+    (the thresholds), `source` says where they come from; `official` and
     `compiled_in_calibration`, `map_cfg` (the map and image score of `loc`): as in
     `scoring.split_metrics`. Writes metrics.json,
     thresholds.json, maps, scores.csv, pictures (the iteration strip projects a few images
     again, `localization.trajectory`) and index.html.
     """
     out_dir = Path(out_dir)
-    result = split_metrics(loc, test, stats, source, official=official, batch_size=batch_size,
+    result = split_metrics(loc, test, stats, source, official=official,
                            compiled_in_calibration=compiled_in_calibration, map_cfg=map_cfg)
     if data_seed:
         result["data_seed"] = data_seed

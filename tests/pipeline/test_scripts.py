@@ -350,7 +350,8 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
     ids = [f"{'good' if l == 0 else 'crack'}/{i:03d}" for i, l in enumerate(labels)]
     test = Split(images, masks, labels, ["good" if l == 0 else "crack" for l in labels], ids)
     x = images.astype(np.float32) / 255
-    loc = Localization(maps, maps * 0.5, x, x, np.ones((len(maps), 3), np.float32), 0.1, 0.2)
+    # a quarter of the model inputs in the first (compiling) batch, as with tiles that span batches
+    loc = Localization(maps, maps * 0.5, x, x, np.ones((len(maps), 3), np.float32), 0.1, 0.2, 0.25)
     # the iteration strip needs a model: stand in the unchanged images for x_t
     monkeypatch.setattr(pipeline, "trajectory", lambda params, x0, config, frames=6: np.stack([x0, x0], axis=1))
     thresholds = {"grad": st, "recon": normal_stats(normal * 0.5, pixel_quantile=pq, image_quantile=iq)}
@@ -358,6 +359,8 @@ def test_stored_thresholds_give_the_chosen_false_positive_rate_and_f1_is_compute
     stored = json.loads((tmp_path / "metrics.json").read_text())
     used = json.loads((tmp_path / "thresholds.json").read_text())
     assert used["grad"] == st._asdict()
+    # the steady-state rate counts the images after the first batch: 3/4 of them in 0.2 - 0.1 s
+    assert stored["timing"]["steady_img_per_s"] == pytest.approx(0.75 * len(maps) / 0.1, rel=1e-3)
     assert used["source"] == "held-out normal training images" and used["projection"]["steps"] == 3
     assert stored["grad"]["pixel_f1"] == result["grad"]["pixel_f1"]
     g = stored["grad"]
