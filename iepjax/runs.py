@@ -399,8 +399,7 @@ def check_trained(run_dir: Path, category: str, *, allow_collapse: bool = False)
 
 def model_config(run_dir: str | os.PathLike) -> dict:
     """The model settings a run was trained with (the "model" entry of its config.json), {} if it has none."""
-    path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()).get("model", {}) if path.exists() else {}
+    return (read_json(Path(run_dir) / "config.json") or {}).get("model", {})
 
 
 def atomic_write_text(path: Path, text: str) -> None:

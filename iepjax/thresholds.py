@@ -336,10 +336,7 @@ def given_only(thresholds: ThresholdConfig) -> dict:
 
 def held_out_ids(run_dir: Path) -> list[str]:
     """The ids of the run's held-out normal training images (holdout.json; [] when it has none)."""
-    path = Path(run_dir) / "holdout.json"
-    if not path.exists():
-        return []
-    return list(json.loads(path.read_text()).get("ids") or [])
+    return list((read_json(Path(run_dir) / "holdout.json") or {}).get("ids") or [])
 
 
 def _suggest_holdout(run_dir: Path, need: int) -> str:
