@@ -7,8 +7,8 @@ input: a tile or a resized image): the run's held-out normal training images (wh
 bar and the thresholds are taken from), as many other training images, and the normal test images
 ("good") of the split `--data-seed` draws (0: the default split; use a calibration split). When
 the held-out images' losses sit below the normal test images', they are easier for the model than
-the images it is used on: early stopping's bar (their smallest loss) is then reached by fewer test
-images, and the fitted thresholds sit lower than the test images' normal pixels need.
+the images it is used on: a test image then stops moving (early stopping's bar is their smallest
+loss) only once the projection has taken its loss below the easiest held-out image's.
 """
 from __future__ import annotations
 
@@ -37,17 +37,20 @@ def main(argv=None) -> int:
     if not (run / "config.json").exists():
         print(f"error: {run} is not a run folder (no config.json)", file=sys.stderr)
         return 2
+    held_ids = set(thresholds.held_out_ids(run))
+    if not held_ids:
+        print(f"error: {run} holds out no normal training image (holdout.json): nothing to compare", file=sys.stderr)
+        return 2
     params, train_cfg = training.load_params(run)
     config = dataclasses.replace(presets.projection_config(a.dataset, a.category), model=train_cfg.model)
-    prep = Preprocess.load(run)
-    held_ids = set(thresholds.held_out_ids(run))
-    held = thresholds.held_out_images(run, a.dataset, a.category, a.tfds_dir)
-    train = data.load_split(a.dataset, a.category, "train", a.tfds_dir, source_dir=thresholds.run_source(run, None),
-                            progress=False)
+    # runs without preprocess.json took their images resized to the model size (as export.read_run)
+    prep = Preprocess.load(run) or Preprocess(kind="object", size=train_cfg.model.size)
+    source = thresholds.run_source(run, None)
+    train = data.load_split(a.dataset, a.category, "train", a.tfds_dir, source_dir=source, progress=False)
+    held = [im for i, im in zip(train.ids, train.images) if i in held_ids]
     others = [im for i, im in zip(train.ids, train.images) if i not in held_ids][:len(held)]
     overrides = {"seed": a.data_seed} if a.data_seed else {}
-    test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, source_dir=thresholds.run_source(run, None),
-                           progress=False, **overrides)
+    test = data.load_split(a.dataset, a.category, "test", a.tfds_dir, source_dir=source, progress=False, **overrides)
     good = [im for im, label in zip(test.images, test.labels) if label == 0]
     for name, images in (("held-out normal training images", held), ("other training images", others),
                          (f"normal test images (data seed {a.data_seed})", good)):

@@ -525,7 +525,8 @@ def test_a_run_without_held_out_images_projects_with_alpha_and_lam_as_given(tiny
 
 def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path, capsys):
     """tools/normal_losses.py on the tiny run: one line per set (its 11 held-out images, as many other
-    training images, the normal test images), quantiles in order; a folder that is no run is exit 2."""
+    training images, the normal test images), quantiles in order; a folder that is no run, or a run
+    without held-out images, is exit 2."""
     tool = _load(ROOT / "tools" / "normal_losses.py")
     args = ["--category", "brick", "--tfds-dir", str(tiny_run["tfds"]), "--data-seed", "0"]
     assert tool.main(["--run", str(tiny_run["run_dir"]), *args]) == 0
@@ -537,6 +538,8 @@ def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path
         q = [float(v) for v in re.findall(r"(?:min|p10|median|p90) (-?[\d.]+)", line)]
         assert len(q) == 4 and q == sorted(q) and all(np.isfinite(q)), line
     assert tool.main(["--run", str(tmp_path), *args]) == 2 and "not a run folder" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")  # a run that holds out nothing
+    assert tool.main(["--run", str(tmp_path), *args]) == 2 and "holds out no normal" in capsys.readouterr().err
 
 
 def test_a_projection_within_one_batch_reports_no_steady_state_rate():
