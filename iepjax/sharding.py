@@ -118,8 +118,8 @@ def pad_to(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
 
 
 def fixed_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(batch, real rows) over the leading axis of `x` (N >= 1 rows), every batch of one shape, so
-    that a jitted function compiles once: ceil(N / batch_size) batches of equal size (at most
+    """(batch, real rows) over the leading axis of `x` (N rows), every batch of one shape, so that a
+    jitted function compiles once: ceil(N / batch_size) batches of equal size (at most
     `batch_size`), the last padded by repeating its final row (`pad_to`); drop a batch's outputs
     beyond its real rows. No batch for N = 0."""
     n = len(x)
