@@ -22,7 +22,7 @@ import numpy as np
 from iepjax import checkpointing, distributed, sharding
 from iepjax.atomic import dumps_json
 from iepjax.config import ModelConfig, TrainConfig, from_dict, to_dict
-from iepjax.losses import LossTerms, constant_prediction_loss
+from iepjax.losses import constant_prediction_loss
 from iepjax.model import VAE
 from iepjax.runs import atomic_write_text
 from iepjax.training_step import TrainState, batch_indices, image_loss, init_state, train_step  # noqa: F401 (API)
@@ -50,8 +50,16 @@ class TrainSummary(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _posterior_mean_terms(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig) -> LossTerms:
-    return jax.vmap(lambda x: image_loss(params, x, config, key=None))(x_BxHxWxC)
+def _posterior_mean_terms(params: dict, x_BxHxWxC: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(reconstruction error, KL) per image at the posterior mean: (B, H, W, C) -> (B,), (B,).
+
+    The error is L_r for BCE, and the squared error of f(x) for the Gaussian likelihood (its learned
+    gamma left out, so that it compares with the constant predictor's, `collapse_check`)."""
+    terms = jax.vmap(lambda x: image_loss(params, x, config, key=None))(x_BxHxWxC)
+    if config.likelihood == "bce":
+        return terms.recon, terms.kl
+    f = jax.nn.sigmoid(VAE(config).apply(params, x_BxHxWxC).logits)
+    return jnp.sum(jnp.square(x_BxHxWxC - f), axis=(1, 2, 3)), terms.kl
 
 
 def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig, *,
@@ -68,16 +76,10 @@ def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig
     """
     x = np.asarray(images_NxHxWxC[:max_images], np.float32) / 255.0
     recon, kl = [], []
-    for i in range(0, len(x), 32):
-        xb = jnp.asarray(x[i:i + 32])
-        if config.likelihood == "bce":
-            terms = _posterior_mean_terms(params, xb, config)
-            recon.append(np.asarray(terms.recon))
-        else:
-            f = jax.nn.sigmoid(VAE(config).apply(params, xb).logits)
-            recon.append(np.asarray(jnp.sum(jnp.square(xb - f), axis=(1, 2, 3))))
-            terms = _posterior_mean_terms(params, xb, config)
-        kl.append(np.asarray(terms.kl))
+    for xb, real in sharding.fixed_batches(x, 32):  # one program whatever the number of images
+        err, kl_b = _posterior_mean_terms(params, jnp.asarray(xb), config)
+        recon.append(np.asarray(err)[:real])
+        kl.append(np.asarray(kl_b)[:real])
     d = math.prod(x.shape[1:])
     rpp = float(np.mean(np.concatenate(recon)) / d)
     const = constant_prediction_loss(x, config)

@@ -129,6 +129,24 @@ def test_collapse_check_passes_a_model_that_reconstructs(trained, model_cfg, ima
     assert report.ratio < 0.97 and not report.collapsed, report
 
 
+def test_collapse_check_compiles_one_program_for_any_number_of_images():
+    """The Gaussian likelihood's check (squared error of f at the posterior mean) runs jitted, over
+    batches of one shape (`sharding.fixed_batches`): 40 images are two batches of 20, one program,
+    and the padding changes no value."""
+    from iepjax import init_params
+    from conftest import pattern_images
+
+    cfg = ModelConfig(size=32, channels=1, likelihood="gaussian")
+    params = init_params(cfg, key=jax.random.key(3))
+    images = np.round(pattern_images(40, seed=2) * 255).astype(np.uint8)
+    training._posterior_mean_terms.clear_cache()
+    report = training.collapse_check(params, images, cfg)
+    assert training._posterior_mean_terms._cache_size() == 1
+    x = jnp.asarray(images / 255.0, jnp.float32)
+    f = jax.nn.sigmoid(VAE(cfg).apply(params, x).logits)
+    assert report.recon_per_pixel == pytest.approx(float(jnp.mean(jnp.square(x - f))), rel=1e-5)
+
+
 def test_collapse_check_flags_non_finite_reconstructions(trained, model_cfg, images_u8):
     """NaN parameters give a NaN error ratio, which must count as collapsed, not pass the ratio test."""
     params, _ = trained
