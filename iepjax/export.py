@@ -369,6 +369,34 @@ _PROGRAM_IO = {
 }
 
 
+def preprocessing_metadata(prep, channels: int) -> dict:
+    """metadata.json's "preprocessing" of a run preprocessed by `prep` (an
+    `iepjax.data.preprocess.Preprocess`): every field that decides the model inputs
+    (`predictor.preprocess_from_metadata` reads them back), and how, in words."""
+    s = prep.size
+    if prep.kind == "object":
+        how = f"the whole image resized to {s}x{s} (bilinear, anti-aliased); the map resized back to the image's size"
+    else:
+        if prep.pixel_scale:
+            scale = (f"the image resized by {prep.pixel_scale:.6g} (the training images' scale: their median short side "
+                     f"brought to {s / prep.texture_fov:g} px, size / texture_fov"
+                     + ("" if prep.upsample else ", never upsampled") + "), whatever its size")
+        else:
+            scale = (f"the image resized so that its short side is {s / prep.texture_fov:g} px (size / texture_fov, the "
+                     "training scale)" + ("" if prep.upsample else ", or kept at its own resolution when that is "
+                                                                    "smaller (never upsampled)"))
+        how = (f"{scale}, cut into {s}x{s} tiles at stride {prep.stride} (the last row and column aligned to "
+               "the border), each tile projected, the tile maps blended where they overlap (weights: distance from the "
+               "tile border, iepjax.data.preprocess.tile_weights) and the map resized back to the image's size")
+    return {"kind": prep.kind, "size": s, "channels": channels,
+            "texture_fov": prep.texture_fov, "tile_stride": prep.stride, "upsample": prep.upsample,
+            "pixel_scale": prep.pixel_scale,
+            "working_short_side": None if prep.kind == "object" else s / prep.texture_fov,
+            "blending": None if prep.kind == "object" else "linear ramp from each tile's border (0.5) to its centre",
+            "input": "uint8 image, gray or RGB as the model (PIL's L / RGB conversion), / 255 to float32",
+            "how": how}
+
+
 def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: dict, formulation: dict,
              command: str) -> dict:
     """The metadata.json of an export (schema: format_version `predictor.FORMAT_VERSION`)."""
@@ -382,14 +410,6 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
     cfg = run.projection
     th = run.thresholds
     g, r = th["grad"], th["recon"]
-    s = prep.size
-    if prep.kind == "object":
-        how = f"the whole image resized to {s}x{s} (bilinear, anti-aliased); the map resized back to the image's size"
-    else:
-        how = (f"the image resized so that its short side is {s / prep.texture_fov:g} px (size / texture_fov, the "
-               f"training scale), cut into {s}x{s} tiles at stride {prep.stride} (the last row and column aligned to "
-               "the border), each tile projected, the tile maps blended where they overlap (weights: distance from the "
-               "tile border, iepjax.data.preprocess.tile_weights) and the map resized back to the image's size")
     n_hold = len(run.holdout.get("ids", [])) or th["n_images"]
     early = (f"stop_loss = {cfg.stop_loss:.9g}: the smallest model loss L_r of the run's {n_hold} held-out normal images; "
              "an image stops moving from the first step at which its L_r(x_t) <= stop_loss") \
@@ -418,12 +438,7 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                      "config": to_dict(run.train_config), "summary": run.training},
         "model": to_dict(cfg.model),
         "projection": {**to_dict(cfg), "early_stop": early},
-        "preprocessing": {"kind": prep.kind, "size": s, "channels": cfg.model.channels,
-                          "texture_fov": prep.texture_fov, "tile_stride": prep.stride,
-                          "working_short_side": None if prep.kind == "object" else s / prep.texture_fov,
-                          "blending": None if prep.kind == "object" else "linear ramp from each tile's border (0.5) to its centre",
-                          "input": "uint8 image, gray or RGB as the model (PIL's L / RGB conversion), / 255 to float32",
-                          "how": how},
+        "preprocessing": preprocessing_metadata(prep, cfg.model.channels),
         "thresholds": {"source": th["source"], "n_images": th["n_images"],
                        "pixel_threshold": g["pixel_threshold"], "image_threshold": g["image_threshold"],
                        "pixel_quantile": th["pixel_quantile"], "image_quantile": th["image_quantile"],
@@ -436,7 +451,7 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                        "pixel_quantiles": g.get("pixel_quantiles"), "image_quantiles": g.get("image_quantiles"),
                        "recon": {k: r.get(k) for k in ("pixel_threshold", "image_threshold", "vmax")}},
         "scores": {"image_score": f"{_score_text(th['score'])} of the anomaly map resized from the stitched working "
-                                  f"resolution to {s}x{s} (the scale the image threshold was fitted at, as project.py's "
+                                  f"resolution to {prep.size}x{prep.size} (the scale the image threshold was fitted at, as project.py's "
                                   "scores.csv)", "rule": th["score"],
                    "label": "1 if image_score >= thresholds.image_threshold",
                    "mask": "anomaly map at the original size >= thresholds.pixel_threshold"},

@@ -210,6 +210,17 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+def preprocess_from_metadata(pre: dict):
+    """The run's `iepjax.data.preprocess.Preprocess` from an export's metadata ("preprocessing"), so
+    that the maps equal project.py's. Exports written before it recorded "upsample" and
+    "pixel_scale" brought each texture image to a short side of size / texture_fov, upsampled or
+    not: True and 0 for them."""
+    from iepjax.data.preprocess import Preprocess
+    return Preprocess(kind=pre["kind"], size=pre["size"], texture_fov=pre["texture_fov"],
+                      tile_stride=pre["tile_stride"], upsample=pre.get("upsample", True),
+                      pixel_scale=pre.get("pixel_scale", 0.0))
+
+
 class Predictor:
     """An exported model, ready to localise defects in images (module docstring).
 
@@ -245,10 +256,8 @@ class Predictor:
         self._exported, self._calls = {}, {}
         self._program("projection")
         self._params = jax.device_put(load_params(self.model_dir, meta), where)
-        from iepjax.data.preprocess import Preprocess
         pre = meta["preprocessing"]
-        self.prep = Preprocess(kind=pre["kind"], size=pre["size"], texture_fov=pre["texture_fov"],
-                               tile_stride=pre["tile_stride"])
+        self.prep = preprocess_from_metadata(pre)
         self.channels = int(pre["channels"])
         th = meta["thresholds"]
         self.pixel_threshold = float(th["pixel_threshold"])

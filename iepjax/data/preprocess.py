@@ -6,7 +6,10 @@ The paper's protocol (docs/method.md, Training; Bergmann et al. 2018):
   training and for testing; the map is resized back to the image's original size.
 * textures (carpet, grid, leather, tile, wood, and the built-in textures): the image is first
   brought to a *working resolution* whose short side is ``size / texture_fov`` (MVTec textures:
-  fov 0.25, i.e. 1024 px -> 512 px for a 128 px model, as in Bergmann et al.); training samples
+  fov 0.25, i.e. 1024 px -> 512 px for a 128 px model, as in Bergmann et al.). A trained run
+  fixes that scale once, from its training images (``pixel_scale``, `Preprocess.with_pixel_scale`),
+  and resizes every image by it, so an image of another size than the training images is seen
+  at the scale the model learned (the same camera, the same texture in pixels); training samples
   random size x size crops of it (``patches_per_epoch`` distinct crops, ~10 000; flips and
   90-degree rotations are applied by the training step). At test time the whole working-resolution
   image is **tiled** into size x size tiles (stride ``tile_stride``, default = size, the last
@@ -40,6 +43,7 @@ class Preprocess:
     patches_per_epoch: int = 10000
     tile_stride: int = 0  # 0: size (tiles do not overlap)
     upsample: bool = True  # textures: the working resolution may exceed the image's own (False: never)
+    pixel_scale: float = 0.0  # textures: working px per image px for every image (0: each image's own, below)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -50,20 +54,36 @@ class Preprocess:
             raise ValueError(f"tile_stride={self.tile_stride}: must be in [1, {self.size}] (the model size; 0 = size)")
         if self.tile_stride == self.size:  # one form for "no overlap", so equal settings compare equal
             object.__setattr__(self, "tile_stride", 0)
+        if not (self.pixel_scale >= 0 and np.isfinite(self.pixel_scale)):
+            raise ValueError(f"pixel_scale={self.pixel_scale}: must be > 0, or 0 for each image's own scale")
 
     @property
     def stride(self) -> int:
         return self.tile_stride or self.size
 
     def working_shape(self, h: int, w: int) -> tuple[int, int]:
-        """Textures: (H', W') of the working resolution of an (h, w) image; objects: (size, size)."""
+        """Textures: (H', W') of the working resolution of an (h, w) image; objects: (size, size).
+
+        With `pixel_scale` (a run's, `with_pixel_scale`) every image is resized by that one factor,
+        so a texture keeps the pixel scale the model was trained at whatever the image's size;
+        without, each image's short side is brought to size / texture_fov."""
         if self.kind == "object":
             return self.size, self.size
-        short = self.size / self.texture_fov
-        scale = short / min(h, w)
-        if not self.upsample:  # own photos: work at their resolution or below, never invent pixels
-            scale = min(scale, 1.0)
+        scale = self.pixel_scale or self._scale(min(h, w))
         return max(self.size, int(round(h * scale))), max(self.size, int(round(w * scale)))
+
+    def _scale(self, short_side: float) -> float:
+        scale = (self.size / self.texture_fov) / short_side
+        return scale if self.upsample else min(scale, 1.0)  # own photos: never invent pixels
+
+    def with_pixel_scale(self, shapes_hw: Sequence[tuple[int, int]]) -> "Preprocess":
+        """Textures without a `pixel_scale`: the one that brings the median short side of the
+        (training) image shapes to size / texture_fov (at most 1 without `upsample`), so that test
+        images of any size are seen at the training scale. Unchanged otherwise, or for no images."""
+        if self.kind != "texture" or self.pixel_scale or not len(shapes_hw):
+            return self
+        short = float(np.median([min(h, w) for h, w in shapes_hw]))
+        return dataclasses.replace(self, pixel_scale=self._scale(short))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

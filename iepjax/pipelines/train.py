@@ -108,6 +108,8 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, channels=channels))
     if prep.size != config.model.size:
         raise ValueError(f"preprocess size {prep.size} differs from the model size {config.model.size}")
+    shapes = [tuple(np.shape(im)[:2]) for im in split.images]
+    prep = prep.with_pixel_scale(shapes)  # textures: one pixel scale for every image, the training images'
     folder = os.path.abspath(source.source_dir) if (source.source_dir is not None and dataset == "folder") else None
     n_images = len(split.ids)
     train_idx, held_idx = holdout_split(n_images, holdout, config.seed, at_least=min_held_out)
@@ -125,7 +127,7 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
             old, retry = runs.read_json(run_dir / "config.json"), runs.read_json(run_dir / RETRY_FILE)
             if old is not None and (retry["requested"] if retry else old) != asked:
                 run_dir = None  # a different config is a new run
-            elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep) or run_source(run_dir, None) != folder:
+            elif not _same_training_inputs(Preprocess.load(run_dir) or prep, prep, shapes) or run_source(run_dir, None) != folder:
                 run_dir = None  # other preprocessing or another image folder: a new run
             elif (run_dir / "holdout.json").exists() and held_out_ids(run_dir) != held_ids:
                 run_dir = None  # another held-out set: the model has seen some of them, a new run
@@ -204,7 +206,11 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
     return TrainOutcome(run_dir, summary, stats, retried_from)
 
 
-def _same_training_inputs(a: Preprocess, b: Preprocess) -> bool:
-    """Whether two `Preprocess` give the same training crops (they may differ in the test-time tile stride)."""
-    return dataclasses.replace(a, tile_stride=0) == dataclasses.replace(b, tile_stride=0)
+def _same_training_inputs(stored: Preprocess, new: Preprocess, shapes_hw: list[tuple[int, int]]) -> bool:
+    """Whether a run's stored `Preprocess` and a new one give the same training crops of images of
+    `shapes_hw` (they may differ in the test-time tile stride). A run stored without a pixel scale
+    scaled each image by its own short side: the same crops when all share one."""
+    if not stored.pixel_scale and len({min(h, w) for h, w in shapes_hw}) == 1:
+        stored = stored.with_pixel_scale(shapes_hw)
+    return dataclasses.replace(stored, tile_stride=0) == dataclasses.replace(new, tile_stride=0)
 

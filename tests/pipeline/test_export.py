@@ -120,6 +120,29 @@ def test_normalised_score_is_one_half_at_the_threshold():
     np.testing.assert_allclose(t * n / (1 - n), s, atol=1e-12)  # invertible: the raw score is recoverable
 
 
+@pytest.mark.parametrize("prep", [
+    dict(kind="texture", size=32, texture_fov=0.25, tile_stride=16, upsample=False),  # an own folder's textures
+    dict(kind="texture", size=32, texture_fov=0.25, upsample=False, pixel_scale=0.75),  # ... trained by now
+    dict(kind="texture", size=32, texture_fov=0.5),
+    dict(kind="object", size=32)])
+def test_the_predictor_preprocesses_as_the_run_did(prep):
+    """The export's metadata carries every field that decides the model inputs: the predictor's
+    `Preprocess` is the run's, so an own folder's 40 px texture image (working scale 128 px, but
+    never upsampled) gives the tiles project.py gives."""
+    from iepjax.data.preprocess import Preprocess, model_inputs
+    from iepjax.export import preprocessing_metadata
+    from iepjax.predictor import preprocess_from_metadata
+
+    run = Preprocess(**prep)
+    meta = json.loads(json.dumps(preprocessing_metadata(run, channels=1)))  # as metadata.json stores it
+    back = preprocess_from_metadata(meta)
+    assert back == run
+    image = np.zeros((40, 48, 1), np.uint8)
+    assert model_inputs([image], back)[0].shape == model_inputs([image], run)[0].shape
+    legacy = {k: v for k, v in meta.items() if k not in ("upsample", "pixel_scale")}  # exports made before the keys
+    assert preprocess_from_metadata(legacy).upsample and not preprocess_from_metadata(legacy).pixel_scale
+
+
 def test_inputs_files_folders_and_globs_keep_their_extensions(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("a/x.png", "a/x.jpg", "a/deep/y.bmp", "a/.hidden.png", "a/notes.txt", "z.tif"):
@@ -275,6 +298,7 @@ def test_metadata_names_platforms_versions_thresholds_and_checksums(e2e):
     assert meta["metrics"]["grad"]["pixel_auroc"] == metrics["grad"]["pixel_auroc"]
     pre = json.loads((e2e["run_dir"] / "preprocess.json").read_text())
     assert meta["preprocessing"]["kind"] == pre["kind"] == "texture" and meta["preprocessing"]["size"] == 32
+    assert meta["preprocessing"]["pixel_scale"] == pre["pixel_scale"] == 0.5
     assert meta["training"]["dataset"] == "textures" and meta["training"]["category"] == "brick"
     assert meta["normalisation"]["formula"] == "s / (s + t)"
     card = (e2e["model"] / "MODEL_CARD.md").read_text()
@@ -348,7 +372,8 @@ def test_mixed_sizes_equal_project_fn_with_the_same_preprocessing(e2e, fresh):
     meta = read_metadata(e2e["model"])
     params, arrays = _checkpoint_params(e2e)
     cfg = from_dict(ProjectionConfig, {k: v for k, v in meta["projection"].items() if k != "early_stop"})
-    prep = Preprocess(**{k: meta["preprocessing"][k] for k in ("kind", "size", "texture_fov", "tile_stride")})
+    prep = Preprocess(**{k: meta["preprocessing"][k] for k in ("kind", "size", "texture_fov", "tile_stride", "upsample",
+                                                               "pixel_scale")})
     names = ["sub/wide.png", "sub/small_rgb.bmp", "sub/big.tif"]
     images = [read_image(e2e["images"] / n, 1) for n in names]
     inputs, layouts = model_inputs(images, prep)

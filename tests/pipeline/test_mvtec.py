@@ -265,6 +265,31 @@ def test_own_folders_never_upsample_textures(tmp_path):
     assert Preprocess.load(tmp_path) == own and '"upsample": false' in (tmp_path / "preprocess.json").read_text()
 
 
+def test_a_run_keeps_one_pixel_scale_for_images_of_every_size(tmp_path):
+    """A trained texture run fixes its working scale from its training images (the median short
+    side brought to size / texture_fov): an image of half their size is worked on at half the size
+    (the texture keeps its size in pixels), where each image's own scale would blow it up 2x; for
+    images of the training size nothing changes; objects are resized as before."""
+    prep = Preprocess(kind="texture", size=32, texture_fov=0.25)  # 128 px working short side
+    run = prep.with_pixel_scale([(256, 256), (256, 300), (240, 256), (512, 512)])  # median short side 256
+    assert run.pixel_scale == 0.5 and run.with_pixel_scale([(64, 64)]) == run  # fixed once
+    assert run.working_shape(256, 300) == prep.working_shape(256, 300) == (128, 150)
+    assert prep.working_shape(128, 128) == (128, 128) and run.working_shape(128, 128) == (64, 64)
+    assert run.working_shape(40, 40) == (32, 32)  # never below one model input
+    own = Preprocess(kind="texture", size=32, texture_fov=0.25, upsample=False).with_pixel_scale([(100, 100)])
+    assert own.pixel_scale == 1.0 and own.working_shape(300, 200) == (300, 200)  # own photos: never upsampled
+    obj = Preprocess(kind="object", size=32)
+    assert obj.with_pixel_scale([(256, 256)]) == obj and prep.with_pixel_scale([]) == prep
+    run.save(tmp_path)
+    assert Preprocess.load(tmp_path) == run
+    with pytest.raises(ValueError, match="pixel_scale"):
+        Preprocess(kind="texture", size=32, pixel_scale=-1.0)
+    # a run stored before the scale was fixed is resumed when its images share one size (the same crops)
+    from iepjax.pipelines.train import _same_training_inputs
+    assert _same_training_inputs(prep, prep.with_pixel_scale([(256, 256)] * 3), [(256, 256)] * 3)
+    assert not _same_training_inputs(prep, run, [(256, 256), (256, 300), (240, 256), (512, 512)])
+
+
 def test_the_rough_texture_folder_is_a_valid_category(tmp_path):
     """tools/rough_folder.py (the collapse check on a full-size own folder, docs/calibration.md) writes a
     category the folder layout accepts: 120 normal training crops, 8 good and 8 masked defect test crops."""

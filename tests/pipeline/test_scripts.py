@@ -144,6 +144,8 @@ def test_rerunning_train_resumes_the_finished_run(e2e):
     # --tile-stride 32 (= the size: no overlap) was stored, and the thresholds fitted again with it
     assert json.loads((run_dir / "preprocess.json").read_text())["tile_stride"] == 0
     assert json.loads((run_dir / "thresholds.json").read_text())["preprocess"]["tile_stride"] == 0
+    # the 128 px crops' working scale, fixed for every image: 32 / 0.5 = 64 px
+    assert json.loads((run_dir / "preprocess.json").read_text())["pixel_scale"] == 0.5
 
 
 @slow
