@@ -307,3 +307,8 @@ def test_the_rough_texture_folder_is_a_valid_category(tmp_path):
     assert all(e.mask_path is not None for e in spots)
     with Image.open(spots[0].mask_path) as m:
         assert m.size == (128, 128) and np.asarray(m).max() == 255
+    # training crops larger than the test crops (the one-pixel-scale check, docs/calibration.md)
+    rough_folder.write_folder(tmp_path / "sizes", sigma=3.0, train_size=256, test_size=192)
+    sized = scan_category(tmp_path / "sizes", "noise")
+    with Image.open(sized[0].path) as a, Image.open([e for e in sized if e.split == "test"][0].path) as b:
+        assert (a.size, b.size) == ((256, 256), (192, 192))
