@@ -95,7 +95,8 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
     `holdout` of the normal training images is kept out of training (ids in holdout.json), at least
     `min_held_out` of them (`holdout_split`: checked before any training; a run whose held-out set
     would change is not resumed, its model has seen images now held out). The
-    model's channel count is the data's. `mesh`: data-parallel training (`training.train`); with
+    model's channel count is the data's; a texture run's working scale is fixed from its images
+    (`Preprocess.with_pixel_scale`, recorded in preprocess.json). `mesh`: data-parallel training (`training.train`); with
     several processes, process 0 chooses the run folder and writes its files. Returns (run folder,
     summary).
     """
