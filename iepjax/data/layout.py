@@ -161,6 +161,8 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarr
     """An image file as uint8 (H, W, C); C = `channels` (1 gray, 3 RGB) or the file's own (1 or 3).
 
     Palette and alpha are dropped; 16-bit or float images are refused. DataError names the file.
+    An EXIF orientation (phone and some camera photos) is applied, so the array is the image as
+    viewers (and OpenCV) show it, the orientation a mask drawn on it has.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -168,6 +170,7 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarr
     try:
         with Image.open(path) as im:
             im.load()
+            im = _upright(im)
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 raise DataError(f"image {path} is {mode} (16-bit or float); only 8-bit gray or RGB is supported: "
@@ -181,6 +184,17 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarr
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _upright(im):
+    """`im` turned and flipped as its EXIF orientation tag says (unchanged without one)."""
+    from PIL import ImageOps
+    try:
+        if im.getexif().get(0x0112, 1) in (None, 1):  # 0x0112: Orientation; 1 = as stored
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # unreadable metadata: the pixels, as stored, are still the image
+        return im
 
 
 def _palette_is_gray(im) -> bool:

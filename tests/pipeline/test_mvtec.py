@@ -5,6 +5,7 @@ model is trained here (tests/pipeline/test_folder.py does the end-to-end run).
 """
 from __future__ import annotations
 
+import io
 import shutil
 import sys
 import tarfile
@@ -151,6 +152,27 @@ def test_error_empty_category(tmp_path):
     fake_tree.make_category(root, "cat2", channels=1, size_hw=(40, 48), n_train=2, n_good=0, n_defect=0)
     with pytest.raises(DataError, match=r"empty category 'cat2': no test images"):
         _load(root, tmp_path, "cat2")
+
+
+def test_a_photo_with_an_exif_orientation_is_read_as_shown_and_matches_its_mask(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show) is read
+    upright, as viewers show it and as its mask was drawn; a file without the tag is read as stored."""
+    from iepjax.data.layout import Entry, load_entry, read_image
+    raw = np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) % 251
+    raw = raw.astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(raw).save(tmp_path / "side.png", exif=exif)
+    Image.fromarray(raw).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "side.png")[..., 0], np.rot90(raw, -1))
+    np.testing.assert_array_equal(read_image(tmp_path / "plain.png")[..., 0], raw)
+    mask = np.zeros((48, 40), np.uint8)  # drawn on the upright image: 48 rows, 40 columns
+    mask[5:9, 30:35] = 255
+    Image.fromarray(mask).save(tmp_path / "side_mask.png")
+    rec = load_entry(Entry("test", "spot", "spot/side", tmp_path / "side.png", tmp_path / "side_mask.png", True,
+                           "test/spot/side.png"), channels=1)
+    with Image.open(io.BytesIO(rec["image"])) as im:
+        assert im.size == (40, 48)  # (W, H) upright
 
 
 def test_error_unknown_category_lists_the_folder(tmp_path):
