@@ -259,10 +259,17 @@ def category_channels(entries: list[Entry]) -> int:
     return 3 if any(image_channels(e.path) == 3 for e in entries) else 1
 
 
+# How `read_image` turns files into arrays; part of every fingerprint, so that folders prepared by
+# an older reader are prepared again (2: EXIF orientation applied).
+READER_VERSION = 2
+
+
 def fingerprint(root: str | os.PathLike, category: str) -> str:
-    """Short hash of the category folder's absolute path and file list (names, sizes, mtimes)."""
+    """Short hash of the category folder's absolute path and file list (names, sizes, mtimes), and
+    of the reader's version (`READER_VERSION`)."""
     cat = Path(root).resolve() / category
     h = hashlib.sha1(str(cat).encode())
+    h.update(f"reader {READER_VERSION}\n".encode())
     for dirpath, dirnames, filenames in os.walk(cat):
         dirnames.sort()
         for name in sorted(filenames):

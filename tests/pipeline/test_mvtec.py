@@ -175,6 +175,17 @@ def test_a_photo_with_an_exif_orientation_is_read_as_shown_and_matches_its_mask(
         assert im.size == (40, 48)  # (W, H) upright
 
 
+def test_a_new_reader_prepares_folders_again(tmp_path, monkeypatch):
+    """The reader's version is part of a folder's fingerprint: data prepared by an older reader
+    (sideways photos, before EXIF orientation) is not reused."""
+    from iepjax.data import layout
+    fake_tree.make_category(tmp_path, "cat", channels=1, size_hw=(40, 48), n_train=2, n_good=1, n_defect=1)
+    now = layout.fingerprint(tmp_path, "cat")
+    assert layout.fingerprint(tmp_path, "cat") == now
+    monkeypatch.setattr(layout, "READER_VERSION", layout.READER_VERSION - 1)
+    assert layout.fingerprint(tmp_path, "cat") != now
+
+
 def test_error_unknown_category_lists_the_folder(tmp_path):
     root = _broken(tmp_path)
     with pytest.raises(DataError, match=r"expected the category folder .*nope.*holds: cat/"):
