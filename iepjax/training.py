@@ -22,7 +22,7 @@ import numpy as np
 from iepjax import checkpointing, distributed, sharding
 from iepjax.atomic import dumps_json
 from iepjax.config import ModelConfig, TrainConfig, from_dict, to_dict
-from iepjax.losses import constant_prediction_loss
+from iepjax.losses import constant_prediction_loss, model_loss
 from iepjax.model import VAE
 from iepjax.runs import atomic_write_text
 from iepjax.training_step import TrainState, batch_indices, image_loss, init_state, train_step  # noqa: F401 (API)
@@ -55,11 +55,13 @@ def _posterior_mean_terms(params: dict, x_BxHxWxC: jax.Array, config: ModelConfi
 
     The error is L_r for BCE, and the squared error of f(x) for the Gaussian likelihood (its learned
     gamma left out, so that it compares with the constant predictor's, `collapse_check`)."""
-    terms = jax.vmap(lambda x: image_loss(params, x, config, key=None))(x_BxHxWxC)
+    vae = VAE(config)
+    out = vae.apply(params, x_BxHxWxC)  # one forward pass, decoded at the posterior mean
+    terms = jax.vmap(model_loss, in_axes=(0, 0, 0, 0, None, None))(
+        out.logits, x_BxHxWxC, out.posterior.mu, out.posterior.logvar, vae.apply(params, method=VAE.gamma_log), config)
     if config.likelihood == "bce":
         return terms.recon, terms.kl
-    f = jax.nn.sigmoid(VAE(config).apply(params, x_BxHxWxC).logits)
-    return jnp.sum(jnp.square(x_BxHxWxC - f), axis=(1, 2, 3)), terms.kl
+    return jnp.sum(jnp.square(x_BxHxWxC - jax.nn.sigmoid(out.logits)), axis=(1, 2, 3)), terms.kl
 
 
 def collapse_check(params: dict, images_NxHxWxC: np.ndarray, config: ModelConfig, *,
