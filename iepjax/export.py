@@ -391,9 +391,15 @@ def preprocessing_metadata(prep, channels: int) -> dict:
     return {"kind": prep.kind, "size": s, "channels": channels,
             "texture_fov": prep.texture_fov, "tile_stride": prep.stride, "upsample": prep.upsample,
             "pixel_scale": prep.pixel_scale,
+            "intensity_window": None if prep.intensity_window is None else list(prep.intensity_window),
             "working_short_side": None if prep.kind == "object" else s / prep.texture_fov,
             "blending": None if prep.kind == "object" else "linear ramp from each tile's border (0.5) to its centre",
-            "input": "uint8 image, gray or RGB as the model (PIL's L / RGB conversion), / 255 to float32",
+            "input": "uint8 image, gray or RGB as the model (PIL's L / RGB conversion), / 255 to float32"
+                     + ("" if prep.intensity_window is None else
+                        f"; a high-depth gray image (16-bit, 32-bit or float) first mapped to uint8 by "
+                        f"round(255 (v - {prep.intensity_window[0]:g}) / ({prep.intensity_window[1]:g} - "
+                        f"{prep.intensity_window[0]:g})), clipped (intensity_window: the training images' "
+                        "0.01 % and 99.99 % quantiles)"),
             "how": how}
 
 

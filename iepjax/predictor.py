@@ -218,7 +218,7 @@ def preprocess_from_metadata(pre: dict):
     from iepjax.data.preprocess import Preprocess
     return Preprocess(kind=pre["kind"], size=pre["size"], texture_fov=pre["texture_fov"],
                       tile_stride=pre["tile_stride"], upsample=pre.get("upsample", True),
-                      pixel_scale=pre.get("pixel_scale", 0.0))
+                      pixel_scale=pre.get("pixel_scale", 0.0), intensity_window=pre.get("intensity_window"))
 
 
 class Predictor:
@@ -322,10 +322,17 @@ class Predictor:
     # ------------------------------------------------------------------ images
 
     def _as_model_channels(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (H, W) or (H, W, 1|3|4) -> (H, W, channels), converted as `iepjax.data.layout.read_image` does."""
+        """uint8 (H, W) or (H, W, 1|3|4) -> (H, W, channels), converted as `iepjax.data.layout.read_image` does.
+        A model trained on high-depth images also takes gray (H, W) or (H, W, 1) integer or float arrays of
+        their values, mapped to uint8 through the run's intensity window."""
         im = np.asarray(image)
         if im.dtype != np.uint8:
-            raise TypeError(f"expected uint8 images, got {im.dtype}")
+            window = self.prep.intensity_window
+            if window is None or im.dtype.kind not in "uif" or not (im.ndim == 2 or im.shape[2:] == (1,)):
+                raise TypeError(f"expected uint8 images, got {im.dtype} {im.shape}" + (
+                    "" if window is None else " (or the gray values of high-depth images, (H, W) or (H, W, 1))"))
+            from iepjax.data.layout import to_uint8
+            im = to_uint8(im.reshape(im.shape[:2]), window, "given as an array")
         if im.ndim == 2:
             im = im[..., None]
         if im.ndim != 3 or im.shape[2] not in (1, 3, 4):
@@ -359,7 +366,7 @@ class Predictor:
     def predict(self, files: Sequence[str | os.PathLike]) -> list[Prediction]:
         """`Prediction`s of image files (read as the model's channels); DataError names an unreadable file."""
         from iepjax.data.layout import read_image
-        return self.predict_images([read_image(f, self.channels) for f in files])
+        return self.predict_images([read_image(f, self.channels, self.prep.intensity_window) for f in files])
 
 
 # --------------------------------------------------------------------------- files in, files out
@@ -512,7 +519,7 @@ def predict_paths(model_dir: str | os.PathLike, inputs: Sequence[str], out_dir: 
             idx, images = [], []
             for i in order[c0:c0 + chunk]:
                 try:
-                    images.append(read_image(files[i], pred.channels))
+                    images.append(read_image(files[i], pred.channels, pred.prep.intensity_window))
                     idx.append(i)
                 except DataError as e:
                     fail(i, names[i], str(e))

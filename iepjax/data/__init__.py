@@ -35,6 +35,8 @@ class Split(NamedTuple):
     / (H_i, W_i) arrays instead of stacked arrays (use `sizes()` / `iepjax.data.preprocess`).
     has_mask (N,) bool: False for defect images of a kind without ground truth (None: all have).
     file_names: source file of each image relative to its category folder (None: not files).
+    intensity_window: (lo, hi) through which high-depth image files became uint8 (`iepjax.data.
+    layout.intensity_window`); None for 8-bit data.
     """
 
     images: np.ndarray | list
@@ -44,6 +46,7 @@ class Split(NamedTuple):
     ids: list[str]
     has_mask: np.ndarray | None = None
     file_names: list[str] | None = None
+    intensity_window: tuple[float, float] | None = None
 
     def sizes(self) -> list[tuple[int, int]]:
         """(H, W) of each image."""
@@ -178,7 +181,14 @@ def load_split(
         ids=[_text(r["id"]) for r in records],
         has_mask=np.asarray([bool(r.get("has_mask", True)) for r in records], dtype=bool),
         file_names=[_text(r["file_name"]) for r in records] if records and "file_name" in records[0] else None,
+        intensity_window=_window(builder),
     )
+
+
+def _window(builder) -> tuple[float, float] | None:
+    """The intensity window a prepared folder's high-depth images were read through (None: 8-bit data)."""
+    w = (builder.info.metadata or {}).get("intensity_window")
+    return None if w is None else (float(w[0]), float(w[1]))
 
 
 def _text(value) -> str:

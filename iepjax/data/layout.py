@@ -157,12 +157,25 @@ def kinds_without_masks(entries: list[Entry]) -> list[str]:
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarray:
+# Pillow's modes of gray images with more than 8 bits per pixel (16-bit scans and cameras, 32-bit
+# integers, 32-bit floats): read through a category's intensity window (`intensity_window`).
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# The window's ends: these quantiles of the training images' values, so that a few hot or dead pixels
+# do not set the scale, and no more than 0.01 % of normal pixels are clipped at either end.
+WINDOW_QUANTILES = (1e-4, 1.0 - 1e-4)
+_WINDOW_SAMPLES = 1 << 24  # values drawn for the quantiles, spread evenly over the images
+
+
+def read_image(path: str | os.PathLike, channels: int | None = None,
+               window: tuple[float, float] | None = None) -> np.ndarray:
     """An image file as uint8 (H, W, C); C = `channels` (1 gray, 3 RGB) or the file's own (1 or 3).
 
-    Palette and alpha are dropped; 16-bit or float images are refused. DataError names the file.
-    An EXIF orientation (phone and some camera photos) is applied, so the array is the image as
-    viewers (and OpenCV) show it, the orientation a mask drawn on it has.
+    Palette and alpha are dropped. A gray image of more than 8 bits (16-bit, 32-bit integer or
+    float; `HIGH_DEPTH_MODES`) is mapped to 8 bits by `window` = (lo, hi), its category's
+    intensity window (`intensity_window`): lo -> 0, hi -> 255, linear, clipped; without a window
+    it is refused. DataError names the file. An EXIF orientation (phone and some camera photos) is
+    applied, so the array is the image as viewers (and OpenCV) show it, the orientation a mask
+    drawn on it has.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -172,18 +185,69 @@ def read_image(path: str | os.PathLike, channels: int | None = None) -> np.ndarr
             im.load()
             im = _upright(im)
             mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise DataError(f"image {path} is {mode} (16-bit or float); only 8-bit gray or RGB is supported: "
-                                "convert it to 8 bits")
-            own = 1 if mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(im)) else 3
-            want = channels or own
-            im = im.convert("L" if want == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            if mode in HIGH_DEPTH_MODES:
+                arr = to_uint8(_values(im, path), window, path)
+                if (channels or 1) == 3:
+                    arr = np.repeat(arr[..., None], 3, axis=-1)
+            else:
+                own = 1 if mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(im)) else 3
+                want = channels or own
+                im = im.convert("L" if want == 1 else "RGB")
+                arr = np.asarray(im, dtype=np.uint8)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _values(im, path: Path) -> np.ndarray:
+    """The pixel values of a high-depth gray image as float64 (H, W); DataError if any is not finite."""
+    v = np.asarray(im).astype(np.float64)
+    if v.ndim != 2:
+        raise DataError(f"image {path} ({im.mode}) did not read as one gray channel (shape {v.shape})")
+    if not np.isfinite(v).all():
+        raise DataError(f"image {path} has NaN or infinite pixel values")
+    return v
+
+
+def to_uint8(values_HxW: np.ndarray, window: tuple[float, float] | None, path: str | os.PathLike = "") -> np.ndarray:
+    """High-depth values (H, W) -> uint8 (H, W) through `window` = (lo, hi): round(255 (v - lo) / (hi - lo)),
+    clipped to [0, 255]. DataError (naming `path`) without a window."""
+    if window is None:
+        raise DataError(f"image {path} has more than 8 bits per pixel and no intensity window to read it through: "
+                        "a model reads high-depth images through the window of its training images, and this "
+                        "model's (or this category's) were 8-bit (docs/datasets.md); convert the image to 8 bits, "
+                        "or train on high-depth images")
+    lo, hi = float(window[0]), float(window[1])
+    out = np.rint((np.asarray(values_HxW, np.float64) - lo) * (255.0 / (hi - lo)))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def intensity_window(paths: list[Path]) -> tuple[float, float] | None:
+    """(lo, hi): the `WINDOW_QUANTILES` of the pixel values of the high-depth images among `paths`
+    (a category's normal training images), the window through which every high-depth image of the
+    category is read (`read_image`); None when none of them is high-depth (8-bit images need none).
+
+    The window is fixed per category, never per image, so a defect's intensity is compared with
+    the normal images' on one scale; hi > lo always (a constant image gets a window of width 1).
+    """
+    from PIL import Image, UnidentifiedImageError
+    high = [p for p in paths if image_mode(p) in HIGH_DEPTH_MODES]
+    if not high:
+        return None
+    per_image = max(1, _WINDOW_SAMPLES // len(high))
+    samples = []
+    for p in high:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                v = _values(im, Path(p)).ravel()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from e
+        samples.append(v[::max(1, -(-v.size // per_image))])
+    lo, hi = (float(q) for q in np.quantile(np.concatenate(samples), WINDOW_QUANTILES))
+    return lo, (hi if hi > lo else lo + 1.0)
 
 
 def _upright(im):
@@ -205,12 +269,22 @@ def _palette_is_gray(im) -> bool:
     return bool(np.all(p[:, 0] == p[:, 1]) and np.all(p[:, 1] == p[:, 2]))
 
 
+def image_mode(path: str | os.PathLike) -> str:
+    """Pillow's mode of an image file ("L", "RGB", "I;16", ...), from its header (cheap). DataError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
 def image_channels(path: Path) -> int:
     """1 or 3: the channel count of an image file, from its header (cheap). DataError if unreadable."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            if im.mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+            if im.mode in ("1", "L", "LA") + HIGH_DEPTH_MODES:
                 return 1
             if im.mode == "P":
                 return 1 if _palette_is_gray(im) else 3
@@ -220,9 +294,18 @@ def image_channels(path: Path) -> int:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file as bool (H, W): nonzero = defect."""
-    m = read_image(path, channels=1)[..., 0]
-    return m > 0
+    """A mask file as bool (H, W): nonzero = defect (8-bit or high-depth files alike)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode in HIGH_DEPTH_MODES:
+                im.load()
+                return _values(_upright(im), Path(path)) > 0
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    return read_image(path, channels=1)[..., 0] > 0
 
 
 def _png_bytes(arr_HxWxC: np.ndarray) -> bytes:
@@ -233,9 +316,10 @@ def _png_bytes(arr_HxWxC: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_entry(entry: Entry, channels: int) -> dict[str, object]:
-    """Read one entry into a record (image and mask as PNG bytes); checks that mask and image sizes agree."""
-    image = read_image(entry.path, channels)
+def load_entry(entry: Entry, channels: int, window: tuple[float, float] | None = None) -> dict[str, object]:
+    """Read one entry into a record (image and mask as PNG bytes); checks that mask and image sizes agree.
+    `window`: the category's intensity window for high-depth images (`intensity_window`)."""
+    image = read_image(entry.path, channels, window)
     h, w = image.shape[:2]
     mask = np.zeros((h, w), dtype=bool)
     if entry.mask_path is not None:

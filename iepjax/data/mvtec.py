@@ -7,8 +7,10 @@ Layout of one category (MVTec AD, Bergmann et al. 2019/2021)::
     <root>/<category>/test/<kind>/NNN.png          defective test images
     <root>/<category>/ground_truth/<kind>/NNN_mask.png   their masks (nonzero = defect)
 
-Images may be PNG, JPEG, BMP or TIFF, 8-bit gray or RGB, of any size (sizes may differ
-within a category). A defect kind without a ``ground_truth/<kind>/`` folder (or with an empty
+Images may be PNG, JPEG, BMP or TIFF, 8-bit gray or RGB, or gray of more than 8 bits (16-bit,
+32-bit integer or float: read through the category's intensity window, the quantiles of its
+training images' values, `layout.intensity_window`, recorded in the prepared data's metadata as
+``intensity_window``), of any size (sizes may differ within a category). A defect kind without a ``ground_truth/<kind>/`` folder (or with an empty
 one) has no masks: its images are kept for the image AUROC and skipped by the pixel metrics.
 A kind whose folder holds masks must have one for every image.
 
@@ -40,7 +42,8 @@ import tensorflow_datasets as tfds
 from iepjax.data.layout import (  # noqa: F401 (re-exported)
     ARCHIVE_NAME, GRAY_CATEGORIES, HOMEPAGE, IMAGE_EXTENSIONS, MANUAL_DOWNLOAD_INSTRUCTIONS, MVTEC_CATEGORIES,
     SPLITS, TEXTURE_CATEGORIES, DataError, Entry, category_channels, extract_category, extract_dir, fingerprint,
-    image_channels, kinds_without_masks, load_entry, locate_root, read_image, read_mask, scan_category)
+    image_channels, intensity_window, kinds_without_masks, load_entry, locate_root, read_image, read_mask,
+    scan_category)
 
 
 # --------------------------------------------------------------------------- builders
@@ -105,6 +108,7 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder):
             }),
             supervised_keys=None,
             homepage=HOMEPAGE,
+            metadata=tfds.core.MetadataDict(),  # "intensity_window": [lo, hi] for high-depth images
         )
 
     def _root(self, dl_manager) -> Path:
@@ -120,10 +124,16 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder):
               f"images; written once, later runs read it)" +
               (f"; no masks for {', '.join(missing)}: pixel metrics will skip those images" if missing else ""),
               file=sys.stderr)
-        return {split: self._generate_examples([e for e in entries if e.split == split], split)
+        window = intensity_window([e.path for e in entries if e.split == "train"])
+        if window is not None:
+            self.info.metadata["intensity_window"] = list(window)
+            print(f"high-depth images: read through the training images' intensity window [{window[0]:g}, "
+                  f"{window[1]:g}] -> [0, 255]", file=sys.stderr)
+        return {split: self._generate_examples([e for e in entries if e.split == split], split, window)
                 for split in SPLITS}
 
-    def _generate_examples(self, entries: list[Entry], split: str) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, entries: list[Entry], split: str,
+                           window: tuple[float, float] | None = None) -> Iterator[tuple[str, dict]]:
         channels = self.builder_config.channels
         it = entries
         if self._show_progress:
@@ -131,7 +141,7 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder):
             it = tqdm(entries, desc=f"prepare {self.builder_config.category} {split}", unit="img",
                       dynamic_ncols=True, file=sys.stderr)
         for e in it:
-            yield e.id, load_entry(e, channels)
+            yield e.id, load_entry(e, channels, window)
 
 
 class MvtecAd(_LayoutBuilder):

@@ -44,6 +44,9 @@ class Preprocess:
     tile_stride: int = 0  # 0: size (tiles do not overlap)
     upsample: bool = True  # textures: the working resolution may exceed the image's own (False: never)
     pixel_scale: float = 0.0  # textures: working px per image px for every image (0: each image's own, below)
+    # high-depth image files -> uint8 through this (lo, hi), the training images' (`data.layout.intensity_window`);
+    # None: 8-bit data. Applied when files are read, before everything above.
+    intensity_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,6 +59,11 @@ class Preprocess:
             object.__setattr__(self, "tile_stride", 0)
         if not (self.pixel_scale >= 0 and np.isfinite(self.pixel_scale)):
             raise ValueError(f"pixel_scale={self.pixel_scale}: must be > 0, or 0 for each image's own scale")
+        if self.intensity_window is not None:
+            lo, hi = (float(v) for v in self.intensity_window)  # a JSON list becomes a (hashable) tuple
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"intensity_window={self.intensity_window}: must be finite (lo, hi) with hi > lo")
+            object.__setattr__(self, "intensity_window", (lo, hi))
 
     @property
     def stride(self) -> int:
@@ -86,7 +94,12 @@ class Preprocess:
         return dataclasses.replace(self, pixel_scale=self._scale(short))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["intensity_window"] is None:  # 8-bit data: the dict (and the keys made of it) as before the field
+            del d["intensity_window"]
+        else:
+            d["intensity_window"] = list(d["intensity_window"])
+        return d
 
     def save(self, run_dir: str | Path) -> None:
         from iepjax.runs import atomic_write_text

@@ -32,6 +32,7 @@ import numpy as np
 from iepjax import atomic, calibrated_maps, outputs, presets, report, runs, visualize
 from iepjax.config import DataConfig, ProjectionConfig, ThresholdConfig
 from iepjax.data.layout import IMAGE_EXTENSIONS, DataError, list_images, read_image
+from iepjax.data.preprocess import Preprocess
 from iepjax.localization import calibrate_maps, localize_images
 from iepjax.pipelines.project import prepare_run
 from iepjax.thresholds import map_fits
@@ -54,8 +55,10 @@ class Inputs(NamedTuple):
     failed: list[tuple[str, str]]
 
 
-def check_inputs(input_dir: str | Path, channels: int | None = None, *, quiet: bool = False) -> Inputs:
-    """Read every image file under `input_dir` once (`list_images`, `read_image`): which can be used.
+def check_inputs(input_dir: str | Path, channels: int | None = None, *, quiet: bool = False,
+                 window: tuple[float, float] | None = None) -> Inputs:
+    """Read every image file under `input_dir` once (`list_images`, `read_image`, high-depth files
+    through `window`, the run's intensity window): which can be used.
 
     Each unreadable file is named on stderr (one line each) unless `quiet`. Raises FileNotFoundError for a
     missing folder and DataError when no file is readable (nothing to do), both before any model
@@ -68,7 +71,7 @@ def check_inputs(input_dir: str | Path, channels: int | None = None, *, quiet: b
     readable, failed = [], []
     for p in files:
         try:
-            read_image(p, channels)
+            read_image(p, channels, window)
             readable.append(p)
         except DataError as e:
             failed.append((p.relative_to(input_dir).as_posix(), str(e)))
@@ -108,7 +111,9 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
     out = Path(out) if out is not None else None
     if out is not None:
         runs.check_output_folder(out, overwrite=overwrite)
-    inputs = check_inputs(input_dir, runs.model_config(run_dir).get("channels"))
+    stored = Preprocess.load(run_dir)
+    inputs = check_inputs(input_dir, runs.model_config(run_dir).get("channels"),
+                          window=stored.intensity_window if stored is not None else None)
     failed = list(inputs.failed)
     run = prepare_run(run_dir, dataclasses.replace(source, source_dir=None), config, thresholds,
                       batch_size=batch_size, progress=progress, mesh=mesh)
@@ -124,7 +129,7 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
                 part, images = [], []
                 for p in inputs.readable[c0:c0 + chunk]:
                     try:  # read again: a file may have changed since `check_inputs`
-                        images.append(read_image(p, model.channels))
+                        images.append(read_image(p, model.channels, prep.intensity_window))
                         part.append(p)
                     except DataError as e:
                         failed.append((p.relative_to(input_dir).as_posix(), str(e)))

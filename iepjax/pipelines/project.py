@@ -18,7 +18,7 @@ import numpy as np
 from iepjax import calibrated_maps, data, distributed, outputs, presets, report, runs
 from iepjax.atomic import dumps_json
 from iepjax.config import DataConfig, MapConfig, ProjectionConfig, ThresholdConfig
-from iepjax.data.layout import list_images
+from iepjax.data.layout import DataError, list_images
 from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, calibrate_maps, localize, localize_images, trajectory
@@ -142,6 +142,11 @@ def project_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     if run.prep is not None:  # the official protocol at the original image sizes
         test = data.load_split(source.dataset, source.category, "test", source.tfds_dir,
                                source_dir=run_source(run_dir, source.source_dir), progress=progress, **split_seed)
+        if test.intensity_window != run.prep.intensity_window:
+            raise DataError(f"the images of {source.category} are read through the intensity window "
+                            f"{test.intensity_window} (from the folder's training images now), but run {run_dir} was "
+                            f"trained through {run.prep.intensity_window}: the training images changed since; train "
+                            "again (python train.py ... --new)")
         res = localize_images(run.params, run.config, test.images, run.prep, batch_size=batch_size,
                               progress=progress, mesh=mesh)
         if not distributed.is_main():

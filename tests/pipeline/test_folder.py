@@ -1,8 +1,8 @@
 """End to end on a fake MVTec tree: prepare, train a few steps, project, official-protocol outputs.
 
-One module-scoped run of `reproduce.py --data-dir` over two categories (``grid``: gray, texture
-preset, tiled; ``widget``: RGB, object preset, resized; odd sizes such as 300x200, two defect kinds
-of which one has no masks, test/good without masks; 24 training images, so that the 11 held-out
+One module-scoped run of `reproduce.py --data-dir` over two categories (``grid``: gray 16-bit
+PNGs of 12-bit values, texture preset, tiled; ``widget``: RGB, object preset, resized; odd sizes
+such as 300x200, two defect kinds of which one has no masks, test/good without masks; 24 training images, so that the 11 held-out
 images fitted thresholds need can be spared). Tiny model (32 px), 2 training steps, 1 projection
 step: this checks the plumbing, not the quality. Then project.py on the labelled folder and on a
 plain folder (--input-dir), reusing the trained runs (same process: no recompiles); the runs are
@@ -32,7 +32,7 @@ def e2e(tmp_path_factory):
     import reproduce
 
     base = tmp_path_factory.mktemp("e2e")
-    src = fake_tree.make_fake_mvtec(base / "src", n_train=N_TRAIN)
+    src = fake_tree.make_fake_mvtec(base / "src", n_train=N_TRAIN, gray_bits=16)
     args = ["--data-dir", str(src), "--categories", ",".join(CATS), "--tfds-dir", str(base / "tfds"),
             "--results", str(base / "results"), "--out", str(base / "table"), "--image-size", "32",
             "--steps", "2", "--batch-size", "4", "--proj-steps", "1", "--holdout", "0.2", "--no-progress",
@@ -160,7 +160,7 @@ def _bad_images(inp: Path, good: Path) -> dict[str, str]:
     (inp / "notes.jpg").write_text("not an image")
     (inp / "deep").mkdir()
     Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(inp / "deep" / "sixteen.png")
-    return {"cut.png": "cannot read image", "deep/sixteen.png": "16-bit", "empty.png": "cannot read image",
+    return {"cut.png": "cannot read image", "deep/sixteen.png": "more than 8 bits", "empty.png": "cannot read image",
             "notes.jpg": "cannot read image"}
 
 
@@ -169,8 +169,6 @@ def test_folder_inference_processes_every_readable_image_and_names_the_others(e2
     and overlay, every bad file is named on stderr and in errors.csv, and the exit status (4) says that
     some failed. The default output folder is <run>/inference/v<N>, complete, with `latest` on it."""
     import project
-    from iepjax.calibrated_maps import image_score
-    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     good = _good_images(e2e, inp)
@@ -198,8 +196,6 @@ def test_folder_inference_processes_every_readable_image_and_names_the_others(e2
 
 def test_folder_inference_with_no_readable_image_is_an_error_before_any_work(e2e, tmp_path, capsys):
     import project
-    from iepjax.calibrated_maps import image_score
-    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     inp.mkdir()
@@ -216,8 +212,6 @@ def test_folder_inference_with_no_readable_image_is_an_error_before_any_work(e2e
 def test_folder_inference_into_an_existing_out_folder(e2e, tmp_path, capsys):
     """--out that holds files is refused before any work unless --overwrite, which replaces it whole."""
     import project
-    from iepjax.calibrated_maps import image_score
-    from iepjax.config import default_map
 
     inp = tmp_path / "incoming"
     _good_images(e2e, inp)
@@ -231,6 +225,32 @@ def test_folder_inference_into_an_existing_out_folder(e2e, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert not (out / "mine.txt").exists() and len(_rows(out / "scores.csv")) == 3
     assert not _partials(tmp_path)
+
+
+def test_a_gray_category_of_16_bit_images_is_read_through_its_training_images_window(e2e, tmp_path, capsys):
+    """grid's files hold 12-bit values in 16-bit PNGs: its run records the intensity window of its
+    training images (their value quantiles, far inside 0..65535), and project.py --input-dir reads
+    16-bit files through it: the map of a 16-bit file is the map of its 8-bit windowed copy."""
+    import project
+    from iepjax.data.layout import WINDOW_QUANTILES, to_uint8
+
+    b = e2e["base"]
+    prep = _strict(b / "results" / "vae" / "folder" / "grid" / "latest" / "preprocess.json")
+    values = np.concatenate([np.asarray(Image.open(f), np.float64).ravel()
+                             for f in sorted((e2e["src"] / "grid" / "train" / "good").glob("*.png"))])
+    assert prep["intensity_window"] == pytest.approx(list(np.quantile(values, WINDOW_QUANTILES)))
+    assert 0 < prep["intensity_window"][0] < prep["intensity_window"][1] < 4096
+    inp = tmp_path / "scans"
+    inp.mkdir()
+    deep = e2e["src"] / "grid" / "test" / "blob" / "000.png"
+    (inp / "deep.png").write_bytes(deep.read_bytes())
+    Image.fromarray(to_uint8(np.asarray(Image.open(deep), np.float64), prep["intensity_window"])).save(inp / "eight.png")
+    rc = project.main(["--data-dir", str(e2e["src"]), "--category", "grid", "--input-dir", str(inp), "--tfds-dir",
+                       str(b / "tfds"), "--results", str(b / "results"), "--steps", "1", "--no-progress",
+                       "--no-overlays", "--allow-collapse", "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    a, e = (tifffile.imread(tmp_path / "out" / "maps" / f"{n}.png.tiff") for n in ("deep", "eight"))
+    np.testing.assert_allclose(a, e, atol=1e-6)
 
 
 def test_project_cli_errors_are_clear(e2e, tmp_path, capsys):

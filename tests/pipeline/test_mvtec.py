@@ -345,3 +345,62 @@ def test_the_rough_texture_folder_is_a_valid_category(tmp_path):
     sized = scan_category(tmp_path / "sizes", "noise")
     with Image.open(sized[0].path) as a, Image.open([e for e in sized if e.split == "test"][0].path) as b:
         assert (a.size, b.size) == ((256, 256), (192, 192))
+
+
+# --------------------------------------------------------------------------- high-depth images
+
+
+def test_high_depth_gray_images_are_read_through_a_window(tmp_path):
+    """16-bit PNG, 32-bit integer and float TIFF: lo -> 0, hi -> 255, linear, rounded and clipped;
+    as one or three channels; without a window, or with NaN values, refused naming the file; a
+    16-bit mask is a mask."""
+    from iepjax.data.layout import intensity_window, read_image, read_mask
+    v = np.array([[1000, 1500, 2000], [2500, 3000, 4000]], np.float64)
+    Image.fromarray(v.astype(np.uint16)).save(tmp_path / "a.png")
+    Image.fromarray(v.astype(np.int32)).save(tmp_path / "b.tif")
+    Image.fromarray((v / 4096).astype(np.float32)).save(tmp_path / "c.tif")
+    want = np.array([[0, 64, 128], [191, 255, 255]], np.uint8)  # window (1000, 3000): 255 (v - 1000) / 2000
+    for name, window in (("a.png", (1000, 3000)), ("b.tif", (1000, 3000)), ("c.tif", (1000 / 4096, 3000 / 4096))):
+        np.testing.assert_array_equal(read_image(tmp_path / name, window=window)[..., 0], want)
+        assert read_image(tmp_path / name, 3, window).shape == (2, 3, 3)
+        with pytest.raises(DataError, match=rf"{name}.* more than 8 bits per pixel"):
+            read_image(tmp_path / name)
+    lo, hi = intensity_window([tmp_path / "a.png", tmp_path / "b.tif"])
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(np.concatenate([v.ravel(), v.ravel()]), (1e-4, 1 - 1e-4))))
+    Image.fromarray(np.full((2, 3), 99, np.uint8)).save(tmp_path / "eight.png")
+    assert intensity_window([tmp_path / "eight.png"]) is None  # 8-bit images need no window
+    Image.fromarray(np.array([[0.1, np.nan]], np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"nan\.tif has NaN"):
+        read_image(tmp_path / "nan.tif", window=(0, 1))
+    Image.fromarray(np.array([[0, 65535], [0, 0]], np.uint16)).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), [[False, True], [False, False]])
+
+
+def test_a_high_depth_test_image_in_an_8_bit_category_is_named(tmp_path):
+    root = _broken(tmp_path)  # 8-bit RGB training images: no window
+    (root / "cat" / "test" / "blob" / "001.png").unlink()
+    Image.fromarray(np.full((40, 48), 3000, np.uint16)).save(root / "cat" / "test" / "blob" / "001.png")
+    with pytest.raises(DataError, match=r"cat/test/blob/001\.png has more than 8 bits per pixel"):
+        load_split("folder", "cat", "test", str(tmp_path / "tfds"), source_dir=str(root), progress=False)
+
+
+def test_the_intensity_window_is_recorded_with_the_run_and_the_export():
+    """Preprocess keeps the window as a (hashable) tuple through preprocess.json and an export's
+    metadata; 8-bit runs' preprocess.json (and the threshold keys made of it) have no such key."""
+    from types import SimpleNamespace
+
+    from iepjax.export import preprocessing_metadata
+    from iepjax.predictor import Predictor, preprocess_from_metadata
+    prep = Preprocess(kind="texture", size=32, pixel_scale=0.5, intensity_window=[995, 2828.5])
+    assert prep.intensity_window == (995.0, 2828.5) and hash(prep)
+    assert Preprocess(**prep.to_dict()) == prep
+    assert "intensity_window" not in Preprocess(kind="texture", size=32).to_dict()
+    assert preprocess_from_metadata(preprocessing_metadata(prep, 1)) == prep
+    with pytest.raises(ValueError, match="intensity_window"):
+        Preprocess(intensity_window=(5, 5))
+    as_model = Predictor._as_model_channels  # the predictor's in-memory arrays: values mapped as files are
+    deep = np.array([[995, 2828.5, 4000]], np.float64)
+    got = as_model(SimpleNamespace(prep=prep, channels=1), deep.astype(np.uint16))
+    np.testing.assert_array_equal(got[..., 0], [[0, 255, 255]])
+    with pytest.raises(TypeError, match="expected uint8"):
+        as_model(SimpleNamespace(prep=Preprocess(), channels=1), deep.astype(np.uint16))
