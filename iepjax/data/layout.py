@@ -182,6 +182,9 @@ def read_image(path: str | os.PathLike, channels: int | None = None,
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if _colour_of_16_bits(im):  # Pillow would keep each value's high byte only, silently
+                raise DataError(f"image {path} is a colour image of 16 bits per channel, which is not supported: "
+                                "convert it to 8-bit colour, or to 16-bit gray")
             im.load()
             im = _upright(im)
             mode = im.mode
@@ -199,6 +202,12 @@ def read_image(path: str | os.PathLike, channels: int | None = None,
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _colour_of_16_bits(im) -> bool:
+    """Whether an opened (not yet loaded) image stores colour with 16 bits per channel (its decoder's raw mode)."""
+    return im.mode not in HIGH_DEPTH_MODES and any(
+        isinstance(t.args, str) and ";16" in t.args for t in (getattr(im, "tile", None) or []))
 
 
 def _values(im, path: Path) -> np.ndarray:

@@ -376,6 +376,33 @@ def test_high_depth_gray_images_are_read_through_a_window(tmp_path):
     np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), [[False, True], [False, False]])
 
 
+def _png_rgb16(path, rgb_HxWx3: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG, written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    h, w, _ = rgb_HxWx3.shape
+    a = rgb_HxWx3.astype(">u2")
+    rows = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_colour_image_of_16_bits_per_channel_is_refused_not_cut_to_its_high_byte(tmp_path):
+    """Pillow reads a 48-bit RGB PNG as 8-bit RGB by keeping each value's high byte: 12-bit data would
+    become an almost black image without a word. It is refused, naming the file."""
+    from PIL import Image as PILImage
+
+    from iepjax.data.layout import read_image
+    _png_rgb16(tmp_path / "c.png", np.full((4, 5, 3), 3000))
+    with PILImage.open(tmp_path / "c.png") as im:
+        assert im.mode == "RGB"  # what Pillow makes of it
+    with pytest.raises(DataError, match=r"c\.png is a colour image of 16 bits per channel"):
+        read_image(tmp_path / "c.png")
+
+
 def test_a_high_depth_test_image_in_an_8_bit_category_is_named(tmp_path):
     root = _broken(tmp_path)  # 8-bit RGB training images: no window
     (root / "cat" / "test" / "blob" / "001.png").unlink()
