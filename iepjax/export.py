@@ -39,6 +39,7 @@ import numpy as np
 from iepjax.config import ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
+from iepjax.report import image_score_name
 from iepjax.runs import atomic_write_bytes, atomic_write_text, read_json
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -71,11 +72,6 @@ class RunContents(NamedTuple):
 
 
 EXPORTED_SCORES = ("max", "topk")  # the image scores the predictor computes (`predictor.image_score`)
-
-
-def _score_text(score: dict) -> str:
-    return (f"mean of the top {100 * score['topk_frac']:g} % of the pixels" if score["image_score"] == "topk"
-            else "maximum")
 
 
 def check_paper_map(stored: dict, where: Path) -> dict:
@@ -451,13 +447,13 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                        "vmax": g.get("vmax"),
                        "meaning": (f"pixel: the {th['pixel_quantile']} quantile of the anomaly-map pixels of the "
                                    f"{th['n_images']} held-out normal images; image: the {th['image_quantile']} quantile "
-                                   f"of their image scores ({_score_text(th['score'])} of the map at the model size)"
+                                   f"of their image scores ({image_score_name(th['score'])}, on the map at the model size)"
                                    + ("; replaced by the values given to project.py" if th["source"].startswith("given")
                                       else "")),
                        "pixel_quantiles": g.get("pixel_quantiles"), "image_quantiles": g.get("image_quantiles"),
                        "recon": {k: r.get(k) for k in ("pixel_threshold", "image_threshold", "vmax")}},
-        "scores": {"image_score": f"{_score_text(th['score'])} of the anomaly map resized from the stitched working "
-                                  f"resolution to {prep.size}x{prep.size} (the scale the image threshold was fitted at, as project.py's "
+        "scores": {"image_score": f"{image_score_name(th['score'])}, on the anomaly map resized from the stitched "
+                                  f"working resolution to {prep.size}x{prep.size} (the scale the image threshold was fitted at, as project.py's "
                                   "scores.csv)", "rule": th["score"],
                    "label": "1 if image_score >= thresholds.image_threshold",
                    "mask": "anomaly map at the original size >= thresholds.pixel_threshold"},

@@ -30,14 +30,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def image_score_name(m: dict) -> str:
+    """The image score of a map config as stored ({"image_score": ..., "topk_frac": ...}), in words."""
+    return {"topk": f"mean of the top {100 * m.get('topk_frac', 0):g} % map pixels",
+            "smoothed_max": f"max of the map smoothed by {m.get('smoothed_max_sigma')} px",
+            "area": "share of pixels above the pixel threshold"}.get(m.get("image_score", "max"),
+                                                                      "max of the map (the paper's)")
+
+
 def format_image_score(result: dict) -> str:
     """One line naming the image score of a projection's metrics.json ("map"), with the image AUROC of
     the map's maximum (the paper's score) when another score was used."""
     m = result.get("map") or {}
-    score = m.get("image_score", "max")
-    name = {"topk": f"mean of the top {100 * m.get('topk_frac', 0):g} % map pixels",
-            "smoothed_max": f"max of the map smoothed by {m.get('smoothed_max_sigma')} px",
-            "area": "share of pixels above the pixel threshold"}.get(score, "max of the map (the paper's)")
+    score, name = m.get("image_score", "max"), image_score_name(m)
     if score == "max" or "image_auroc_max" not in result.get("grad", {}):
         return f"image score: {name}"
     return (f"image score: {name} (image AUROC of the max: recon {result['recon']['image_auroc_max']:.4f}, "
