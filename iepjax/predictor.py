@@ -323,9 +323,12 @@ class Predictor:
 
     def _as_model_channels(self, image: np.ndarray) -> np.ndarray:
         """uint8 (H, W) or (H, W, 1|3|4) -> (H, W, channels), converted as `iepjax.data.layout.read_image` does.
-        A model trained on high-depth images also takes gray (H, W) or (H, W, 1) integer or float arrays of
-        their values, mapped to uint8 through the run's intensity window."""
+        A model trained on high-depth images takes gray (H, W) or (H, W, 1) integer or float arrays of
+        their values instead, mapped to uint8 through the run's intensity window."""
         im = np.asarray(image)
+        if im.dtype == np.uint8 and self.prep.intensity_window is not None:
+            raise TypeError("this model was trained on high-depth images, read through an intensity window: pass "
+                            "the images' own values ((H, W) or (H, W, 1), integer or float), not uint8")
         if im.dtype != np.uint8:
             window = self.prep.intensity_window
             if window is None or im.dtype.kind not in "uif" or not (im.ndim == 2 or im.shape[2:] == (1,)):

@@ -173,7 +173,8 @@ def read_image(path: str | os.PathLike, channels: int | None = None,
     Palette and alpha are dropped. A gray image of more than 8 bits (16-bit, 32-bit integer or
     float; `HIGH_DEPTH_MODES`) is mapped to 8 bits by `window` = (lo, hi), its category's
     intensity window (`intensity_window`): lo -> 0, hi -> 255, linear, clipped; without a window
-    it is refused. DataError names the file. An EXIF orientation (phone and some camera photos) is
+    it is refused, and so is an 8-bit image given a window (a category has one bit depth).
+    DataError names the file. An EXIF orientation (phone and some camera photos) is
     applied, so the array is the image as viewers (and OpenCV) show it, the orientation a mask
     drawn on it has.
     """
@@ -192,6 +193,10 @@ def read_image(path: str | os.PathLike, channels: int | None = None,
                 arr = to_uint8(_values(im, path), window, path)
                 if (channels or 1) == 3:
                     arr = np.repeat(arr[..., None], 3, axis=-1)
+            elif window is not None:  # one depth per category: an 8-bit value is not a value of the window's scale
+                raise DataError(f"image {path} has 8 bits per pixel, but its category's training images have more "
+                                "(they are read through an intensity window, docs/datasets.md): give it in the "
+                                "training images' bit depth")
             else:
                 own = 1 if mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(im)) else 3
                 want = channels or own

@@ -229,13 +229,15 @@ def test_folder_inference_into_an_existing_out_folder(e2e, tmp_path, capsys):
 
 def test_a_gray_category_of_16_bit_images_is_read_through_its_training_images_window(e2e, tmp_path, capsys):
     """grid's files hold 12-bit values in 16-bit PNGs: its run records the intensity window of its
-    training images (their value quantiles, far inside 0..65535), and project.py --input-dir reads
-    16-bit files through it: the map of a 16-bit file is the map of its 8-bit windowed copy."""
+    training images (their value quantiles, far inside 0..65535); project.py --input-dir reads a
+    16-bit file through it (the map equals the labelled projection's map of the same file) and
+    refuses an 8-bit copy of it, naming the file (one bit depth per category)."""
     import project
     from iepjax.data.layout import WINDOW_QUANTILES, to_uint8
 
     b = e2e["base"]
-    prep = _strict(b / "results" / "vae" / "folder" / "grid" / "latest" / "preprocess.json")
+    run = b / "results" / "vae" / "folder" / "grid" / "latest"
+    prep = _strict(run / "preprocess.json")
     values = np.concatenate([np.asarray(Image.open(f), np.float64).ravel()
                              for f in sorted((e2e["src"] / "grid" / "train" / "good").glob("*.png"))])
     assert prep["intensity_window"] == pytest.approx(list(np.quantile(values, WINDOW_QUANTILES)))
@@ -248,9 +250,12 @@ def test_a_gray_category_of_16_bit_images_is_read_through_its_training_images_wi
     rc = project.main(["--data-dir", str(e2e["src"]), "--category", "grid", "--input-dir", str(inp), "--tfds-dir",
                        str(b / "tfds"), "--results", str(b / "results"), "--steps", "1", "--no-progress",
                        "--no-overlays", "--allow-collapse", "--out", str(tmp_path / "out")])
-    assert rc == 0, capsys.readouterr().err
-    a, e = (tifffile.imread(tmp_path / "out" / "maps" / f"{n}.png.tiff") for n in ("deep", "eight"))
-    np.testing.assert_allclose(a, e, atol=1e-6)
+    err = capsys.readouterr().err
+    assert rc == 4 and f"{inp / 'eight.png'} has 8 bits per pixel" in err, err
+    got = tifffile.imread(tmp_path / "out" / "maps" / "deep.png.tiff")
+    labelled = tifffile.imread(run / "projections" / "latest" / "anomaly_maps" / "grad" / "grid" / "test" / "blob"
+                               / "000.tiff")
+    np.testing.assert_allclose(got, labelled, atol=1e-5)
 
 
 def test_project_cli_errors_are_clear(e2e, tmp_path, capsys):

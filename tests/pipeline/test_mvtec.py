@@ -369,6 +369,8 @@ def test_high_depth_gray_images_are_read_through_a_window(tmp_path):
     assert (lo, hi) == pytest.approx(tuple(np.quantile(np.concatenate([v.ravel(), v.ravel()]), (1e-4, 1 - 1e-4))))
     Image.fromarray(np.full((2, 3), 99, np.uint8)).save(tmp_path / "eight.png")
     assert intensity_window([tmp_path / "eight.png"]) is None  # 8-bit images need no window
+    with pytest.raises(DataError, match=r"eight\.png has 8 bits per pixel, but its category's training images"):
+        read_image(tmp_path / "eight.png", window=(1000, 3000))  # one bit depth per category
     Image.fromarray(np.array([[0.1, np.nan]], np.float32)).save(tmp_path / "nan.tif")
     with pytest.raises(DataError, match=r"nan\.tif has NaN"):
         read_image(tmp_path / "nan.tif", window=(0, 1))
@@ -431,3 +433,5 @@ def test_the_intensity_window_is_recorded_with_the_run_and_the_export():
     np.testing.assert_array_equal(got[..., 0], [[0, 255, 255]])
     with pytest.raises(TypeError, match="expected uint8"):
         as_model(SimpleNamespace(prep=Preprocess(), channels=1), deep.astype(np.uint16))
+    with pytest.raises(TypeError, match="trained on high-depth images"):
+        as_model(SimpleNamespace(prep=prep, channels=1), np.zeros((2, 3), np.uint8))
