@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iepjax.config import ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
+from iepjax.data.layout import WINDOW_QUANTILES
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
 from iepjax.report import image_score_name
@@ -395,7 +396,7 @@ def preprocessing_metadata(prep, channels: int) -> dict:
                         f"; a high-depth gray image (16-bit, 32-bit or float) first mapped to uint8 by "
                         f"round(255 (v - {prep.intensity_window[0]:g}) / ({prep.intensity_window[1]:g} - "
                         f"{prep.intensity_window[0]:g})), clipped (intensity_window: the training images' "
-                        "0.01 % and 99.99 % quantiles)"),
+                        f"{100 * WINDOW_QUANTILES[0]:g} % and {100 * WINDOW_QUANTILES[1]:g} % quantiles)"),
             "how": how}
 
 

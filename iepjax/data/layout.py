@@ -246,22 +246,32 @@ def intensity_window(paths: list[Path]) -> tuple[float, float] | None:
     The window is fixed per category, never per image, so a defect's intensity is compared with
     the normal images' on one scale; hi > lo always (a constant image gets a window of width 1).
     """
-    from PIL import Image, UnidentifiedImageError
     high = [p for p in paths if image_mode(p) in HIGH_DEPTH_MODES]
     if not high:
         return None
     per_image = max(1, _WINDOW_SAMPLES // len(high))
     samples = []
     for p in high:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                v = _values(im, Path(p)).ravel()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {p}: {e}") from e
+        v = _high_depth_values(p).ravel()
         samples.append(v[::max(1, -(-v.size // per_image))])
     lo, hi = (float(q) for q in np.quantile(np.concatenate(samples), WINDOW_QUANTILES))
     return lo, (hi if hi > lo else lo + 1.0)
+
+
+def _high_depth_values(path: str | os.PathLike) -> np.ndarray | None:
+    """The values (H, W) float64 of a high-depth gray image file, upright; None for any other image.
+    DataError names a file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode not in HIGH_DEPTH_MODES:
+                return None
+            im.load()
+            return _values(_upright(im), Path(path))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def _upright(im):
@@ -309,17 +319,8 @@ def image_channels(path: Path) -> int:
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask file as bool (H, W): nonzero = defect (8-bit or high-depth files alike)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            if im.mode in HIGH_DEPTH_MODES:
-                im.load()
-                return _values(_upright(im), Path(path)) > 0
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
-    return read_image(path, channels=1)[..., 0] > 0
+    values = _high_depth_values(path)
+    return values > 0 if values is not None else read_image(path, channels=1)[..., 0] > 0
 
 
 def _png_bytes(arr_HxWxC: np.ndarray) -> bytes:
