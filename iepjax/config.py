@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Literal
 
 Likelihood = Literal["bce", "gaussian", "l2", "ssim"]
@@ -161,10 +162,35 @@ class ProjectionConfig:
             raise ValueError(f"ProjectionConfig.hold={self.hold}: a fraction in [0, 1) (or None: lam as given)")
         if self.steps < 0:
             raise ValueError(f"ProjectionConfig.steps={self.steps}: must be >= 0")
-        if self.alpha < 0 or self.lam < 0 or self.smoothing_sigma < 0:
+        # alpha, lam and stop_loss are checked as numbers; inside a compiled program (`join_traced`)
+        # they are traced scalars, already checked when the caller's config was made.
+        if any(_is_number(v) and v < 0 for v in (self.alpha, self.lam, self.smoothing_sigma)):
             raise ValueError("ProjectionConfig: alpha, lam and smoothing_sigma must be >= 0")
-        if self.stop_loss is not None and not math.isfinite(self.stop_loss):
+        if _is_number(self.stop_loss) and not math.isfinite(self.stop_loss):
             raise ValueError(f"ProjectionConfig.stop_loss={self.stop_loss}: a finite loss, or None for no early stop")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real)
+
+
+# ProjectionConfig's numeric settings that a compiled program takes as traced scalars instead of
+# compiling them in: one program per shape and structure serves every alpha, lam and stop_loss
+# (the values the scripts resolve per run). Whether stop_loss is None stays structural.
+TRACED_FIELDS: tuple[str, ...] = ("alpha", "lam", "stop_loss")
+
+
+def split_traced(config: ProjectionConfig) -> tuple[ProjectionConfig, dict[str, float]]:
+    """(compile key, values): `config` with its TRACED_FIELDS that are set (alpha, lam, a stop_loss
+    that is not None) replaced by the placeholder 0.0, and their values as floats. Pass the key as
+    the jitted function's static argument and the values as a traced one; `join_traced` undoes it."""
+    values = {f: float(getattr(config, f)) for f in TRACED_FIELDS if getattr(config, f) is not None}
+    return dataclasses.replace(config, **dict.fromkeys(values, 0.0)), values
+
+
+def join_traced(key: ProjectionConfig, values: dict) -> ProjectionConfig:
+    """The config `split_traced` split: `key` with `values` (inside a compiled program, tracers) put back."""
+    return dataclasses.replace(key, **values)
 
 
 @dataclasses.dataclass(frozen=True)

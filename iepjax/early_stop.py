@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax.config import ProjectionConfig
+from iepjax.config import ProjectionConfig, split_traced
 from iepjax.data.preprocess import Preprocess, model_inputs
 from iepjax.energy import energy
 from iepjax.sharding import fixed_batches
@@ -38,7 +38,8 @@ def model_losses(params: dict, config: ProjectionConfig, normal_images, prep: Pr
         x, layouts = model_inputs(normal_images, prep)
     else:
         x, layouts = np.asarray(normal_images), None
-    cfg = dataclasses.replace(config, stop_loss=None)
+    # L_r at x0 = x does not read alpha, lam (the prior is 0) or stop_loss: one program for every value
+    cfg, _ = split_traced(dataclasses.replace(config, stop_loss=None))
     losses = [np.asarray(_model_losses(params, jnp.asarray(xb, jnp.float32) / 255.0, cfg))[:real]
               for xb, real in fixed_batches(np.asarray(x), batch_size)]
     return np.concatenate(losses), layouts

@@ -17,7 +17,7 @@ import numpy as np
 
 from iepjax import calibrated_maps, distributed, sharding
 from iepjax.anomaly_maps import recon_map
-from iepjax.config import MapConfig, ProjectionConfig
+from iepjax.config import MapConfig, ProjectionConfig, join_traced, split_traced
 from iepjax.data.preprocess import Preprocess, model_inputs, resize_images, resize_map, stitch
 from iepjax.energy import reconstruct
 from iepjax.projection import check_images, scan_parts
@@ -42,9 +42,8 @@ class Localization(NamedTuple):
     first_share: float = 1.0
 
 
-@functools.partial(jax.jit, static_argnames="config")
 def _recon_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> tuple[jax.Array, jax.Array]:
-    """(f(x0) (B, H, W, C), recon maps (B, H, W)) of a batch."""
+    """(f(x0) (B, H, W, C), recon maps (B, H, W)) of a batch; jitted by `sharding.run_batched`."""
     f = jax.vmap(reconstruct, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
     m = jax.vmap(recon_map, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
     return f, m
@@ -160,7 +159,8 @@ def calibrate_maps(res: Localized | Localization, images, fits: dict | None, cfg
 
 
 @functools.partial(jax.jit, static_argnames=("config", "frames"))
-def _trajectory(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, frames: int) -> jax.Array:
+def _trajectory(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, values: dict, frames: int) -> jax.Array:
+    config = join_traced(config, values)  # a compile key of `split_traced` and its traced values
     every = max(config.steps // max(frames - 1, 1), 1)
 
     def one(x0):
@@ -182,4 +182,4 @@ def trajectory(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConfig, f
     """
     if config.steps == 0 or len(x0_BxHxWxC) == 0:
         return np.asarray(x0_BxHxWxC)[:, None]
-    return np.asarray(_trajectory(params, jnp.asarray(x0_BxHxWxC), config, frames))
+    return np.asarray(_trajectory(params, jnp.asarray(x0_BxHxWxC), *split_traced(config), frames=frames))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax.config import ProjectionConfig
+from iepjax.config import ProjectionConfig, split_traced
 from iepjax.energy import energy
 from iepjax.sharding import fixed_batches
 
@@ -68,8 +68,9 @@ def measure(params: dict, config: ProjectionConfig, normal_x0_NxHxWxC: np.ndarra
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"expected normal images shaped (N, H, W, C) with N >= 1, got {x.shape}")
     grads, weights = [], []
+    key, _ = split_traced(config)  # the measurement does not read alpha, lam or stop_loss: one program for all
     for xb, real in fixed_batches(x, batch_size):
-        g, w = _batch_gradient_and_weight(params, jnp.asarray(xb), config)
+        g, w = _batch_gradient_and_weight(params, jnp.asarray(xb), key)
         grads.append(np.asarray(g, np.float64)[:real])
         weights.append(np.asarray(w, np.float64)[:real])
     g, w = np.concatenate(grads), np.concatenate(weights)

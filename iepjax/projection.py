@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iepjax.anomaly_maps import difference_map
-from iepjax.config import ProjectionConfig
+from iepjax.config import ProjectionConfig, join_traced, split_traced
 from iepjax.energy import energy
 from iepjax.model import resolve_conv, using_conv
 
@@ -123,8 +123,10 @@ def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
-    return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, values: dict) -> ProjectionResult:
+    """`config`: a compile key of `split_traced`, `values` its traced alpha, lam and stop_loss."""
+    config = join_traced(config, values)
+    return jax.vmap(lambda x0: project_image(params, x0, config))(x0_BxHxWxC)
 
 
 def check_resolved(config: ProjectionConfig) -> None:
@@ -204,13 +206,16 @@ def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
 
     One jitted XLA program per (shape, config, convolution implementation): `vmap` over the batch
     of a `lax.scan` over `config.steps` gradient updates (paper eq. 4) of the energy
-    E(x) = L_r(x) + lam ||x - x0||_1 (docs/method.md, Projection).
+    E(x) = L_r(x) + lam ||x - x0||_1 (docs/method.md, Projection). alpha, lam and stop_loss enter
+    the program as traced scalars (`config.split_traced`), so configs that differ only in them
+    share one program.
 
     Args:
       params: parameters of `VAE(config.model)` (from `init_params`, training or a checkpoint),
         whichever convolution implementation made them.
       x0_BxHxWxC: images (B, size, size, channels), float in [0, 1] (uint8 images: x / 255.0).
-      config: a `ProjectionConfig` (static: hashable, part of the compile key).
+      config: a `ProjectionConfig` (static: hashable, part of the compile key, except its values of
+        alpha, lam and stop_loss).
       conv: the model's convolutions, "plain", "xla_cpu" or "auto" (`iepjax.model.resolve_conv`);
         None follows the process setting. Resolved here, outside the jitted program, and part
         of its compile key.
@@ -227,4 +232,4 @@ def project_fn(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, *,
     """
     check_images(x0_BxHxWxC, config)
     with using_conv(resolve_conv(conv)):
-        return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), config)
+        return _project_batch(params, jnp.asarray(x0_BxHxWxC, jnp.float32), *split_traced(config))

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from iepjax.config import ProjectionConfig
+from iepjax.config import ProjectionConfig, join_traced, split_traced
 from iepjax.projection import ProjectionResult, check_images, project_image
 from iepjax.training_step import train_step
 
@@ -149,21 +149,28 @@ def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig
 
 @functools.lru_cache(maxsize=32)
 def _data_parallel_cached(fn: Callable, mesh: Mesh) -> Callable:
-    return data_parallel(fn, mesh)
+    """`fn(params, batch, config)` as a program `(params, batch, key, values)` split over the mesh:
+    a projection config's alpha, lam and stop_loss are traced (`config.split_traced`), the rest static."""
+    def call(params, batch, config, values):
+        return fn(params, batch, join_traced(config, values) if values else config)
+    return jax.jit(call, static_argnames="config", in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=batch_sharding(mesh))
 
 
 def run_batched(fn: Callable, params: dict, x_BxHxWxC: np.ndarray, config: Any, mesh: Mesh) -> Any:
     """`fn(params, x, config)` (per-image outputs on the leading axis) with the batch split over the mesh.
 
-    `x_BxHxWxC`: this process's rows; padded here (last row repeated) to a multiple of the local
-    device count and the padding dropped again. Returns this process's B rows of every output as
+    A `ProjectionConfig`'s alpha, lam and stop_loss enter the program traced, so configs differing
+    only in them share it. `x_BxHxWxC`: this process's rows; padded here (last row repeated) to a
+    multiple of the local device count and the padding dropped again. Returns this process's B rows of every output as
     numpy. With several processes every process must call it with the same B. `params` may be
     host arrays or already replicated (`replicate`; do it once when calling this in a loop).
     """
     x, real = pad_to(np.asarray(x_BxHxWxC), local_size(mesh))
     if not _is_replicated_on(params, mesh):
         params = replicate(params, mesh)
-    out = _data_parallel_cached(fn, mesh)(params, shard_batch(x, mesh), config)
+    key, values = split_traced(config) if isinstance(config, ProjectionConfig) else (config, {})
+    out = _data_parallel_cached(fn, mesh)(params, shard_batch(x, mesh), key, values)
     return jax.tree.map(lambda a: a[:real], local_rows(out))
 
 

@@ -17,7 +17,7 @@ from skimage.metrics import structural_similarity
 from iepjax import ProjectionConfig, projection
 from iepjax import losses
 from iepjax.anomaly_maps import recon_map
-from iepjax.config import MODELS, ModelConfig, TrainConfig, model_config
+from iepjax.config import MODELS, ModelConfig, TrainConfig, model_config, split_traced
 from iepjax.energy import energy, reconstruct
 from iepjax.model import VAE, init_params
 from iepjax.training_step import batch_loss, image_loss
@@ -229,7 +229,8 @@ def test_project_fn_compiles_one_scan_for_each_model(gradient):
     n0 = projection._project_batch._cache_size()
     for model in MODELS:
         cfg = ProjectionConfig(model=_cfg(model), steps=3, alpha=1e-3, lam=0.1, gradient=gradient)
-        closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=cfg))(_params(model), x)
+        key, values = split_traced(cfg)
+        closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=key, values=values))(_params(model), x)
         scans = [e for j in nested_jaxprs(closed.jaxpr) for e in j.eqns if e.primitive.name == "scan"]
         assert len(scans) == 1 and scans[0].params["length"] == 3
         res = projection.project_fn(_params(model), x, cfg)

@@ -22,7 +22,8 @@ import pytest
 from conftest import nested_jaxprs, pattern_images
 from iepjax import ProjectionConfig, project_fn, project_image, projection_step, reconstruct
 from iepjax import projection
-from iepjax import presets
+from iepjax import presets, sharding
+from iepjax.config import split_traced
 
 
 def _eqns(closed, name):
@@ -33,13 +34,14 @@ def _eqns(closed, name):
 def test_program_is_one_scan_of_length_steps(params, model_cfg, steps, conv):
     cfg = ProjectionConfig(model=model_cfg, steps=steps)
     x = jnp.zeros((2, 32, 32, 1), jnp.float32)
-    closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=cfg))(params, x)
+    key, values = split_traced(cfg)
+    closed = jax.make_jaxpr(functools.partial(projection._project_batch, config=key, values=values))(params, x)
     scans = _eqns(closed, "scan")
     assert len(scans) == 1, [e.primitive.name for e in scans]
     assert scans[0].params["length"] == steps
     assert not _eqns(closed, "while")  # no Python-unrolled or while-based step loop besides the scan
     # the per-step energies are the scan's stacked output: (B, T) at the end of the program
-    out = jax.eval_shape(functools.partial(projection._project_batch, config=cfg), params, x)
+    out = jax.eval_shape(functools.partial(projection._project_batch, config=key, values=values), params, x)
     assert out.energies.shape == (2, steps)
 
 
@@ -87,6 +89,34 @@ def test_one_trace_per_shape(calls):
     assert n2 - n1 == 0, "new arrays of the same shape must reuse the program"
     assert n3 - n2 == 1, "a new batch size compiles exactly once more"
     assert not np.allclose(calls["other"].x_T, calls["batched"].x_T)
+
+
+def test_alpha_lam_and_stop_loss_are_traced_one_program_serves_every_value(trained, model_cfg):
+    """Configs that differ only in alpha, lam or the value of stop_loss share one compiled program
+    (`config.split_traced`), and each gives what a program with its values compiled in gives."""
+    params, _ = trained
+    x0 = pattern_images(2, phase=1.3, seed=9)
+    cfgs = [ProjectionConfig(model=model_cfg, steps=4, alpha=a, lam=lam, stop_loss=stop)
+            for a, lam, stop in ((0.5, 0.05, -1.0), (0.2, 0.5, -1.0), (0.5, 0.05, 1e9))]
+    mesh = sharding.make_mesh(1)
+    sharded = sharding._data_parallel_cached(sharding._project_batch, mesh)
+    n0, m0 = projection._project_batch._cache_size(), sharded._cache_size()
+    for cfg in cfgs:
+        got = jax.device_get(project_fn(params, x0, cfg))
+        baked = jax.device_get(jax.jit(lambda p, x, cfg=cfg: jax.vmap(lambda xi: project_image(p, xi, cfg))(x))(params, x0))
+        for field in ("x_T", "maps", "energies"):
+            np.testing.assert_allclose(getattr(got, field), getattr(baked, field), rtol=1e-6, atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(sharding.project_sharded(params, x0, cfg, mesh).x_T, got.x_T, atol=1e-6)
+    assert projection._project_batch._cache_size() - n0 == 1
+    assert sharded._cache_size() - m0 == 1
+    # the values are used: other alpha and lam move x elsewhere; a stop_loss above every image's
+    # loss freezes it at x0, one below none (L_r > 0) lets it move
+    first, other, frozen = (np.asarray(project_fn(params, x0, c).x_T) for c in cfgs)
+    assert np.abs(first - other).max() > 1e-4 and np.abs(first - x0).max() > 1e-4
+    np.testing.assert_array_equal(frozen, x0)
+    without_stop = dataclasses.replace(cfgs[0], stop_loss=None)  # whether it stops is structure: a program of its own
+    project_fn(params, x0, without_stop)
+    assert projection._project_batch._cache_size() - n0 == 2
 
 
 @pytest.fixture(scope="module")
