@@ -544,6 +544,41 @@ def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path
     assert tool.main(["--run", str(tmp_path), *args]) == 2 and "holds out no normal" in capsys.readouterr().err
 
 
+def test_map_choice_compares_the_maps_on_cutpaste_defects_of_held_out_images_only(tiny_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """tools/map_choice.py on a copy of the tiny run: the pixel AUROC of both maps, both rows, on CutPaste
+    defects drawn on half of its 11 held-out images (the other half fits the nce map), and the grad row's
+    better map; no split but the training images' is read; a folder that is no run is exit 2.
+    `cutpaste` changes only the pixels of its mask, a rectangle of 12 to 24 px (or a thin one)."""
+    tool = _load(ROOT / "tools" / "map_choice.py")
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        out, mask = tool.cutpaste(img, rng)
+        assert out.shape == img.shape and np.array_equal(out[~mask], img[~mask])
+        ys, xs = np.nonzero(mask)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert 12 <= max(h, w) <= 24 and 4 <= min(h, w) and mask.sum() >= 0.9 * h * w
+
+    import iepjax.data as data_module
+    real = data_module.load_split
+
+    def training_images_only(dataset, category, split, *args, **kwargs):
+        assert split == "train", f"the tool read the {split} split"
+        return real(dataset, category, split, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_split", training_images_only)
+    _, run_dir = copy_results(tiny_run, tmp_path / "results")
+    args = ["--category", "brick", "--tfds-dir", str(tiny_run["tfds"])]
+    assert tool.main(["--run", str(run_dir), *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["held_out"], out["fit_on"], out["cutpaste"]) == (11, 6, 5)
+    for key in ("recon paper", "recon nce", "grad paper", "grad nce"):
+        assert 0.0 <= out[key] <= 1.0, (key, out)
+    assert out["suggests"] == ("nce" if out["grad nce"] > out["grad paper"] else "paper")
+    assert tool.main(["--run", str(tmp_path), *args]) == 2 and "not a run folder" in capsys.readouterr().err
+
+
 def test_a_projection_within_one_batch_reports_no_steady_state_rate():
     """project.py's timing line: the steady-state rate, or, when every image was in the first (compiling)
     batch, says there is none (it printed "steady state None img/s")."""
