@@ -122,11 +122,16 @@ def scan_parts(params: dict, x0_HxWxC: jax.Array, config: ProjectionConfig):
     return init, body
 
 
+def project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
+    """`project_image` vmapped over a batch (B, H, W, C), not jitted: the body of `project_fn`'s
+    program and of the sharded one (`sharding.project_sharded`)."""
+    return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig, values: dict) -> ProjectionResult:
     """`config`: a compile key of `split_traced`, `values` its traced alpha, lam and stop_loss."""
-    config = join_traced(config, values)
-    return jax.vmap(lambda x0: project_image(params, x0, config))(x0_BxHxWxC)
+    return project_batch(params, x0_BxHxWxC, join_traced(config, values))
 
 
 def check_resolved(config: ProjectionConfig) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from iepjax.config import ProjectionConfig, join_traced, split_traced
-from iepjax.projection import ProjectionResult, check_images, project_image
+from iepjax.projection import ProjectionResult, check_images, project_batch
 from iepjax.training_step import train_step
 
 DATA = "data"
@@ -131,30 +131,27 @@ def fixed_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, 
 
 
 def data_parallel(fn: Callable, mesh: Mesh, *, static: tuple[str, ...] = ("config",),
-                  out_replicated: bool = False, donate: bool = False) -> Callable:
-    """`jax.jit(fn)` for `fn(params_or_state, batch, **static)` split over the mesh.
+                  out_replicated: bool = False, donate: bool = False, replicated_after: int = 0) -> Callable:
+    """`jax.jit(fn)` for `fn(params_or_state, batch, *rest, **static)` split over the mesh.
 
-    The first argument is replicated, the second split on its leading axis; outputs are split on
-    their leading axis (or replicated with `out_replicated`, e.g. a new training state and the
+    The first argument is replicated, the second split on its leading axis, and the
+    `replicated_after` non-static arguments after them replicated; outputs are split on their
+    leading axis (or replicated with `out_replicated`, e.g. a new training state and the
     batch-mean loss, for which XLA adds the cross-device mean).
     """
     out = replicated(mesh) if out_replicated else batch_sharding(mesh)
-    return jax.jit(fn, static_argnames=static, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=out, donate_argnums=(0,) if donate else ())
-
-
-def _project_batch(params: dict, x0_BxHxWxC: jax.Array, config: ProjectionConfig) -> ProjectionResult:
-    return jax.vmap(project_image, in_axes=(None, 0, None))(params, x0_BxHxWxC, config)
+    ins = (replicated(mesh), batch_sharding(mesh)) + (replicated(mesh),) * replicated_after
+    return jax.jit(fn, static_argnames=static, in_shardings=ins, out_shardings=out,
+                   donate_argnums=(0,) if donate else ())
 
 
 @functools.lru_cache(maxsize=32)
 def _data_parallel_cached(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn(params, batch, config)` as a program `(params, batch, key, values)` split over the mesh:
+    """`fn(params, batch, config)` as a program `(params, batch, config, values)` split over the mesh:
     a projection config's alpha, lam and stop_loss are traced (`config.split_traced`), the rest static."""
     def call(params, batch, config, values):
         return fn(params, batch, join_traced(config, values) if values else config)
-    return jax.jit(call, static_argnames="config", in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
-                   out_shardings=batch_sharding(mesh))
+    return data_parallel(call, mesh, replicated_after=1)
 
 
 def run_batched(fn: Callable, params: dict, x_BxHxWxC: np.ndarray, config: Any, mesh: Mesh) -> Any:
@@ -183,7 +180,7 @@ def project_sharded(params: dict, x0_BxHxWxC: np.ndarray, config: ProjectionConf
     this process's rows as numpy; see `run_batched`.
     """
     check_images(x0_BxHxWxC, config)
-    return run_batched(_project_batch, params, np.asarray(x0_BxHxWxC, np.float32), config, mesh)
+    return run_batched(project_batch, params, np.asarray(x0_BxHxWxC, np.float32), config, mesh)
 
 
 def _is_replicated_on(tree: Any, mesh: Mesh) -> bool:

@@ -99,7 +99,7 @@ def test_alpha_lam_and_stop_loss_are_traced_one_program_serves_every_value(train
     cfgs = [ProjectionConfig(model=model_cfg, steps=4, alpha=a, lam=lam, stop_loss=stop)
             for a, lam, stop in ((0.5, 0.05, -1.0), (0.2, 0.5, -1.0), (0.5, 0.05, 1e9))]
     mesh = sharding.make_mesh(1)
-    sharded = sharding._data_parallel_cached(sharding._project_batch, mesh)
+    sharded = sharding._data_parallel_cached(projection.project_batch, mesh)
     n0, m0 = projection._project_batch._cache_size(), sharded._cache_size()
     for cfg in cfgs:
         got = jax.device_get(project_fn(params, x0, cfg))
