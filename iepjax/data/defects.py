@@ -363,3 +363,24 @@ def apply_defect(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw a defect of `kind` on `image`; raises UnknownDefectError for an unknown kind."""
     return DEFECTS[kind](image, rng)
+
+
+def draw_visible(
+    kind: str, clean: np.ndarray, rng: np.random.Generator, tries: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a defect of `kind` on a uint8 (H, W, C) crop so that it survives quantisation.
+
+    Returns (uint8 image, bool mask (H, W)): pixels outside the mask are bit-identical to
+    `clean`, and more than half of the mask's pixels differ from it after rounding to uint8.
+    Redraws from `rng` (deterministically) up to `tries` times; raises RuntimeError if no draw
+    is visible (a crop too small or too flat for the kind).
+    """
+    clean = np.asarray(clean, dtype=np.uint8)
+    x = clean.astype(np.float32) / 255.0
+    for _ in range(tries):
+        out, m = apply_defect(kind, x, rng)
+        q = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8).reshape(clean.shape)
+        q = np.where(m[..., None], q, clean)
+        if m.sum() >= 4 and (q != clean)[m].mean() > 0.5:
+            return q, m
+    raise RuntimeError(f"could not draw a visible {kind} on a {clean.shape} crop in {tries} tries")

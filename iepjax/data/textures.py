@@ -341,16 +341,7 @@ def render(config: TexturesConfig, split: str, spec: CropSpec) -> dict[str, obje
         rng = np.random.default_rng(
             [config.seed, _PHOTO_CODE[config.photo], _SPLIT_CODE[split], spec.index]
         )
-        x = clean.astype(np.float32) / 255.0
-        for _ in range(100):  # redraw (deterministically) until the uint8 change is real
-            out, m = defects_lib.apply_defect(spec.defect_type, x, rng)
-            q = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
-            q = np.where(m[..., None], q, clean)  # outside the mask: bit-identical to clean
-            if m.sum() >= 4 and (q != clean)[m].mean() > 0.5:
-                image, mask = q, m
-                break
-        else:  # pragma: no cover - would mean the defect parameters are broken
-            raise RuntimeError(f"could not draw a visible {spec.defect_type} on {spec.id}")
+        image, mask = defects_lib.draw_visible(spec.defect_type, clean, rng)
     return {
         "image": image,
         "mask": mask.astype(np.uint8) * 255,

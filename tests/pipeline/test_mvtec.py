@@ -347,6 +347,53 @@ def test_the_rough_texture_folder_is_a_valid_category(tmp_path):
         assert (a.size, b.size) == ((256, 256), (192, 192))
 
 
+def test_the_photo_folder_is_a_valid_category_split_by_columns(tmp_path):
+    """tools/photo_folder.py (the own-folder transfer check, docs/results.md) cuts a category from one
+    photo: training crops from its left part, test crops from its right part (no shared pixel),
+    each defect drawn inside its exact mask and nowhere else, deterministic in its seed."""
+    from iepjax.data.layout import read_image, read_mask, scan_category
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    try:
+        import photo_folder
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (48, 160, 3)).astype(np.uint8)
+    photo_folder.write_folder(photo, tmp_path, "cols", kinds=("spot", "blur"), crop=32, train=10,
+                              good=3, per_kind=2, train_fraction=0.5, seed=3)
+    entries = scan_category(tmp_path, "cols")
+    counts = {}
+    for e in entries:
+        counts[e.split, e.defect_type] = counts.get((e.split, e.defect_type), 0) + 1
+    assert counts == {("train", "good"): 10, ("test", "good"): 3, ("test", "spot"): 2, ("test", "blur"): 2}
+
+    def origins(img, keep):
+        """Every (row, col) where the photo's crop equals `img` on the pixels `keep`."""
+        return [(r, c) for r in range(48 - 31) for c in range(160 - 31)
+                if np.array_equal(photo[r:r + 32, c:c + 32][keep], img[keep])]
+
+    for e in entries:
+        img = read_image(e.path)
+        assert img.shape == (32, 32, 3), e.path
+        mask = read_mask(e.mask_path) if e.mask_path is not None else np.zeros((32, 32), bool)
+        assert mask.any() == (e.defect_type != "good"), e.path
+        (r, c), = origins(img, ~mask)  # outside its mask, each crop is the photo, at one place
+        assert (c + 32 <= 80) if e.split == "train" else (c >= 80), e.path  # no shared pixel
+        if mask.any():  # the defect is drawn inside its mask
+            assert (img[mask] != photo[r:r + 32, c:c + 32][mask]).any(), e.path
+    again = tmp_path / "again"
+    photo_folder.write_folder(photo, again, "cols", kinds=("spot", "blur"), crop=32, train=10,
+                              good=3, per_kind=2, train_fraction=0.5, seed=3)
+    for e in entries:
+        assert (again / e.path.relative_to(tmp_path)).read_bytes() == e.path.read_bytes()
+    gray = photo_folder.write_folder(photo[..., 0], tmp_path / "gray", "g", kinds=("scratch",), crop=32,
+                                     train=2, good=1, per_kind=1, train_fraction=0.5)
+    assert {read_image(p).shape for p in gray.rglob("*.png")} == {(32, 32, 1)}
+    with pytest.raises(ValueError, match="cannot hold"):
+        photo_folder.write_folder(photo, tmp_path / "x", "c", crop=96)
+    assert photo_folder.main(["--photo", str(tmp_path / "none.png"), "--out", str(tmp_path), "--category", "c"]) == 2
+
+
 # --------------------------------------------------------------------------- high-depth images
 
 
