@@ -31,7 +31,8 @@ def plan(a: argparse.Namespace, dataset: str, category: str, model: str = "vae")
     """The category's presets for `model` with the command line's sizes, lengths and seed."""
     train = cli.override(presets.train_config(dataset, category, size=a.image_size, model=model), steps=a.steps,
                          batch_size=a.batch_size, seed=a.seed)
-    projection = cli.override(presets.projection_config(dataset, category, train.model.likelihood), steps=a.proj_steps)
+    projection = presets.projection_config(dataset, category, train.model.likelihood, size=train.model.size)
+    projection = cli.override(projection, steps=a.proj_steps)
     return Plan(category, model, train, presets.preprocess(dataset, category, size=train.model.size), projection)
 
 

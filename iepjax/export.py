@@ -157,7 +157,7 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
         from iepjax.early_stop import with_early_stop
         normal = thresholds.held_out_images(run_dir, dataset, category, tfds_dir,
                                             source_dir=source_dir or holdout.get("source_dir"))
-        config = presets.projection_config(dataset, category, tcfg.model.likelihood)
+        config = presets.projection_config(dataset, category, tcfg.model.likelihood, size=tcfg.model.size)
         config, _ = thresholds.load_or_resolve(run_dir, params, dataclasses.replace(config, model=tcfg.model), normal)
         config = with_early_stop(params, config, normal, Preprocess.load(run_dir))
         stats, _ = thresholds.load_or_calibrate(run_dir, params, config, normal, batch_size=batch_size,

@@ -107,16 +107,21 @@ def preprocess(dataset: str, category: str, *, size: int | None = None, kind: st
                       upsample=dataset != "folder")
 
 
-def projection_config(dataset: str, category: str, likelihood: str | None = None) -> ProjectionConfig:
+def projection_config(dataset: str, category: str, likelihood: str | None = None, *,
+                      size: int | None = None) -> ProjectionConfig:
     """The category's projection settings (T, step and hold, smoothing) for a model trained with
     `likelihood` (None: the preset's own), or those of that likelihood where the preset was
     calibrated for another one. step and hold are alpha and lam in the model's own units
     (`ProjectionConfig.step` / `hold`): the pipelines resolve them on the run's held-out normal
     images (`loss_scale.resolve`); alpha and lam are what they resolve to on the brick model they
-    were chosen with. Its `model` is the default ModelConfig: projecting a run sets it to the
-    run's model."""
+    were chosen with. `size`: the run's model input size (None: the preset's); the map's smoothing
+    is stated at the preset's size and keeps its share of the input at any other (1 px at 64 px,
+    2 px at 128 px; docs/method.md, Anomaly maps), so a run trained with `--size` is smoothed as
+    the calibration intended. Its `model` is the default ModelConfig: projecting a run sets it to
+    the run's model."""
     pre = _row(dataset, category)
     scale = {k: pre[k] for k in ("alpha", "lam", "step", "hold")}
     if likelihood is not None and likelihood != pre["likelihood"]:
         scale.update(LIKELIHOOD_PROJECTION.get(likelihood, {}))
-    return ProjectionConfig(steps=pre["proj_steps"], smoothing_sigma=pre["smoothing_sigma"], **scale)
+    sigma = pre["smoothing_sigma"] * (size or pre["size"]) / pre["size"]
+    return ProjectionConfig(steps=pre["proj_steps"], smoothing_sigma=sigma, **scale)

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         print(f"error: {run} holds out no normal training image (holdout.json): nothing to compare", file=sys.stderr)
         return 2
     params, train_cfg = training.load_params(run)
-    config = dataclasses.replace(presets.projection_config(a.dataset, a.category), model=train_cfg.model)
+    config = dataclasses.replace(presets.projection_config(a.dataset, a.category, size=train_cfg.model.size),
+                                 model=train_cfg.model)
     # runs without preprocess.json took their images resized to the model size (as export.read_run)
     prep = Preprocess.load(run) or Preprocess(kind="object", size=train_cfg.model.size)
     source = thresholds.run_source(run, None)

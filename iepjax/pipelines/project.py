@@ -69,7 +69,9 @@ def open_run(results: str | Path, model: str, source: DataConfig, run: str | Non
     warnings = runs.check_trained(run_dir, source.category, allow_collapse=allow_collapse)
     check_held_out(run_dir, thresholds)
     # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
-    config = presets.projection_config(source.dataset, source.category, runs.model_config(run_dir).get("likelihood"))
+    trained = runs.model_config(run_dir)
+    config = presets.projection_config(source.dataset, source.category, trained.get("likelihood"),
+                                       size=trained.get("size"))
     return run_dir, config, warnings
 
 
@@ -89,7 +91,7 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     """
     params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
-        config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood)
+        config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood, size=tcfg.model.size)
     nce = thresholds.map.kind == "nce"
     config = calibrated_maps.projection_for(dataclasses.replace(config, model=tcfg.model), thresholds.map)
     check_held_out(run_dir, thresholds)

@@ -337,6 +337,18 @@ def test_projection_defaults_follow_the_likelihood(tmp_path):
     assert runs.model_config(tmp_path / "missing") == {}
 
 
+def test_the_map_smoothing_keeps_its_share_of_the_model_input():
+    """smoothing_sigma is stated at the preset's model size (1 px at 64 px, 2 px at 128 px) and scales
+    with the run's size: an own folder trained with --size 64 is smoothed as the built-in textures are."""
+    assert presets.projection_config("textures", "brick").smoothing_sigma == 1.0
+    assert presets.projection_config("textures", "brick", size=64).smoothing_sigma == 1.0
+    assert presets.projection_config("textures", "brick", "bce", size=32).smoothing_sigma == 0.5
+    assert presets.projection_config("mvtec_ad", "carpet", size=128).smoothing_sigma == 2.0
+    assert presets.projection_config("folder", "moon").smoothing_sigma == 2.0  # the object row: 128 px
+    assert presets.projection_config("folder", "moon", size=64).smoothing_sigma == 1.0
+    assert presets.projection_config("folder", "carpet", size=256).smoothing_sigma == 4.0
+
+
 def _maps_by_conv(params, cfg, x0):
     return {conv: jax.device_get(project_fn(params, x0, cfg, conv=conv)) for conv in ("xla_cpu", "plain")}
 

@@ -205,6 +205,8 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
     assert holdout["ids"] and all(isinstance(i, str) for i in holdout["ids"])
     assert thresholds["pixel_quantile"] == 0.995 and thresholds["image_quantile"] == 0.99  # how they were chosen
     assert thresholds["n_images"] == len(holdout["ids"]) and "projection" in thresholds
+    # the map's smoothing keeps its share of the input: 1 px at the preset's 64 px, 0.5 px at --size 32
+    assert thresholds["projection"]["smoothing_sigma"] == 0.5
     for row in ("recon", "grad"):
         st = thresholds[row]
         assert np.isfinite(st["pixel_threshold"]) and np.isfinite(st["image_threshold"])
@@ -232,6 +234,7 @@ def test_every_output_of_a_run_and_a_projection_exists_and_is_well_formed(e2e):
     used = json.loads((out_dir / "thresholds.json").read_text())
     assert used["projection"] == json.loads((out_dir / "projection_config.json").read_text())
     assert used["projection"]["steps"] == 3 and used["source"] == "held-out normal training images"
+    assert used["projection"]["smoothing_sigma"] == 0.5
     for row in ("recon", "grad"):
         assert used[row]["n_images"] + used[row]["n_excluded"] == len(holdout["ids"])
         assert used[row]["pixel_quantile"] == 0.995
