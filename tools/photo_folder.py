@@ -15,12 +15,14 @@ detail-loss kinds blur, smooth, lost_texture), drawn as the textures builder dra
 Everything is a deterministic function of `--seed`.
 
 `--photo` is an image file (8-bit gray or RGB) or `skimage:NAME` for a photo that ships with
-scikit-image. It is how to check iepjax on a surface no default was chosen on, through the path a
+scikit-image; `--area R0 R1 C0 C1` keeps only rows R0..R1-1 and columns C0..C1-1 of it (a part of
+the photo that is all surface, without borders or a background). It is how to check iepjax on a surface no default was chosen on, through the path a
 user's own images take (docs/results.md, "Own folders cut from photos no choice was made on").
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--category", required=True, help="the category folder's name")
     p.add_argument("--kinds", nargs="+", default=list(KIND_SETS["structure"]) + ["blur"],
                    help=f"defect kinds, or 'structure' / 'detail' (valid kinds: {', '.join(DEFECT_KINDS)})")
+    p.add_argument("--area", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
+                   help="use only rows R0..R1-1 and columns C0..C1-1 of the photo")
     p.add_argument("--crop", type=positive_int, default=128, help="crops' side in px")
     p.add_argument("--train", type=positive_int, default=200, help="training crops")
     p.add_argument("--good", type=positive_int, default=16, help="normal test crops")
@@ -109,11 +113,17 @@ def main(argv=None) -> int:
     if not 0.0 < args.train_fraction < 1.0:
         p.error("--train-fraction must be between 0 and 1")
     try:
-        root = write_folder(read_photo(args.photo), Path(args.out), args.category, kinds=tuple(dict.fromkeys(kinds)),
+        photo = read_photo(args.photo)
+        if args.area:
+            r0, r1, c0, c1 = args.area
+            if not (0 <= r0 < r1 <= photo.shape[0] and 0 <= c0 < c1 <= photo.shape[1]):
+                raise ValueError(f"--area {r0} {r1} {c0} {c1} is not inside the {photo.shape[0]}x{photo.shape[1]} photo")
+            photo = photo[r0:r1, c0:c1]
+        root = write_folder(photo, Path(args.out), args.category, kinds=tuple(dict.fromkeys(kinds)),
                             crop=args.crop, train=args.train, good=args.good, per_kind=args.per_kind,
                             train_fraction=args.train_fraction, seed=args.seed)
     except (OSError, ValueError) as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {root}")
     return 0

@@ -392,6 +392,15 @@ def test_the_photo_folder_is_a_valid_category_split_by_columns(tmp_path):
     with pytest.raises(ValueError, match="cannot hold"):
         photo_folder.write_folder(photo, tmp_path / "x", "c", crop=96)
     assert photo_folder.main(["--photo", str(tmp_path / "none.png"), "--out", str(tmp_path), "--category", "c"]) == 2
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    cli = ["--photo", str(tmp_path / "photo.png"), "--out", str(tmp_path / "cli"), "--category", "c", "--crop", "16",
+           "--train", "1", "--good", "1", "--per-kind", "1", "--kinds", "spot"]
+    assert photo_folder.main(cli + ["--area", "0", "48", "100", "170"]) == 2  # outside the 48x160 photo
+    assert photo_folder.main(cli + ["--area", "8", "40", "100", "160"]) == 0
+    (train,) = (tmp_path / "cli/c/train/good").glob("*.png")
+    img = read_image(train)
+    assert img.shape == (16, 16, 3) and any(np.array_equal(photo[8 + r:24 + r, 100 + c:116 + c], img)
+                                            for r in range(17) for c in range(60 - 15))
 
 
 # --------------------------------------------------------------------------- high-depth images
