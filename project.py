@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--run", default=None, help="run folder or v<N> (default: latest)")
     cli.add_projection_flags(p)
     cli.add_threshold_flags(p)
+    p.add_argument("--normal-dir", default=None,
+                   help="fit the thresholds on the normal images in this folder (good parts imaged as the test "
+                        "images are) instead of the run's held-out training images; unreadable files are named "
+                        "and skipped")
     cli.add_map_flags(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--input-dir", default=None,

@@ -260,7 +260,7 @@ def projection_settings(args: argparse.Namespace, config):
 
 def threshold_config(args: argparse.Namespace):
     """The `ThresholdConfig` of the flags a script has: --holdout, --pixel-quantile, --image-quantile,
-    --threshold, --image-threshold, --no-early-stop; the defaults for those it lacks or leaves out."""
+    --threshold, --image-threshold, --no-early-stop, --normal-dir; the defaults for those it lacks or leaves out."""
     from iepjax.config import ThresholdConfig
     return override(ThresholdConfig(), holdout=getattr(args, "holdout", None),
                     pixel_quantile=getattr(args, "pixel_quantile", None),
@@ -268,7 +268,7 @@ def threshold_config(args: argparse.Namespace):
                     pixel_threshold=getattr(args, "threshold", None),
                     image_threshold=getattr(args, "image_threshold", None),
                     early_stop=False if getattr(args, "no_early_stop", False) else None,
-                    map=map_config(args))
+                    map=map_config(args), normal_dir=getattr(args, "normal_dir", None))
 
 
 def start_runtime(args: argparse.Namespace, *, train=None, projection_steps: int | None = None):

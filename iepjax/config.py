@@ -320,6 +320,11 @@ class ThresholdConfig:
         held-out images' (sets `ProjectionConfig.stop_loss`; docs/method.md, Projection).
       map: the anomaly map and image score the thresholds apply to (`MapConfig`); the "nce"
         map is itself fitted on the same held-out images.
+      normal_dir: a folder of normal images taken as the test images are (the line's good parts):
+        the thresholds, and the "nce" map, are fitted on them instead of the held-out training
+        images, which can differ from the test images (lighting, region; docs/method.md,
+        Thresholds). The projection's alpha, lam and early stopping still come from the held-out
+        images: they describe the model, not the line.
     """
 
     holdout: float = 0.1
@@ -329,6 +334,7 @@ class ThresholdConfig:
     image_threshold: float | None = None
     early_stop: bool = True
     map: MapConfig = MapConfig()
+    normal_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:

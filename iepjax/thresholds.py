@@ -5,7 +5,10 @@ of training (`pipelines.train.holdout_split`); their anomaly maps give the score
 normal data, and the thresholds are quantiles of them (`ThresholdConfig`). They are fitted once
 per projection config and checkpoint and kept in the run folder (thresholds.json), or given by
 the user. The same images resolve the projection's step and hold into alpha and lam
-(`load_or_resolve`, loss_scale.json; docs/method.md, Projection).
+(`load_or_resolve`, loss_scale.json; docs/method.md, Projection). `ThresholdConfig.normal_dir`
+fits the thresholds on a folder of normal images taken as the test images are instead
+(`normal_folder_images`); such fits are recorded with the outputs, not kept in
+the run folder.
 
 Fits that would be nonsense are refused (`ThresholdError`, a message that names the flags):
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -306,12 +310,13 @@ def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, norma
     return resolved, record
 
 
-def given(stats: dict, thresholds: ThresholdConfig) -> tuple[dict, str]:
-    """`stats` with the thresholds the user gave in place of the fitted ones, and where they come from."""
+def given(stats: dict, thresholds: ThresholdConfig, fitted: str = FITTED) -> tuple[dict, str]:
+    """`stats` with the thresholds the user gave in place of the fitted ones, and where they come from
+    (`fitted`: the images `stats` were fitted on)."""
     pt, it = thresholds.pixel_threshold, thresholds.image_threshold
     if pt is None and it is None:
-        return stats, FITTED
-    source = GIVEN + ("" if (pt is not None and it is not None) else f" (the other from {FITTED})")
+        return stats, fitted
+    source = GIVEN + ("" if (pt is not None and it is not None) else f" (the other from {fitted})")
     return {row: st._replace(pixel_threshold=st.pixel_threshold if pt is None else pt,
                              image_threshold=st.image_threshold if it is None else it)
             for row, st in stats.items()}, source
@@ -363,7 +368,7 @@ def check_held_out(run_dir: Path, thresholds: ThresholdConfig) -> None:
                              + ("" if both_given(thresholds) else " and both thresholds (--threshold T "
                                 "--image-threshold T)") + ", or retrain with --holdout > 0")
     need = min_held_out(thresholds)
-    if k < need and not both_given(thresholds):
+    if k < need and not both_given(thresholds) and thresholds.normal_dir is None:
         raise ThresholdError(f"run {run_dir} holds out {k} normal image(s): too few to fit thresholds, which need "
                              f"{count_rule(thresholds)}. Train a new run with a larger --holdout"
                              f"{_suggest_holdout(run_dir, need)}, or give both thresholds "
@@ -391,6 +396,26 @@ def held_out_images(run_dir: Path, dataset: str, category: str, tfds_dir: str | 
     if Preprocess.load(run_dir) is not None:
         return np.stack(picked) if all(p.shape == picked[0].shape for p in picked) else picked
     return resize_images(picked, model_config(run_dir)["size"])
+
+
+def normal_folder_images(normal_dir: str | Path, channels: int | None = None,
+                         window: tuple[float, float] | None = None) -> list[np.ndarray]:
+    """Every readable image under `normal_dir` (`ThresholdConfig.normal_dir`), uint8 (H, W, C) each,
+    in sorted path order; read as the test images are (`channels`, high-depth files through the
+    run's `window`). Each unreadable file is named on stderr and left out; FileNotFoundError for a
+    missing folder, ThresholdError when no file is readable."""
+    from iepjax.data.layout import DataError, list_images, read_image
+    images, skipped = [], 0
+    for p in list_images(Path(normal_dir)):
+        try:
+            images.append(read_image(p, channels, window))
+        except DataError as e:
+            skipped += 1
+            print(f"skipped (normal images): {e}", file=sys.stderr)
+    if not images:
+        raise ThresholdError(f"no readable normal image under {normal_dir}"
+                             + (f" ({skipped} unreadable)" if skipped else "") + " to fit thresholds on")
+    return images
 
 
 def run_source(run_dir: Path, source_dir: str | None) -> str | None:

@@ -162,7 +162,8 @@ def infer_folder(run_dir: str | Path, input_dir: str | Path, source: DataConfig,
                    "n_flagged": sum(r[2] for r in rows), "n_failed": len(failed),
                    "failed": [f for f, _ in failed], "image_threshold": g.image_threshold,
                    "pixel_threshold": g.pixel_threshold,
-                   "thresholds_from": "given" if user else f"{g.n_images} held-out normal training images",
+                   "thresholds_from": "given" if user else run.source if thresholds.normal_dir else
+                   f"{g.n_images} held-out normal training images",
                    "preprocess": prep.to_dict()}
         atomic.write_json(folder.path / "summary.json", summary)
     return folder.final, summary

@@ -23,9 +23,9 @@ from iepjax.data.preprocess import Preprocess, resize_images, resize_masks
 from iepjax.early_stop import with_early_stop
 from iepjax.localization import Localization, calibrate_maps, localize, localize_images, trajectory
 from iepjax.scoring import official_metrics, split_metrics
-from iepjax.thresholds import (FITTED, GIVEN, ThresholdError, both_given, check_held_out, given, given_only,
-                               held_out_ids, held_out_images, load_or_calibrate, load_or_resolve, map_fits, min_held_out,
-                               run_source)
+from iepjax.thresholds import (FITTED, GIVEN, ThresholdError, both_given, calibrate, check_held_out, given,
+                               given_only, held_out_ids, held_out_images, load_or_calibrate, load_or_resolve, map_fits,
+                               min_held_out, min_images, normal_folder_images, run_source)
 from iepjax.training import load_checkpoint
 
 
@@ -62,6 +62,8 @@ def open_run(results: str | Path, model: str, source: DataConfig, run: str | Non
     presets.check(source.dataset, source.category)  # an unknown category is named before a missing run
     run_dir = runs.find_run(results, model, source.dataset, source.category, run)
     runs.check_outputs_writable(run_dir, out if input_dir is not None else None, inference=input_dir is not None)
+    if thresholds.normal_dir is not None:
+        list_images(thresholds.normal_dir)  # the folder exists
     if input_dir is not None:
         list_images(input_dir)  # the folder exists
         if out is not None:
@@ -88,6 +90,9 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     (`thresholds.given_only`). Early stopping takes its bar from the held-out images
     (docs/method.md, Projection). The "nce" map (`thresholds.map`) is fitted on the same images,
     on raw maps: the projection then runs with smoothing_sigma 0 (the map's window smooths).
+    With `thresholds.normal_dir`, the thresholds (and the nce map) are fitted on the readable images
+    of that folder instead (`thresholds.normal_folder_images`), every time, and not stored in the
+    run folder; alpha, lam and early stopping still come from the held-out images.
     """
     params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
@@ -95,7 +100,8 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     nce = thresholds.map.kind == "nce"
     config = calibrated_maps.projection_for(dataclasses.replace(config, model=tcfg.model), thresholds.map)
     check_held_out(run_dir, thresholds)
-    fit = not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
+    on_line = thresholds.normal_dir is not None  # fitted on the user's normal images instead
+    fit = on_line or not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
     if nce and not fit:
         raise ThresholdError(f"run {run_dir} holds out too few normal images to fit the nce map on (it needs "
                              f"{min_held_out(thresholds)}): use --map paper")
@@ -105,7 +111,7 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
               "built-in brick model); pass --alpha and --lam for this model's scale", file=sys.stderr)
         config = dataclasses.replace(config, step=None, hold=None)
     normal = []
-    if fit or thresholds.early_stop or not config.resolved:
+    if (fit and not on_line) or thresholds.early_stop or not config.resolved:
         normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
             lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir,
                                     source_dir=source.source_dir))
@@ -115,6 +121,18 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
         config = with_early_stop(params, config, normal, prep)
     if not fit:
         return PreparedRun(params, config, prep, given_only(thresholds), GIVEN, None, scale)
+    if on_line:  # not kept in the run folder: its thresholds.json holds the held-out images' fit
+        line = normal_folder_images(thresholds.normal_dir, tcfg.model.channels,
+                                    prep.intensity_window if prep is not None else None)
+        line = line if prep is not None else resize_images(line, tcfg.model.size)
+        if len(line) < min_images(thresholds.image_quantile):
+            raise ThresholdError(f"{thresholds.normal_dir} holds {len(line)} readable normal image(s): the image "
+                                 f"quantile {thresholds.image_quantile} needs at least "
+                                 f"{min_images(thresholds.image_quantile)}; add normal images to it")
+        stats, compile_s = calibrate(params, config, line, thresholds, prep=prep, batch_size=batch_size,
+                                     progress=progress, mesh=mesh)
+        stats, where = given(stats, thresholds, f"{len(line)} normal images in {thresholds.normal_dir}")
+        return PreparedRun(params, config, prep, stats, where, compile_s, scale)
     stats, compile_s = load_or_calibrate(run_dir, params, config, normal, thresholds, step=step,
                                          batch_size=batch_size, progress=progress, mesh=mesh)
     stats, where = given(stats, thresholds)

@@ -593,3 +593,48 @@ def test_a_projection_within_one_batch_reports_no_steady_state_rate():
               "timing": {"compile_s": 3.8, "total_s": 3.8, "steady_img_per_s": None}}
     out = format_projection(result)
     assert "None" not in out and out.endswith("compile 3.8 s, total 3.8 s, no steady-state rate (every image was in the first batch)")
+
+
+@slow
+def test_project_fits_the_thresholds_on_a_folder_of_normal_images(tiny_run, tmp_path, capsys):
+    """project.py --normal-dir: the thresholds are fitted on the readable images of a folder (good parts
+    imaged as the test images are) instead of the run's held-out training images; metrics.json and
+    the projection's thresholds.json say so, the run folder's own fit is left alone, an unreadable
+    file is named and skipped. A missing folder, and one with too few images, are refused (exit 2)
+    with what to do."""
+    from PIL import Image
+
+    from iepjax import data
+    results, run_dir = copy_results(tiny_run, tmp_path / "results")
+    held = (run_dir / "thresholds.json").read_text()
+    train = data.load_split("textures", "brick", "train", str(tiny_run["tfds"]), progress=False)
+    held_ids = set(json.loads((run_dir / "holdout.json").read_text())["ids"])
+    others = [im for im, i in zip(train.images, train.ids) if i not in held_ids][:12]  # not the held-out ones
+    line = tmp_path / "line"
+    (line / "shift2").mkdir(parents=True)
+    for k, im in enumerate(others):
+        Image.fromarray(im[..., 0]).save(line / ("shift2" if k % 2 else "") / f"{k:02d}.png")
+    (line / "broken.png").write_bytes(b"not an image")
+    base = [*TINY_PROJECT, "--results", str(results), "--tfds-dir", str(tiny_run["tfds"]), "--no-overlays"]
+    before = set((run_dir / "projections").iterdir())
+    code, err = _main("project.py", base + ["--normal-dir", str(line)], capsys)
+    assert code == 0, err[-3000:]
+    assert "broken.png" in err and "skipped" in err
+    (out,) = set((run_dir / "projections").iterdir()) - before
+    metrics = json.loads((out / "metrics.json").read_text())
+    used = json.loads((out / "thresholds.json").read_text())
+    assert metrics["thresholds"]["source"] == used["source"] == f"12 normal images in {line}"
+    assert metrics["thresholds"]["n_normal_images"] == used["grad"]["n_images"] == 12  # not the 11 held out
+    assert (run_dir / "thresholds.json").read_text() == held  # the held-out fit is kept as it was
+    fitted = json.loads(held)
+    assert used["grad"]["pixel_threshold"] != fitted["grad"]["pixel_threshold"]
+    assert metrics["grad"]["pixel_threshold"] == used["grad"]["pixel_threshold"]
+
+    code, err = _main("project.py", base + ["--normal-dir", str(tmp_path / "none")], capsys)
+    assert code == 2 and "does not exist" in err, err[-2000:]
+    few = tmp_path / "few"
+    few.mkdir()
+    for k, im in enumerate(others[:3]):
+        Image.fromarray(im[..., 0]).save(few / f"{k}.png")
+    code, err = _main("project.py", base + ["--normal-dir", str(few)], capsys)
+    assert code == 2 and "holds 3 readable normal image(s)" in err and "add normal images" in err, err[-2000:]
