@@ -16,8 +16,9 @@ Everything is a deterministic function of `--seed`.
 
 `--photo` is an image file (8-bit gray or RGB) or `skimage:NAME` for a photo that ships with
 scikit-image; `--area R0 R1 C0 C1` keeps only rows R0..R1-1 and columns C0..C1-1 of it (a part of
-the photo that is all surface, without borders or a background). It is how to check iepjax on a surface no default was chosen on, through the path a
-user's own images take (docs/results.md, "Own folders cut from photos no choice was made on").
+the photo that is all surface, without borders or a background). It is how to check iepjax on a
+surface no default was chosen on, through the path a user's own images take (docs/results.md,
+"Own folders cut from photos no choice was made on").
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         if args.area:
             r0, r1, c0, c1 = args.area
             if not (0 <= r0 < r1 <= photo.shape[0] and 0 <= c0 < c1 <= photo.shape[1]):
-                raise ValueError(f"--area {r0} {r1} {c0} {c1} is not inside the {photo.shape[0]}x{photo.shape[1]} photo")
+                h, w = photo.shape[:2]
+                raise ValueError(f"--area {r0} {r1} {c0} {c1} is not inside the {h}x{w} photo")
             photo = photo[r0:r1, c0:c1]
         root = write_folder(photo, Path(args.out), args.category, kinds=tuple(dict.fromkeys(kinds)),
                             crop=args.crop, train=args.train, good=args.good, per_kind=args.per_kind,

@@ -96,7 +96,8 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     """
     params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
-        config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood, size=tcfg.model.size)
+        config = presets.projection_config(source.dataset, source.category, tcfg.model.likelihood,
+                                           size=tcfg.model.size)
     nce = thresholds.map.kind == "nce"
     config = calibrated_maps.projection_for(dataclasses.replace(config, model=tcfg.model), thresholds.map)
     check_held_out(run_dir, thresholds)

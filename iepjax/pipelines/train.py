@@ -188,8 +188,8 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
         return TrainOutcome(run_dir, summary, None, retried_from)
     model, params = summary.config.model, summary.state.params
     normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
-    pcfg = calibrated_maps.projection_for(dataclasses.replace(
-        presets.projection_config(source.dataset, source.category, model.likelihood, size=model.size), model=model), thresholds.map)
+    pcfg = presets.projection_config(source.dataset, source.category, model.likelihood, size=model.size)
+    pcfg = calibrated_maps.projection_for(dataclasses.replace(pcfg, model=model), thresholds.map)
     try:  # alpha and lam in the model's units, recorded in the run folder (as project.py reads them)
         pcfg, _ = load_or_resolve(run_dir, params, pcfg, normal, step=int(summary.state.step))
     except ValueError as e:
