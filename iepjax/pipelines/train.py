@@ -75,8 +75,9 @@ def holdout_split(n: int, fraction: float, seed: int, *, at_least: int = 1) -> t
                     if k < n else "")
         raise DataError(
             f"only {n} normal training images: holding out the {k} that fitted thresholds need {left}. Train on "
-            "all of them (--holdout 0) and give project.py both thresholds and --no-early-stop (--threshold T "
-            f"--image-threshold T --no-early-stop){explicit}")
+            "all of them (--holdout 0) and give project.py --no-early-stop and either both thresholds (--threshold "
+            "T --image-threshold T) or a folder of other normal images to fit them on (--normal-dir DIR)"
+            f"{explicit}")
     if n - k < 1:
         raise DataError(f"only {n} training image(s): nothing left to train on after holding out {k}: "
                         "a smaller --holdout")

@@ -597,8 +597,8 @@ def test_holdout_split_holds_out_what_thresholds_need():
     assert len(held) == 11 and len(train) == 49 and not set(train) & set(held)
     assert len(holdout_split(400, 0.1, 0, at_least=11)[1]) == 40  # enough already: the fraction decides
     assert len(holdout_split(5, 0.2, 0)[1]) == 1  # the old floor, for callers that fit no thresholds
-    with pytest.raises(DataError, match=r"only 15 normal training images.*--holdout 0.*--threshold T "
-                                        r"--image-threshold T --no-early-stop.*--holdout 0.74"):
+    with pytest.raises(DataError, match=r"only 15 normal training images.*--holdout 0.*--no-early-stop.*"
+                                        r"--threshold T --image-threshold T.*--normal-dir DIR.*--holdout 0.74"):
         holdout_split(15, 0.1, 0, at_least=11)
     assert len(holdout_split(15, 0.0, 0, at_least=11)[1]) == 0
     with pytest.raises(DataError, match=r"only 6 normal training images: holding out the 11 .* is more than there "
