@@ -281,7 +281,7 @@ def load_or_calibrate(run_dir: Path, params: dict, config: ProjectionConfig, nor
 
 
 def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, normal_images: np.ndarray, *,
-                    step: int | None = None) -> tuple[ProjectionConfig, dict | None]:
+                    step: int | None = None, keep: bool = True) -> tuple[ProjectionConfig, dict | None]:
     """`config` with its `step` / `hold` resolved into alpha / lam on the run's held-out normal images
     (`loss_scale.resolve`; docs/method.md, Projection: scales), and the record of how.
 
@@ -289,13 +289,14 @@ def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, norma
     preprocessing and the number of images) and read back instead of measuring again, so that
     train.py's threshold fit and project.py use the same floats. The images go through the run's
     preprocessing, as the test images do. A config with neither is returned as it is (record None).
+    `keep` False: neither read nor written (images that are not the run's held-out ones).
     """
     if config.resolved:
         return config, None
     path = Path(run_dir) / "loss_scale.json"
     prep = Preprocess.load(run_dir)
     want = _record_key(prep, step, projection=to_dict(config), n_images=len(normal_images))
-    stored = _stored_record(path, want)
+    stored = _stored_record(path, want) if keep else None
     if stored is not None:
         try:
             return dataclasses.replace(config, alpha=float(stored["alpha"]), lam=float(stored["lam"]),
@@ -305,7 +306,7 @@ def load_or_resolve(run_dir: Path, params: dict, config: ProjectionConfig, norma
     x = model_inputs(normal_images, prep)[0] if prep is not None else resize_images(normal_images, config.model.size)
     resolved, record = loss_scale.resolve(params, config, np.asarray(x, np.float32) / 255.0)
     record = finite_or_none({**want, **record})
-    if jax.process_index() == 0:
+    if keep and jax.process_index() == 0:
         atomic_write_text(path, dumps_json(record) + "\n")
     return resolved, record
 
@@ -362,7 +363,7 @@ def check_held_out(run_dir: Path, thresholds: ThresholdConfig) -> None:
     what `thresholds` asks: fitted thresholds need `min_held_out` (unless both are given), early
     stopping needs at least one. ThresholdError with what to do."""
     k = len(held_out_ids(run_dir))
-    if thresholds.early_stop and k == 0:
+    if thresholds.early_stop and k == 0 and thresholds.normal_dir is None:
         raise ThresholdError(f"run {run_dir} holds out no normal image, and early stopping takes its bar from them "
                              "(the smallest of their losses): pass --no-early-stop"
                              + ("" if both_given(thresholds) else " and both thresholds (--threshold T "

@@ -92,7 +92,8 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     on raw maps: the projection then runs with smoothing_sigma 0 (the map's window smooths).
     With `thresholds.normal_dir`, the thresholds (and the nce map) are fitted on the readable images
     of that folder instead (`thresholds.normal_folder_images`), every time, and not stored in the
-    run folder; alpha, lam and early stopping still come from the held-out images.
+    run folder; alpha, lam and early stopping still come from the held-out images, and from that
+    folder's images only for a run that holds out none (trained with --holdout 0).
     """
     params, tcfg, step = load_checkpoint(run_dir)
     if config is None:
@@ -101,28 +102,15 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     nce = thresholds.map.kind == "nce"
     config = calibrated_maps.projection_for(dataclasses.replace(config, model=tcfg.model), thresholds.map)
     check_held_out(run_dir, thresholds)
-    on_line = thresholds.normal_dir is not None  # fitted on the user's normal images instead
-    fit = on_line or not (both_given(thresholds) and len(held_out_ids(run_dir)) < min_held_out(thresholds))
+    on_line = thresholds.normal_dir is not None  # the thresholds are fitted on the user's normal images
+    held = held_out_ids(run_dir)
+    fit = on_line or not (both_given(thresholds) and len(held) < min_held_out(thresholds))
     if nce and not fit:
         raise ThresholdError(f"run {run_dir} holds out too few normal images to fit the nce map on (it needs "
                              f"{min_held_out(thresholds)}): use --map paper")
-    if not config.resolved and not held_out_ids(run_dir):  # trained with --holdout 0, thresholds given
-        print(f"warning: run {run_dir} holds out no normal image to resolve the projection's step and hold on: "
-              f"alpha {config.alpha:g} and lam {config.lam:g} are used as they are (the values they give the "
-              "built-in brick model); pass --alpha and --lam for this model's scale", file=sys.stderr)
-        config = dataclasses.replace(config, step=None, hold=None)
-    normal = []
-    if (fit and not on_line) or thresholds.early_stop or not config.resolved:
-        normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
-            lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir,
-                                    source_dir=source.source_dir))
     prep = Preprocess.load(run_dir)
-    config, scale = load_or_resolve(run_dir, params, config, normal, step=step)  # normal images only
-    if thresholds.early_stop and config.stop_loss is None:
-        config = with_early_stop(params, config, normal, prep)
-    if not fit:
-        return PreparedRun(params, config, prep, given_only(thresholds), GIVEN, None, scale)
-    if on_line:  # not kept in the run folder: its thresholds.json holds the held-out images' fit
+    line = None
+    if on_line:
         line = normal_folder_images(thresholds.normal_dir, tcfg.model.channels,
                                     prep.intensity_window if prep is not None else None)
         line = line if prep is not None else resize_images(line, tcfg.model.size)
@@ -130,6 +118,26 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
             raise ThresholdError(f"{thresholds.normal_dir} holds {len(line)} readable normal image(s): the image "
                                  f"quantile {thresholds.image_quantile} needs at least "
                                  f"{min_images(thresholds.image_quantile)}; add normal images to it")
+    if not config.resolved and not held and line is None:  # trained with --holdout 0, thresholds given
+        print(f"warning: run {run_dir} holds out no normal image to resolve the projection's step and hold on: "
+              f"alpha {config.alpha:g} and lam {config.lam:g} are used as they are (the values they give the "
+              "built-in brick model); pass --alpha and --lam for this model's scale", file=sys.stderr)
+        config = dataclasses.replace(config, step=None, hold=None)
+    normal = []
+    if held and ((fit and not on_line) or thresholds.early_stop or not config.resolved):
+        normal = distributed.main_first(  # process 0 prepares the data set, then the others read it
+            lambda: held_out_images(run_dir, source.dataset, source.category, source.tfds_dir,
+                                    source_dir=source.source_dir))
+    if held:  # alpha, lam and the early-stopping bar describe the model: from its held-out images
+        config, scale = load_or_resolve(run_dir, params, config, normal, step=step)
+    else:  # a run without any (--holdout 0): from the user's normal images, not kept in the run folder
+        normal = line if line is not None else []
+        config, scale = load_or_resolve(run_dir, params, config, normal, step=step, keep=False)
+    if thresholds.early_stop and config.stop_loss is None:
+        config = with_early_stop(params, config, normal, prep)
+    if not fit:
+        return PreparedRun(params, config, prep, given_only(thresholds), GIVEN, None, scale)
+    if on_line:  # not kept in the run folder: its thresholds.json holds the held-out images' fit
         stats, compile_s = calibrate(params, config, line, thresholds, prep=prep, batch_size=batch_size,
                                      progress=progress, mesh=mesh)
         stats, where = given(stats, thresholds, f"{len(line)} normal images in {thresholds.normal_dir}")

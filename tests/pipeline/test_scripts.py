@@ -8,6 +8,7 @@ The subprocesses share the suite's persistent compilation cache (conftest).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import re
@@ -526,6 +527,44 @@ def test_a_run_without_held_out_images_projects_with_alpha_and_lam_as_given(tiny
     pre = presets.projection_config("textures", "brick")
     assert run.config.resolved and (run.config.alpha, run.config.lam) == (pre.alpha, pre.lam) and run.scale is None
     assert "holds out no normal image to resolve" in capsys.readouterr().err
+
+
+def test_a_run_without_held_out_images_takes_everything_from_a_normal_folder(tiny_run, tmp_path, capsys):
+    """A run trained on all its images (--holdout 0) and a folder of other normal images (--normal-dir):
+    step and hold are resolved, the early-stopping bar set and the thresholds fitted on that folder's
+    images, and nothing of it is written into the run folder (it would pass for the held-out images')."""
+    from PIL import Image
+
+    from iepjax import data, loss_scale, presets
+    from iepjax.config import DataConfig, ThresholdConfig
+    from iepjax.data.preprocess import model_inputs
+    from iepjax.early_stop import model_losses
+    from iepjax.pipelines.project import prepare_run
+    from iepjax.thresholds import ThresholdError, check_held_out
+
+    _, run_dir = copy_results(tiny_run, tmp_path / "results")
+    holdout = json.loads((run_dir / "holdout.json").read_text())
+    (run_dir / "holdout.json").write_text(json.dumps({**holdout, "ids": []}))
+    (run_dir / "loss_scale.json").unlink()
+    train = data.load_split("textures", "brick", "train", str(tiny_run["tfds"]), progress=False)
+    line = tmp_path / "line"
+    line.mkdir()
+    for k, im in enumerate(train.images[:12]):
+        Image.fromarray(im[..., 0]).save(line / f"{k:02d}.png")
+    with pytest.raises(ThresholdError, match="--no-early-stop"):  # no held-out image, no folder: refused
+        check_held_out(run_dir, ThresholdConfig())
+    run = prepare_run(run_dir, DataConfig("textures", "brick", str(tiny_run["tfds"])), None,
+                      ThresholdConfig(normal_dir=str(line)), progress=False)
+    assert "holds out no normal image" not in capsys.readouterr().err
+    assert run.source == f"12 normal images in {line}" and run.config.resolved and run.scale["n_images"] == 12
+    images = np.stack(train.images[:12])
+    x = model_inputs(images, run.prep)[0].astype(np.float32) / 255.0
+    preset = dataclasses.replace(presets.projection_config("textures", "brick", size=32), model=run.config.model)
+    want, _ = loss_scale.resolve(run.params, preset, x)  # the folder's images resolve step and hold
+    assert (run.config.alpha, run.config.lam) == pytest.approx((want.alpha, want.lam), rel=1e-5)
+    losses, _ = model_losses(run.params, dataclasses.replace(run.config, stop_loss=None), images, run.prep)
+    assert run.config.stop_loss == pytest.approx(float(losses.min()), rel=1e-6)  # and set the bar
+    assert not (run_dir / "loss_scale.json").exists()
 
 
 def test_normal_losses_prints_the_three_sets_of_normal_images(tiny_run, tmp_path, capsys):
