@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-KIND_SETS = {"structure": ("scratch", "spot", "stain", "foreign"),
-             "detail": ("blur", "smooth", "lost_texture")}
+from iepjax.data import defects
+
+KIND_SETS = {"structure": defects.STRUCTURE_KINDS, "detail": defects.DETAIL_LOSS_KINDS}
 
 
 def read_photo(photo: str) -> np.ndarray:
@@ -58,8 +59,6 @@ def write_folder(
     """Write OUT/CATEGORY/ (see the module docstring) from `photo` (uint8 (H, W) or (H, W, 3))."""
     from PIL import Image
 
-    from iepjax.data import defects
-
     h, w = photo.shape[:2]
     cut = int(round(w * train_fraction))
     if h < crop or cut < crop or w - cut < crop:
@@ -71,33 +70,36 @@ def write_folder(
     for sub in folders:
         (root / sub).mkdir(parents=True, exist_ok=True)
 
+    hwc = photo if photo.ndim == 3 else photo[:, :, None]
+
     def take(c0: int, c1: int) -> np.ndarray:
         y, x = rng.integers(0, h - crop + 1), rng.integers(c0, c1 - crop + 1)
-        return photo[y:y + crop, x:x + crop]
+        return hwc[y:y + crop, x:x + crop]
+
+    def save(image_HxWxC: np.ndarray, name: str) -> None:
+        Image.fromarray(image_HxWxC[:, :, 0] if image_HxWxC.shape[2] == 1 else image_HxWxC).save(root / name)
 
     for i in range(train):
-        Image.fromarray(take(0, cut)).save(root / f"train/good/{i:03d}.png")
+        save(take(0, cut), f"train/good/{i:03d}.png")
     for i in range(good):
-        Image.fromarray(take(cut, w)).save(root / f"test/good/{i:03d}.png")
+        save(take(cut, w), f"test/good/{i:03d}.png")
     for kind in kinds:
         for i in range(per_kind):
-            clean = take(cut, w)
-            image, mask = defects.draw_visible(kind, clean if clean.ndim == 3 else clean[:, :, None], rng)
-            Image.fromarray(image if clean.ndim == 3 else image[:, :, 0]).save(root / f"test/{kind}/{i:03d}.png")
+            image, mask = defects.draw_visible(kind, take(cut, w), rng)
+            save(image, f"test/{kind}/{i:03d}.png")
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / f"ground_truth/{kind}/{i:03d}_mask.png")
     return root
 
 
 def main(argv=None) -> int:
     from iepjax.cli import positive_int
-    from iepjax.data.defects import DEFECT_KINDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photo", required=True, help="an image file, or skimage:NAME")
     p.add_argument("--out", required=True, help="the data folder to write (train.py --data-dir)")
     p.add_argument("--category", required=True, help="the category folder's name")
     p.add_argument("--kinds", nargs="+", default=list(KIND_SETS["structure"]) + ["blur"],
-                   help=f"defect kinds, or 'structure' / 'detail' (valid kinds: {', '.join(DEFECT_KINDS)})")
+                   help=f"defect kinds, or 'structure' / 'detail' (valid kinds: {', '.join(defects.DEFECT_KINDS)})")
     p.add_argument("--area", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
                    help="use only rows R0..R1-1 and columns C0..C1-1 of the photo")
     p.add_argument("--crop", type=positive_int, default=128, help="crops' side in px")
@@ -108,9 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     kinds = [k for name in args.kinds for k in KIND_SETS.get(name, (name,))]
-    unknown = [k for k in kinds if k not in DEFECT_KINDS]
+    unknown = [k for k in kinds if k not in defects.DEFECT_KINDS]
     if unknown:
-        p.error(f"unknown defect kind(s) {', '.join(unknown)}; valid: {', '.join(DEFECT_KINDS)}")
+        p.error(f"unknown defect kind(s) {', '.join(unknown)}; valid: {', '.join(defects.DEFECT_KINDS)}")
     if not 0.0 < args.train_fraction < 1.0:
         p.error("--train-fraction must be between 0 and 1")
     try:
