@@ -10,6 +10,10 @@ batch, lowered for CPU, CUDA and TPU where this jax can), the parameters, metada
 (preprocessing, thresholds, normalisation, metrics, versions, checksums) and MODEL_CARD.md.
 Thresholds and settings come from the run's latest projection (project.py) if it has one, else
 from the run's thresholds.json, else they are fitted on the run's held-out normal images first.
+With --normal-dir DIR the thresholds are fitted again on DIR's normal images (good parts imaged as
+production images are), with the same settings, quantiles and image score:
+
+    python export.py --category brick --normal-dir good_parts --out exported/brick
 """
 import argparse
 import sys
@@ -31,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--projection", default="latest",
                    help="projection folder name under <run>/projections whose settings, thresholds and metrics to ship "
                         "(default latest; 'none': the run's own thresholds.json)")
+    p.add_argument("--normal-dir", default=None,
+                   help="a folder of normal images taken as the production images are: fit the shipped thresholds "
+                        "on them (as project.py --normal-dir) instead of taking the run's")
     p.add_argument("--platforms", default="cpu,cuda,tpu", help="comma-separated platforms to lower for")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +56,7 @@ def main(argv=None) -> int:
                          data_dir=a.data_dir, tfds_dir=a.tfds_dir,
                          projection=None if a.projection == "none" else a.projection,
                          platforms=platforms, progress=not a.no_progress, model=a.model,
-                         allow_collapse=a.allow_collapse)
+                         allow_collapse=a.allow_collapse, normal_dir=a.normal_dir)
     except CollapsedRun as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_COLLAPSED

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iepjax.config import ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
+from iepjax.config import MapConfig, ProjectionConfig, ThresholdConfig, TrainConfig, to_dict
 from iepjax.data.layout import WINDOW_QUANTILES
 from iepjax.predictor import (CARD_FILE, FORMAT, FORMAT_VERSION, METADATA_FILE, NORMALISATION, PARAMS_FILE,
                               PROGRAM_FILES)
@@ -95,7 +95,7 @@ def check_paper_map(stored: dict, where: Path) -> dict:
 def read_run(*, category: str | None = None, dataset: str = "textures", results: str | os.PathLike = "results",
              run: str | os.PathLike | None = None, data_dir: str | None = None, tfds_dir: str | None = None,
              projection: str | None = "latest", batch_size: int = 16, progress: bool = True, model: str = "vae",
-             allow_collapse: bool = False) -> RunContents:
+             allow_collapse: bool = False, normal_dir: str | os.PathLike | None = None) -> RunContents:
     """The run folder's checkpoint, configs, preprocessing, thresholds and metrics, for `export_run`.
 
     This is the only function of the module that calls the training pipeline (run folders,
@@ -113,6 +113,10 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
     (fitted on the held-out normal images for the projection settings of its last calibration).
     A run whose model collapsed to the mean image is refused (`runs.CollapsedRun`, before any
     work) unless `allow_collapse`: its programs would flag nothing, or everything.
+    normal_dir: a folder of normal images taken as the production images are; the thresholds are
+    fitted again on them (`thresholds.normal_folder_images`, `thresholds.calibrate`, the same
+    projection settings, quantiles and image score), as project.py's --normal-dir does, and the
+    projection's metrics at the old thresholds (F1, false-alarm rates) are left out.
     """
     from iepjax import runs
     from iepjax.config import from_dict
@@ -167,11 +171,39 @@ def read_run(*, category: str | None = None, dataset: str = "textures", results:
         th["score"] = check_paper_map(stored, proj_dir or run_dir)
     else:  # fitted just now, with the default map and image score
         th["score"] = check_paper_map({"map": ThresholdConfig().map.score_record()}, run_dir)
+    config = dataclasses.replace(config, model=tcfg.model)
+    if normal_dir is not None:
+        th, metrics = _fit_on_folder(params, config, prep, th, metrics, normal_dir, batch_size, progress)
     g = th["grad"]
     th.update(pixel_quantile=g["pixel_quantile"], image_quantile=g["image_quantile"], n_images=g["n_images"])
-    config = dataclasses.replace(config, model=tcfg.model)
     return RunContents(run_dir, params, tcfg, config, prep.to_dict(), th, metrics, proj_dir, holdout, training,
                        dataset, category)
+
+
+FOLDER_SOURCE = "normal images in"  # in thresholds.source after a fit on a folder ("<n> normal images in <dir>")
+AT_THRESHOLDS = ("pixel_f1", "image_f1", "pixel_fpr_good_test", "image_fpr_good_test", "pixel_threshold",
+                 "image_threshold")  # the metrics that depend on the thresholds they were measured at
+
+
+def _fit_on_folder(params: dict, config: ProjectionConfig, prep, th: dict, metrics: dict | None,
+                   normal_dir: str | os.PathLike, batch_size: int, progress: bool) -> tuple[dict, dict | None]:
+    """`th` fitted again on the normal images of `normal_dir` at its quantiles and image score, and
+    `metrics` without what was measured at the old thresholds (`read_run`'s normal_dir)."""
+    from iepjax import thresholds
+
+    g = th["grad"]
+    score = dict(th["score"])
+    cfg = ThresholdConfig(pixel_quantile=g["pixel_quantile"], image_quantile=g["image_quantile"],
+                          map=MapConfig(kind="paper", **score))
+    images = thresholds.normal_folder_images(normal_dir, config.model.channels, prep.intensity_window,
+                                             image_quantile=cfg.image_quantile)
+    stats, _ = thresholds.calibrate(params, config, images, cfg, prep=prep, batch_size=batch_size, progress=progress)
+    th = {"source": f"{len(images)} {FOLDER_SOURCE} {Path(normal_dir).resolve()}", "score": score,
+          **{row: st._asdict() for row, st in stats.items()}}
+    if metrics is not None:
+        metrics = {k: ({m: v for m, v in row.items() if m not in AT_THRESHOLDS} if k in ("grad", "recon") else row)
+                   for k, row in metrics.items()}
+    return th, metrics
 
 
 # --------------------------------------------------------------------------- the programs
@@ -342,6 +374,8 @@ def export_run(out_dir: str | os.PathLike, *, platforms: Sequence[str] = DEFAULT
         args += ["--platforms", ",".join(platforms)]
     if run_args.get("allow_collapse"):
         args += ["--allow-collapse"]
+    if run_args.get("normal_dir") is not None:
+        args += ["--normal-dir", str(Path(run_args["normal_dir"]).resolve())]
     command = "python export.py " + " ".join(shlex.quote(a) for a in args)
     meta = metadata(run, artefacts, list(programs["projection"].platforms), skipped, formulation, command)
     atomic_write_text(out_dir / CARD_FILE, model_card(meta))
@@ -414,6 +448,8 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
     th = run.thresholds
     g, r = th["grad"], th["recon"]
     n_hold = len(run.holdout.get("ids", [])) or th["n_images"]
+    folder = FOLDER_SOURCE in th["source"] and not th["source"].startswith("given")
+    fitted_on = th["source"][th["source"].index(FOLDER_SOURCE):] if folder else "held-out normal images"
     early = (f"stop_loss = {cfg.stop_loss:.9g}: the smallest model loss L_r of the run's {n_hold} held-out normal images; "
              "an image stops moving from the first step at which its L_r(x_t) <= stop_loss") \
         if cfg.stop_loss is not None else "none: every image takes all T steps"
@@ -447,7 +483,7 @@ def metadata(run: RunContents, artefacts: dict, platforms: list[str], skipped: d
                        "pixel_quantile": th["pixel_quantile"], "image_quantile": th["image_quantile"],
                        "vmax": g.get("vmax"),
                        "meaning": (f"pixel: the {th['pixel_quantile']} quantile of the anomaly-map pixels of the "
-                                   f"{th['n_images']} held-out normal images; image: the {th['image_quantile']} quantile "
+                                   f"{th['n_images']} {fitted_on}; image: the {th['image_quantile']} quantile "
                                    f"of their image scores ({image_score_name(th['score'])}, on the map at the model size)"
                                    + ("; replaced by the values given to project.py" if th["source"].startswith("given")
                                       else "")),
@@ -493,10 +529,12 @@ def model_card(meta: dict) -> str:
         gm = met["grad"]
         lines.append(f"On the {met.get('n_test_images') or 'held-out'} test images of {src['dataset']}/{src['category']} "
                      f"(maps at {met.get('maps')}): pixel AUROC {gm.get('pixel_auroc', float('nan')):.3f}, image AUROC "
-                     f"{gm.get('image_auroc', float('nan')):.3f}, AU-PRO@0.3 {gm.get('pixel_aupro', float('nan')):.3f}; "
-                     f"at the thresholds below, pixel F1 {gm.get('pixel_f1', float('nan')):.3f}, image F1 "
-                     f"{gm.get('image_f1', float('nan')):.3f}, false alarms on good test images "
-                     f"{gm.get('image_fpr_good_test', float('nan')):.3f}.")
+                     f"{gm.get('image_auroc', float('nan')):.3f}, AU-PRO@0.3 {gm.get('pixel_aupro', float('nan')):.3f}"
+                     + (f"; at the thresholds below, pixel F1 {gm['pixel_f1']:.3f}, image F1 "
+                        f"{gm.get('image_f1', float('nan')):.3f}, false alarms on good test images "
+                        f"{gm.get('image_fpr_good_test', float('nan')):.3f}." if "pixel_f1" in gm else
+                        " (the thresholds below were fitted after that evaluation: F1 and false alarms at them "
+                        "were not measured)."))
     else:
         lines.append("Not evaluated on a test set before export (no projection of the run): run project.py on the "
                      "run, then export again, to have metrics here.")
@@ -512,7 +550,10 @@ def model_card(meta: dict) -> str:
               "## Limits",
               f"- Trained on {tr['dataset']}/{tr['category']} only: other products, lighting, scales or camera "
               "set-ups give meaningless scores.",
-              "- Thresholds rest on a few held-out normal images: check the false-alarm rate on your own good parts.",
+              ("- Thresholds rest on a few held-out normal images: check the false-alarm rate on your own good parts."
+               if FOLDER_SOURCE not in th["source"] else
+               f"- Thresholds rest on {th['n_images']} normal images: {100 * (1 - th['image_quantile']):.2g}% false "
+               "alarms is what they promise for parts imaged as those were."),
               "- The map marks where the image differs from the model's idea of normal, not what the defect is; "
               "small, low-contrast defects can be missed.",
               f"- Runs with jax versions whose jax.export window covers calling convention "

@@ -400,11 +400,13 @@ def held_out_images(run_dir: Path, dataset: str, category: str, tfds_dir: str | 
 
 
 def normal_folder_images(normal_dir: str | Path, channels: int | None = None,
-                         window: tuple[float, float] | None = None) -> list[np.ndarray]:
+                         window: tuple[float, float] | None = None, *,
+                         image_quantile: float | None = None) -> list[np.ndarray]:
     """Every readable image under `normal_dir` (`ThresholdConfig.normal_dir`), uint8 (H, W, C) each,
     in sorted path order; read as the test images are (`channels`, high-depth files through the
     run's `window`). Each unreadable file is named on stderr and left out; FileNotFoundError for a
-    missing folder, ThresholdError when no file is readable."""
+    missing folder, ThresholdError when no file is readable, or fewer than an image threshold at
+    `image_quantile` needs (`min_images`; None: not checked)."""
     from iepjax.data.layout import DataError, list_images, read_image
     images, skipped = [], 0
     for p in list_images(Path(normal_dir)):
@@ -416,6 +418,9 @@ def normal_folder_images(normal_dir: str | Path, channels: int | None = None,
     if not images:
         raise ThresholdError(f"no readable normal image under {normal_dir}"
                              + (f" ({skipped} unreadable)" if skipped else "") + " to fit thresholds on")
+    if image_quantile is not None and len(images) < min_images(image_quantile):
+        raise ThresholdError(f"{normal_dir} holds {len(images)} readable normal image(s): the image quantile "
+                             f"{image_quantile} needs at least {min_images(image_quantile)}; add normal images to it")
     return images
 
 

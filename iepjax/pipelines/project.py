@@ -25,7 +25,7 @@ from iepjax.localization import Localization, calibrate_maps, localize, localize
 from iepjax.scoring import official_metrics, split_metrics
 from iepjax.thresholds import (FITTED, GIVEN, ThresholdError, both_given, calibrate, check_held_out, given,
                                given_only, held_out_ids, held_out_images, load_or_calibrate, load_or_resolve, map_fits,
-                               min_held_out, min_images, normal_folder_images, run_source)
+                               min_held_out, normal_folder_images, run_source)
 from iepjax.training import load_checkpoint
 
 
@@ -112,12 +112,9 @@ def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | No
     line = None
     if on_line:
         line = normal_folder_images(thresholds.normal_dir, tcfg.model.channels,
-                                    prep.intensity_window if prep is not None else None)
+                                    prep.intensity_window if prep is not None else None,
+                                    image_quantile=thresholds.image_quantile)
         line = line if prep is not None else resize_images(line, tcfg.model.size)
-        if len(line) < min_images(thresholds.image_quantile):
-            raise ThresholdError(f"{thresholds.normal_dir} holds {len(line)} readable normal image(s): the image "
-                                 f"quantile {thresholds.image_quantile} needs at least "
-                                 f"{min_images(thresholds.image_quantile)}; add normal images to it")
     if not config.resolved and not held and line is None:  # trained with --holdout 0, thresholds given
         print(f"warning: run {run_dir} holds out no normal image to resolve the projection's step and hold on: "
               f"alpha {config.alpha:g} and lam {config.lam:g} are used as they are (the values they give the "

@@ -640,7 +640,7 @@ def test_project_fits_the_thresholds_on_a_folder_of_normal_images(tiny_run, tmp_
     imaged as the test images are) instead of the run's held-out training images; metrics.json and
     the projection's thresholds.json say so, the run folder's own fit is left alone, an unreadable
     file is named and skipped. A missing folder, and one with too few images, are refused (exit 2)
-    with what to do."""
+    with what to do. export.py --normal-dir ships the thresholds of the same fit."""
     from PIL import Image
 
     from iepjax import data
@@ -677,3 +677,22 @@ def test_project_fits_the_thresholds_on_a_folder_of_normal_images(tiny_run, tmp_
         Image.fromarray(im[..., 0]).save(few / f"{k}.png")
     code, err = _main("project.py", base + ["--normal-dir", str(few)], capsys)
     assert code == 2 and "holds 3 readable normal image(s)" in err and "add normal images" in err, err[-2000:]
+
+    # export.py --normal-dir ships thresholds fitted on the folder: those of the projection above (same
+    # settings, images and quantiles); the metrics measured at other thresholds are left out
+    export = ["--category", "brick", "--results", str(results), "--allow-collapse", "--platforms", "cpu",
+              "--no-progress"]
+    code, err = _main("export.py", export + ["--normal-dir", str(line), "--out", str(tmp_path / "model")], capsys)
+    assert code == 0, err[-3000:]
+    assert "broken.png" in err and "skipped" in err
+    meta = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    th = meta["thresholds"]
+    assert th["source"] == f"12 normal images in {line.resolve()}" and th["n_images"] == 12
+    assert th["pixel_threshold"] == pytest.approx(used["grad"]["pixel_threshold"], rel=1e-5)
+    assert th["image_threshold"] == pytest.approx(used["grad"]["image_threshold"], rel=1e-5)
+    assert f"12 normal images in {line.resolve()}" in th["meaning"]
+    assert "pixel_auroc" in meta["metrics"]["grad"] and "pixel_f1" not in meta["metrics"]["grad"]
+    assert f"--normal-dir {line.resolve()}" in meta["source"]["reexport_command"]
+    assert "were not measured" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    code, err = _main("export.py", export + ["--normal-dir", str(few), "--out", str(tmp_path / "m2")], capsys)
+    assert code == 2 and "add normal images" in err and not (tmp_path / "m2" / "metadata.json").exists(), err[-2000:]
