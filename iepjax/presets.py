@@ -11,7 +11,7 @@ docs/calibration.md.
 from __future__ import annotations
 
 from iepjax.config import ModelConfig, ProjectionConfig, TrainConfig, model_config
-from iepjax.data.preprocess import Preprocess
+from iepjax.data.preprocess import AUTO_STRIDE, Preprocess
 
 # The projection's step and prior in the model's own units (`ProjectionConfig.step` / `hold`, resolved
 # on each run's held-out normal images): the values that give the built-in brick VAE the alpha 0.02
@@ -90,7 +90,11 @@ def preprocess(dataset: str, category: str, *, size: int | None = None, kind: st
     """The category's preprocessing (size / kind / tile_stride / texture_fov override the preset).
 
     The preset's `tile_step` is the test-time tile stride as a fraction of the model size (0.5 for
-    the built-in textures: tiles overlap by half); `tile_stride` gives it in pixels instead.
+    the built-in textures: tiles overlap by half); `tile_stride` gives it in pixels instead. Rows
+    without one (MVTec AD, own folders) leave it to the training images' size (`AUTO_STRIDE`,
+    resolved by `Preprocess.with_tile_stride`): overlapping by half where that stays within
+    `MAX_TILES` tiles an image, as on the built-in textures; an MVTec AD texture's 512 px working
+    image stays at 16 tiles without overlap.
     `texture_fov`: textures are brought to a working resolution whose short side is
     size / texture_fov. Own folders (dataset "folder") never work above their images' own
     resolution: a 128 px photo is not upsampled to reach the MVTec AD scale.
@@ -99,7 +103,7 @@ def preprocess(dataset: str, category: str, *, size: int | None = None, kind: st
     kind = kind or pre.get("kind", "object")
     size = size or pre["size"]
     if tile_stride is None:
-        tile_stride = max(1, int(round(pre.get("tile_step", 1.0) * size)))
+        tile_stride = max(1, int(round(pre["tile_step"] * size))) if "tile_step" in pre else AUTO_STRIDE
     if texture_fov is None:
         texture_fov = pre.get("texture_fov", 0.25 if kind == "texture" else 1.0)
     return Preprocess(kind=kind, size=size, texture_fov=texture_fov,

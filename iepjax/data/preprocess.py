@@ -12,8 +12,9 @@ The paper's protocol (docs/method.md, Training; Bergmann et al. 2018):
   at the scale the model learned (the same camera, the same texture in pixels); training samples
   random size x size crops of it (``patches_per_epoch`` distinct crops, ~10 000; flips and
   90-degree rotations are applied by the training step). At test time the whole working-resolution
-  image is **tiled** into size x size tiles (stride ``tile_stride``, default = size, the last
-  tile aligned to the border), each tile is projected, the tile maps are stitched (overlaps
+  image is **tiled** into size x size tiles (stride ``tile_stride``, the last tile aligned to the
+  border; ``AUTO_STRIDE``: half a tile where the training images then take at most ``MAX_TILES``
+  tiles, else no overlap, `Preprocess.with_tile_stride`), each tile is projected, the tile maps are stitched (overlaps
   blended, each tile weighted by the distance from its border, `tile_weights`) and the stitched
   map is resized to the original size. Tiling, not resizing, because the model must see the
   texture at the scale it was trained on: resizing a 1024 px carpet to 128 px would show it 4x
@@ -31,6 +32,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 KINDS = ("texture", "object")
+AUTO_STRIDE = -1  # tile_stride: chosen from the training images' size (`Preprocess.with_tile_stride`)
+# Half-overlapping tiles while an image takes at most this many: the built-in textures' 9 per 128 px
+# crop at 64 px, not the 49 of an MVTec AD texture's 512 px working image at 128 px, whose preset keeps
+# 16 tiles without overlap for cost (docs/calibration.md, Input scale and The presets table).
+MAX_TILES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Preprocess:
     size: int = 128
     texture_fov: float = 0.25
     patches_per_epoch: int = 10000
-    tile_stride: int = 0  # 0: size (tiles do not overlap)
+    tile_stride: int = 0  # 0: size (tiles do not overlap); AUTO_STRIDE: from the training images, unresolved = 0
     upsample: bool = True  # textures: the working resolution may exceed the image's own (False: never)
     pixel_scale: float = 0.0  # textures: working px per image px for every image (0: each image's own, below)
     # high-depth image files -> uint8 through this (lo, hi), the training images' (`data.layout.intensity_window`);
@@ -53,7 +59,7 @@ class Preprocess:
             raise ValueError(f"kind={self.kind!r}: choose one of {', '.join(KINDS)}")
         if not 0 < self.texture_fov <= 1:
             raise ValueError(f"texture_fov={self.texture_fov}: must be in (0, 1]")
-        if self.tile_stride < 0 or self.tile_stride > self.size:
+        if (self.tile_stride < 0 and self.tile_stride != AUTO_STRIDE) or self.tile_stride > self.size:
             raise ValueError(f"tile_stride={self.tile_stride}: must be in [1, {self.size}] (the model size; 0 = size)")
         if self.tile_stride == self.size:  # one form for "no overlap", so equal settings compare equal
             object.__setattr__(self, "tile_stride", 0)
@@ -67,7 +73,7 @@ class Preprocess:
 
     @property
     def stride(self) -> int:
-        return self.tile_stride or self.size
+        return self.tile_stride if self.tile_stride > 0 else self.size
 
     def working_shape(self, h: int, w: int) -> tuple[int, int]:
         """Textures: (H', W') of the working resolution of an (h, w) image; objects: (size, size).
@@ -92,6 +98,19 @@ class Preprocess:
             return self
         short = float(np.median([min(h, w) for h, w in shapes_hw]))
         return dataclasses.replace(self, pixel_scale=self._scale(short))
+
+    def with_tile_stride(self, shapes_hw: Sequence[tuple[int, int]]) -> "Preprocess":
+        """An `AUTO_STRIDE` resolved for (training) images of `shapes_hw` (after `with_pixel_scale`):
+        half a tile when the working image of the median shape then takes at most `MAX_TILES` tiles,
+        else none (objects, or no images: none). Any other stride is returned unchanged."""
+        if self.tile_stride != AUTO_STRIDE:
+            return self
+        if self.kind != "texture" or not len(shapes_hw):
+            return dataclasses.replace(self, tile_stride=0)
+        h, w = (int(np.median([hw[k] for hw in shapes_hw])) for k in (0, 1))
+        half = max(1, self.size // 2)
+        fits = len(tile_positions(*self.working_shape(h, w), self.size, half)) <= MAX_TILES
+        return dataclasses.replace(self, tile_stride=half if fits else 0)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -112,6 +112,7 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
         raise ValueError(f"preprocess size {prep.size} differs from the model size {config.model.size}")
     shapes = [tuple(np.shape(im)[:2]) for im in split.images]
     prep = prep.with_pixel_scale(shapes)  # textures: one pixel scale for every image, the training images'
+    prep = prep.with_tile_stride(shapes)  # and the test tiles' overlap, where the preset leaves it to the images
     prep = dataclasses.replace(prep, intensity_window=split.intensity_window)  # high-depth files: the folder's window
     folder = os.path.abspath(source.source_dir) if (source.source_dir is not None and dataset == "folder") else None
     n_images = len(split.ids)

@@ -241,8 +241,32 @@ def test_tile_stride_from_the_preset_or_a_flag():
     assert preprocess("textures", "brick", size=128).tile_stride == 64  # a fraction of the size
     assert preprocess("textures", "brick", tile_stride=64).tile_stride == 0  # = size: no overlap
     assert preprocess("textures", "brick", tile_stride=16).stride == 16
-    assert preprocess("mvtec_ad", "carpet").tile_stride == 0
     assert Preprocess(kind="texture", size=64, tile_stride=64) == Preprocess(kind="texture", size=64)
+
+
+def test_rows_without_a_tile_step_overlap_tiles_where_images_are_small():
+    """MVTec AD and own-folder rows leave the tile stride to the training images' size: half a tile
+    where an image then takes at most MAX_TILES tiles (an own folder's 128 px crops at 64 px: 9, as
+    on the built-in textures), none where it would take more (an MVTec AD texture's 1024 px photo at
+    its 512 px working scale: 49) and for objects. A stride given is kept; unresolved means none."""
+    from iepjax.data.preprocess import AUTO_STRIDE, MAX_TILES
+    from iepjax.presets import preprocess
+
+    def resolved(prep, shape):
+        return prep.with_pixel_scale([shape]).with_tile_stride([shape, shape])
+
+    carpet = preprocess("mvtec_ad", "carpet")
+    assert carpet.tile_stride == AUTO_STRIDE and carpet.stride == carpet.size  # unresolved: no overlap
+    assert resolved(carpet, (1024, 1024)).tile_stride == 0  # 512 px working image: 16 tiles, 49 if overlapped
+    own = preprocess("folder", "moon", size=64, kind="texture")
+    assert resolved(own, (128, 128)).tile_stride == 32  # 9 tiles, as brick's crops
+    big = resolved(own, (256, 256))  # 49 tiles overlapped
+    assert big.tile_stride == 0 and len(tile_positions(256, 256, 64, 32)) > MAX_TILES
+    assert resolved(preprocess("folder", "widget"), (900, 700)).tile_stride == 0  # an object: one input
+    assert resolved(preprocess("folder", "moon", kind="texture", size=64, tile_stride=48), (128, 128)).stride == 48
+    assert preprocess("textures", "brick").with_tile_stride([]).tile_stride == 32  # the preset's own
+    with pytest.raises(ValueError, match="tile_stride=-2"):
+        Preprocess(kind="texture", size=64, tile_stride=-2)
 
 
 def test_patch_bank_is_deterministic_and_lazy():
