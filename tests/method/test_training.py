@@ -217,13 +217,16 @@ def _train_tiny(cfg: TrainConfig, images: np.ndarray):
 
 
 def test_the_collapse_remedy_keeps_a_vae_on_a_random_texture_from_collapsing():
-    """A tiny Gaussian VAE on a high-entropy random texture, 300 steps of 16: with the plain KL (the
+    """A tiny Gaussian VAE on a high-entropy random texture, 600 steps of 16: with the plain KL (the
     presets') it collapses to the mean image (reconstruction error 1.00x the constant predictor's,
     KL 0.01); trained again as `train_category` does after a collapse (`collapse_remedy`: a floor of
-    0.5 nats on each latent dimension's KL) it does not (0.78x, KL 34)."""
+    0.5 nats on each latent dimension's KL) it does not (0.55x to 0.62x, KL 50 to 60, over three
+    initialisations). XLA's CPU code differs between processors (AVX-512 or not), and so does a
+    tiny training's path: at 300 steps the remedy's error ranged from 0.74x to 0.92x; 600 steps
+    leave a margin under 0.9 wherever the test runs."""
     images = _rough_texture_crops()
     model = ModelConfig(size=32, channels=1, likelihood="gaussian", decoder="transposed")
-    plain = TrainConfig(model=model, steps=300, batch_size=16, learning_rate=5e-4)
+    plain = TrainConfig(model=model, steps=600, batch_size=16, learning_rate=5e-4)
     first = _train_tiny(plain, images)
     assert first.collapsed, first
     second = _train_tiny(training.collapse_remedy(plain), images)
