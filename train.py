@@ -69,6 +69,9 @@ def main(argv=None) -> int:
         check_writable(a.results, what="--results folder")  # before any data is prepared or a step trained
     except (ValueError, PermissionError) as e:
         p.error(str(e))
+    note = presets.kind_note(source.dataset, source.category, a.kind)
+    if note:
+        print(note, file=sys.stderr)
     mesh = cli.start_runtime(a, train=config)
     status, out = cli.guarded(train_category, config, prep, cli.threshold_config(a), source, results=a.results,
                               new=a.new, progress=not a.no_progress, mesh=mesh, calibrate_collapsed=a.allow_collapse,

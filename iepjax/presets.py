@@ -65,6 +65,16 @@ def _row(dataset: str, category: str) -> dict:
         raise ValueError(f"unknown dataset/category {dataset}/{category}: known are {known}") from None
 
 
+def kind_note(dataset: str, category: str, kind: str | None) -> str | None:
+    """What train.py tells a user whose own folder gets the object row by default (a category name
+    that is not an MVTec AD one, and no `kind` given), or None."""
+    if dataset != "folder" or kind is not None or ("mvtec_ad", category) in PRESETS:
+        return None
+    return (f"note: {category} is not an MVTec AD category name, so its images are treated as objects: each "
+            f"resized whole to {FOLDER_DEFAULT['size']} px, no flips or rotations. For a surface or texture (the same "
+            "pattern throughout, defects anywhere), train with --kind texture (docs/datasets.md)")
+
+
 def check(dataset: str, category: str) -> None:
     """ValueError naming the known categories when dataset/category has no preset."""
     _row(dataset, category)

@@ -235,6 +235,15 @@ def test_stitch_blends_overlaps_by_distance_from_the_tile_border():
     np.testing.assert_array_equal(back, np.concatenate(list(rnd), axis=1))
 
 
+def test_an_own_folder_trained_as_objects_by_default_is_told_how_to_train_a_texture():
+    from iepjax.presets import kind_note
+    note = kind_note("folder", "widget", None)
+    assert "widget" in note and "--kind texture" in note and "128 px" in note
+    assert kind_note("folder", "widget", "object") is None and kind_note("folder", "widget", "texture") is None
+    assert kind_note("folder", "carpet", None) is None  # an MVTec AD name: its own row
+    assert kind_note("textures", "brick", None) is None
+
+
 def test_tile_stride_from_the_preset_or_a_flag():
     from iepjax.presets import preprocess
     assert preprocess("textures", "brick").tile_stride == 32  # half of the 64 px model input
