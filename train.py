@@ -15,6 +15,7 @@ import sys
 from iepjax import cli, presets, report
 from iepjax.atomic import check_writable
 from iepjax.config import DECODERS, LIKELIHOODS
+from iepjax.data.preprocess import MAX_TILES
 from iepjax.pipelines import train_category
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--tile-stride", type=cli.positive_int,
                    help="textures: stride of the test tiles in pixels at the model size; overlaps are blended "
                         "(default: the preset, half a tile for the built-in textures; MVTec AD and own folders: half a "
-                        "tile where an image then takes at most 16 tiles; --size for no overlap). Rerun on a "
+                        f"tile where an image then takes at most {MAX_TILES} tiles; --size for no overlap). Rerun on a "
                         "trained run, it changes only the run's test tiling (thresholds are fitted again)")
     p.add_argument("--texture-fov", type=cli.unit_fraction,
                    help="textures: working scale, the fraction of the working image's short side one model input "

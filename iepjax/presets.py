@@ -54,10 +54,15 @@ LIKELIHOOD_PROJECTION = {"bce": dict(alpha=0.5, lam=0.05, step=None, hold=None),
                          "ssim": dict(alpha=0.142, lam=3.48, step=2e-3, hold=0.37)}
 
 
+def _folder_row(category: str) -> dict:
+    """An own folder's row: the MVTec AD category's of that name, else FOLDER_DEFAULT (not a copy)."""
+    return PRESETS.get(("mvtec_ad", category), FOLDER_DEFAULT)
+
+
 def _row(dataset: str, category: str) -> dict:
     """The table's row of dataset/category; ValueError listing the known ones otherwise."""
     if dataset == "folder":
-        return dict(PRESETS.get(("mvtec_ad", category), FOLDER_DEFAULT))
+        return dict(_folder_row(category))
     try:
         return dict(PRESETS[(dataset, category)])
     except KeyError:
@@ -68,7 +73,7 @@ def _row(dataset: str, category: str) -> dict:
 def kind_note(dataset: str, category: str, kind: str | None) -> str | None:
     """What train.py tells a user whose own folder gets the object row by default (a category name
     that is not an MVTec AD one, and no `kind` given), or None."""
-    if dataset != "folder" or kind is not None or ("mvtec_ad", category) in PRESETS:
+    if dataset != "folder" or kind is not None or _folder_row(category) is not FOLDER_DEFAULT:
         return None
     return (f"note: {category} is not an MVTec AD category name, so its images are treated as objects: each "
             f"resized whole to {FOLDER_DEFAULT['size']} px, no flips or rotations. For a surface or texture (the same "
