@@ -20,7 +20,6 @@ from typing import Union
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from sklearn.metrics import f1_score, roc_auc_score
 
 ImageStack = Union[np.ndarray, Sequence[npt.ArrayLike]]
 
@@ -114,6 +113,7 @@ def image_auroc(scores_N: npt.ArrayLike, labels_N: npt.ArrayLike) -> float:
     if not np.all(np.isfinite(scores)):
         raise ValueError("image scores contain NaN or inf")
     _check_both_classes(labels, "images")
+    from sklearn.metrics import roc_auc_score  # imported when used: scripts that score nothing start faster
     return float(roc_auc_score(labels, scores))
 
 
@@ -137,6 +137,7 @@ def pixel_auroc(maps: ImageStack, masks: ImageStack) -> float:
     scores = _flat_scores(map_list)
     gt = _flat_gt(mask_list)
     _check_both_classes(gt, "pixels")
+    from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(gt, scores))
 
 
@@ -280,6 +281,7 @@ def f1_at_threshold(
     g = np.concatenate([x.ravel() != 0 for x in l_list])
     if s.size == 0:
         raise ValueError("no scores given")
+    from sklearn.metrics import f1_score
     return float(f1_score(g, s >= threshold, zero_division=0.0))
 
 
