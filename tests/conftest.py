@@ -66,7 +66,7 @@ SLOWEST_FIRST = ("test_projection.py",
                  "test_scripts.py",       # the tiny run (`tiny_run`), train.py again, killed train.py / project.py
                  "test_folder.py",        # reproduce.py end to end
                  "test_kills.py",         # train.py / project.py killed at random points, and rerun
-                 "test_sharding.py",      # 4- and 8-device subprocesses
+                 "test_sharding.py",      # an 8-device subprocess
                  "test_export.py",        # export.py of the tiny run, then predict.py in a fresh process (after
                                           # test_scripts.py has started: its worker builds the tiny run meanwhile)
                  "test_conv.py",

@@ -54,7 +54,7 @@ def _kill_after(args: list[str], env: dict, seconds: float | None = None, *, whe
     return None
 
 
-def _kill_points(duration: float, n: int = 3) -> list[float]:
+def _kill_points(duration: float, n: int = 2) -> list[float]:
     """n moments spread over a run of `duration` seconds: one drawn (seeded) in each n-th of it, after the
     first 5 % (so that the later ones land in the long work, not only in the interpreter's start)."""
     rng = random.Random(KILL_SEED)
@@ -120,7 +120,7 @@ def _check_projections(parent: Path) -> list[Path]:
 
 @slow
 def test_train_and_project_killed_at_random_points_leave_a_complete_result_or_none(tiny_run, env, tmp_path):
-    """SIGKILL at three seeded moments spread over a run of train.py (its duration measured from an
+    """SIGKILL at two seeded moments spread over a run of train.py (its duration measured from an
     uninterrupted run: the suite's tiny run, conftest), and of project.py, plus once while project.py
     writes its output folder: what each wrote is complete or absent; a rerun then completes (train.py
     resumes its run folder and trains the uninterrupted run's model, project.py writes a new complete

@@ -54,7 +54,7 @@ def two_device_run(tmp_path_factory):
 
 def test_checkpoint_from_2_devices_loads_and_projects_on_1_and_on_4(two_device_run, tmp_path):
     """A model trained with its state replicated over 2 devices restores in a plain process (1 CPU
-    device, no `use_cpu_cores`) and in one with 4 devices, and gives the same maps.
+    device, no `use_cpu_cores`: the test's own) and in one with 4 devices, and gives the same maps.
 
     Before, orbax restored each array onto the topology it was saved from: `load_params` failed with
     "Topology mismatch detected" on any other device count.
@@ -62,7 +62,10 @@ def test_checkpoint_from_2_devices_loads_and_projects_on_1_and_on_4(two_device_r
     outs = {}
     for devices in (1, 4):
         out = tmp_path / f"d{devices}.npz"
-        _worker_run("project", str(two_device_run), str(out), devices=None if devices == 1 else devices)
+        if devices == 1:  # this process: one CPU device (conftest), no use_cpu_cores
+            _project_worker(str(two_device_run), str(out))
+        else:
+            _worker_run("project", str(two_device_run), str(out), devices=devices)
         with np.load(out) as z:
             outs[devices] = {k: z[k] for k in z.files}
     one, four = outs[1], outs[4]
