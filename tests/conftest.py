@@ -59,22 +59,24 @@ _CACHE_ENV: dict[str, str] = {}
 # The suite runs on one pytest-xdist worker per core, at most 8, a test file to a worker (pyproject's
 # addopts: `-n auto --maxprocesses 8 --dist loadfile --no-loadscope-reorder`; `-n 0` runs it in one
 # process). More workers would not help: each holds a JAX runtime (~0.3 GB), and the slowest file
-# alone takes a quarter of the suite's time on 2 cores. Files are handed out in collection order,
+# alone takes an eighth of the suite's worker time. Files are handed out in collection order,
 # so the slowest go first and the workers finish at about the same time (the seconds per file:
 # docs/results.md, "Time of the test suite").
-SLOWEST_FIRST = ("test_projection.py",
-                 "test_scripts.py",       # the tiny run (`tiny_run`), train.py again, killed train.py / project.py
-                 "test_folder.py",        # reproduce.py end to end
+SLOWEST_FIRST = ("test_scripts.py",       # the tiny run (`tiny_run`), train.py again, killed train.py / project.py
+                 "test_projection.py",
+                 "test_comparison.py",    # reproduce.py's three models and ablations
                  "test_kills.py",         # train.py / project.py killed at random points, and rerun
-                 "test_sharding.py",      # an 8-device subprocess
-                 "test_export.py",        # export.py of the tiny run, then predict.py in a fresh process (after
-                                          # test_scripts.py has started: its worker builds the tiny run meanwhile)
-                 "test_conv.py",
-                 "test_energy.py",
-                 "test_benchmarks.py",    # the benchmark scripts on tiny shapes
                  "test_training.py",
+                 "test_reliability.py",   # processes: other device counts, races, kills
+                 "test_benchmarks.py",    # the benchmark scripts on tiny shapes
+                 "test_export.py",        # export.py of the tiny run, then predict.py in a fresh process
+                 "test_models.py",
+                 "test_folder.py",        # reproduce.py end to end
+                 "test_sharding.py",      # an 8-device subprocess
+                 "test_model.py",
+                 "test_energy.py",
                  "test_distributed.py",   # two processes
-                 "test_model.py")         # the other files take a few seconds each
+                 "test_conv.py")          # the other files take under 30 s each
 
 
 def pytest_collection_modifyitems(config, items):
