@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=cli.fraction, help="fraction of normal training images kept for thresholds (0.1)")
     p.add_argument("--new", action="store_true", help="start a new run folder instead of resuming the latest")
     cli.add_threshold_flags(p)
+    p.add_argument("--proj-steps", type=cli.nonnegative_int,
+                   help="projection steps the run's thresholds are fitted for (default: the category preset's); "
+                        "project.py --steps N with the same N reads them back, other settings fit their own")
     p.add_argument("--allow-collapse", action="store_true",
                    help="keep a model that collapsed to the mean image as it is (no retraining) and exit 0")
     p.add_argument("--no-collapse-retry", action="store_true",
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
     mesh = cli.start_runtime(a, train=config)
     status, out = cli.guarded(train_category, config, prep, cli.threshold_config(a), source, results=a.results,
                               new=a.new, progress=not a.no_progress, mesh=mesh, calibrate_collapsed=a.allow_collapse,
-                              retry_collapsed=not a.no_collapse_retry)
+                              retry_collapsed=not a.no_collapse_retry, projection_steps=a.proj_steps)
     if out is None:
         return status
     if out.retried_from is not None:

@@ -63,16 +63,22 @@ def _refusal(run_dir: Path) -> str | None:
 
 
 def measure(run_dir: Path, dataset: str, category: str, tfds_dir: str | None = None, data_dir: str | None = None,
-            seed: int = 0) -> dict:
-    """The JSON line of the module docstring for one run."""
+            seed: int = 0, steps: int | None = None) -> dict:
+    """The JSON line of the module docstring for one run; `steps`: the projection's (default: the preset's)."""
     from sklearn.metrics import roc_auc_score
 
-    from iepjax import calibrated_maps, thresholds
+    from iepjax import calibrated_maps, presets, runs, thresholds
     from iepjax.config import DataConfig, default_map
     from iepjax.localization import localize_images
     from iepjax.pipelines.project import prepare_run
 
-    run = prepare_run(run_dir, DataConfig(dataset, category, tfds_dir, data_dir), progress=False)  # resolved alpha, lam, stop_loss
+    config = None  # prepare_run's default: the preset's projection for the run's model
+    if steps is not None:
+        model = runs.model_config(run_dir)
+        config = dataclasses.replace(presets.projection_config(dataset, category, model.get("likelihood"),
+                                                               size=model.get("size")), steps=steps)
+    source = DataConfig(dataset, category, tfds_dir, data_dir)
+    run = prepare_run(run_dir, source, config, progress=False)  # resolved alpha, lam, stop_loss
     held = thresholds.held_out_images(run_dir, dataset, category, tfds_dir, source_dir=data_dir)
     fit_on, defect_on = list(held[0::2]), list(held[1::2])
     rng = np.random.default_rng(seed)
@@ -103,13 +109,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="the image folder of an own-folder run (default: the run's own)")
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--seed", type=int, default=0, help="the seed of the CutPaste defects")
+    p.add_argument("--steps", type=int, default=None, help="projection steps (default: the preset's, as project.py)")
     a = p.parse_args(argv)
     run_dir = Path(a.run).resolve()
     refusal = _refusal(run_dir)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    print(json.dumps(measure(run_dir, a.dataset, a.category, a.tfds_dir, a.data_dir, a.seed)), flush=True)
+    print(json.dumps(measure(run_dir, a.dataset, a.category, a.tfds_dir, a.data_dir, a.seed, a.steps)), flush=True)
     return 0
 
 

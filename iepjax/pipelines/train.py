@@ -156,14 +156,16 @@ def train_run(config: TrainConfig, prep: Preprocess, source: DataConfig, *, hold
 
 def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdConfig, source: DataConfig, *,
                    results: str | os.PathLike = "results", new: bool = False, progress: bool = True, mesh=None,
-                   calibrate_collapsed: bool = False, retry_collapsed: bool = True) -> TrainOutcome:
+                   calibrate_collapsed: bool = False, retry_collapsed: bool = True,
+                   projection_steps: int | None = None) -> TrainOutcome:
     """`train_run`, then the thresholds project.py will use by default, fitted on the held-out images.
 
     A VAE that collapsed to the mean image is trained again, in a new run folder, with the remedy
     `collapse_remedy` gives (free bits), unless `calibrate_collapsed` (the collapsed model is kept as
     it is) or not `retry_collapsed`; `TrainOutcome.retried_from` then names the collapsed run.
     The thresholds are fitted for the category's projection preset (with early stopping, as
-    `thresholds.early_stop` says) and stored in the run folder; not when nothing is held out,
+    `thresholds.early_stop` says; `projection_steps` replaces its number of steps) and stored in the
+    run folder, where project.py reads them back when it projects with the same settings; not when nothing is held out,
     nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Enough images
     are held out for them (`thresholds.min_held_out`, checked before training); should the fit
     still be refused (`thresholds.ThresholdError`: thresholds of 0, ...), the trained run is kept,
@@ -191,7 +193,8 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
     model, params = summary.config.model, summary.state.params
     normal = held_out_images(run_dir, source.dataset, source.category, source.tfds_dir)
     pcfg = presets.projection_config(source.dataset, source.category, model.likelihood, size=model.size)
-    pcfg = calibrated_maps.projection_for(dataclasses.replace(pcfg, model=model), thresholds.map)
+    pcfg = dataclasses.replace(pcfg, model=model, steps=pcfg.steps if projection_steps is None else projection_steps)
+    pcfg = calibrated_maps.projection_for(pcfg, thresholds.map)
     try:  # alpha and lam in the model's units, recorded in the run folder (as project.py reads them)
         pcfg, _ = load_or_resolve(run_dir, params, pcfg, normal, step=int(summary.state.step))
     except ValueError as e:

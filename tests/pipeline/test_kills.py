@@ -162,10 +162,15 @@ def test_train_and_project_killed_at_random_points_leave_a_complete_result_or_no
                                                     jax.tree.leaves(training.load_params(ref_run)[0])))
 
     shutil.copytree(results, tmp_path / "ref_projection", symlinks=True)
+    stored = (tmp_path / "ref_projection" / run.relative_to(results) / "thresholds.json").read_text()
     t0 = time.monotonic()
     ref = _run(project(tmp_path / "ref_projection"), env)
     duration = time.monotonic() - t0
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # the same steps as train.py's --proj-steps: project.py reads its thresholds back, fits none
+    assert (tmp_path / "ref_projection" / run.relative_to(results) / "thresholds.json").read_text() == stored
+    timing = json.loads((_folder(ref.stdout, "output folder") / "metrics.json").read_text())["timing"]
+    assert "compiled_in" not in timing, timing  # "threshold calibration" when it fits them
     parent = run / "projections"
     for at in _kill_points(duration):
         _kill_after(project(results), env, at)

@@ -145,6 +145,7 @@ def test_rerunning_train_resumes_the_finished_run(e2e):
     # --tile-stride 32 (= the size: no overlap) was stored, and the thresholds fitted again with it
     assert json.loads((run_dir / "preprocess.json").read_text())["tile_stride"] == 0
     assert json.loads((run_dir / "thresholds.json").read_text())["preprocess"]["tile_stride"] == 0
+    assert json.loads((run_dir / "thresholds.json").read_text())["projection"]["steps"] == 2  # train.py --proj-steps
     # the 128 px crops' working scale, fixed for every image: 32 / 0.5 = 64 px
     assert json.loads((run_dir / "preprocess.json").read_text())["pixel_scale"] == 0.5
 
@@ -611,7 +612,7 @@ def test_map_choice_compares_the_maps_on_cutpaste_defects_of_held_out_images_onl
 
     monkeypatch.setattr(data_module, "load_split", training_images_only)
     _, run_dir = copy_results(tiny_run, tmp_path / "results")
-    args = ["--category", "brick", "--tfds-dir", str(tiny_run["tfds"])]
+    args = ["--category", "brick", "--tfds-dir", str(tiny_run["tfds"]), "--steps", "2"]
     assert tool.main(["--run", str(run_dir), *args]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["held_out"], out["fit_on"], out["cutpaste"]) == (11, 6, 5)
