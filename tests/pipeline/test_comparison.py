@@ -90,7 +90,7 @@ def test_train_and_project_ae_ssim_end_to_end(table, tmp_path, capsys):
     src, results = table["src"], tmp_path / "results"
     common = ["--data-dir", str(src), "--category", "grid", "--tfds-dir", str(table["base"] / "tfds"),
               "--results", str(results)]
-    rc = train.main([*common, "--model", "ae_ssim", "--size", "32", "--allow-collapse", *TINY])
+    rc = train.main([*common, "--model", "ae_ssim", "--size", "32", "--allow-collapse", "--proj-steps", "1", *TINY])
     out = capsys.readouterr().out
     assert rc == 0, out
     run_dir = Path(out.strip().splitlines()[-1].split("run folder: ")[1])

@@ -554,13 +554,14 @@ def test_a_run_without_held_out_images_takes_everything_from_a_normal_folder(tin
         Image.fromarray(im[..., 0]).save(line / f"{k:02d}.png")
     with pytest.raises(ThresholdError, match="--no-early-stop"):  # no held-out image, no folder: refused
         check_held_out(run_dir, ThresholdConfig())
-    run = prepare_run(run_dir, DataConfig("textures", "brick", str(tiny_run["tfds"])), None,
+    preset = dataclasses.replace(presets.projection_config("textures", "brick", size=32), steps=2)
+    run = prepare_run(run_dir, DataConfig("textures", "brick", str(tiny_run["tfds"])), preset,
                       ThresholdConfig(normal_dir=str(line)), progress=False)
     assert "holds out no normal image" not in capsys.readouterr().err
     assert run.source == f"12 normal images in {line}" and run.config.resolved and run.scale["n_images"] == 12
     images = np.stack(train.images[:12])
     x = model_inputs(images, run.prep)[0].astype(np.float32) / 255.0
-    preset = dataclasses.replace(presets.projection_config("textures", "brick", size=32), model=run.config.model)
+    preset = dataclasses.replace(preset, model=run.config.model)
     want, _ = loss_scale.resolve(run.params, preset, x)  # the folder's images resolve step and hold
     assert (run.config.alpha, run.config.lam) == pytest.approx((want.alpha, want.lam), rel=1e-5)
     losses, _ = model_losses(run.params, dataclasses.replace(run.config, stop_loss=None), images, run.prep)
