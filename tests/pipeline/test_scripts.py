@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -698,3 +699,17 @@ def test_project_fits_the_thresholds_on_a_folder_of_normal_images(tiny_run, tmp_
     assert "were not measured" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
     code, err = _main("export.py", export + ["--normal-dir", str(few), "--out", str(tmp_path / "m2")], capsys)
     assert code == 2 and "add normal images" in err and not (tmp_path / "m2" / "metadata.json").exists(), err[-2000:]
+
+
+def test_compile_profile_records_each_compile_of_a_child_process(tmp_path, capsys):
+    """tools/compile_profile.py runs a command and reports the backend compiles of the Python processes it
+    starts (here one child that jits one function), by function name and seconds."""
+    tool = _load(ROOT / "tools" / "compile_profile.py")
+    child = "import jax, jax.numpy as jnp\ndef twice(x):\n    return 2 * x\njax.jit(twice)(jnp.ones(3))\n"
+    out = tmp_path / "prof"
+    assert tool.main(["--out", str(out), "--", sys.executable, "-c", child]) == 0
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    funs = [row[0] for row in record["rows"]]
+    assert "jit(twice)" in funs and all(row[1] >= 0 for row in record["rows"])
+    report = capsys.readouterr().out
+    assert f"in {len(funs)} compiles, 1 processes" in report and "jit(twice)" in report
