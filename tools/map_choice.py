@@ -102,6 +102,8 @@ def measure(run_dir: Path, dataset: str, category: str, tfds_dir: str | None = N
 
 
 def main(argv=None) -> int:
+    from iepjax import cli
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (results/<model>/<dataset>/<category>/v<N> or latest)")
     p.add_argument("--category", required=True)
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="the image folder of an own-folder run (default: the run's own)")
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--seed", type=int, default=0, help="the seed of the CutPaste defects")
-    p.add_argument("--steps", type=int, default=None, help="projection steps (default: the preset's, as project.py)")
+    p.add_argument("--steps", type=cli.nonnegative_int, default=None,
+                   help="projection steps (default: the preset's, as project.py)")
     a = p.parse_args(argv)
     run_dir = Path(a.run).resolve()
     refusal = _refusal(run_dir)

@@ -165,8 +165,8 @@ def train_category(config: TrainConfig, prep: Preprocess, thresholds: ThresholdC
     it is) or not `retry_collapsed`; `TrainOutcome.retried_from` then names the collapsed run.
     The thresholds are fitted for the category's projection preset (with early stopping, as
     `thresholds.early_stop` says; `projection_steps` replaces its number of steps) and stored in the
-    run folder, where project.py reads them back when it projects with the same settings; not when nothing is held out,
-    nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Enough images
+    run folder, where project.py reads them back when it projects with the same settings; not when
+    nothing is held out, nor for a model that collapsed to the mean image unless `calibrate_collapsed`. Enough images
     are held out for them (`thresholds.min_held_out`, checked before training); should the fit
     still be refused (`thresholds.ThresholdError`: thresholds of 0, ...), the trained run is kept,
     a warning says why, and no thresholds are returned. Raises `RunFailed` (naming the run
