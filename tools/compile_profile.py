@@ -79,7 +79,7 @@ def report(folder: Path, top: int = 30) -> str:
     files = sorted(folder.glob("*.json"))
     for f in files:
         d = json.loads(f.read_text())
-        script = " ".join(Path(a).name for a in d["argv"][:1])
+        script = Path(d["argv"][0]).name if d["argv"] else ""
         for fun, seconds, test, where in d["rows"]:
             by_test[test or script] += seconds
             by_site[f"{where} {fun}"] += seconds

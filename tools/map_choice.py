@@ -67,17 +67,14 @@ def measure(run_dir: Path, dataset: str, category: str, tfds_dir: str | None = N
     """The JSON line of the module docstring for one run; `steps`: the projection's (default: the preset's)."""
     from sklearn.metrics import roc_auc_score
 
-    from iepjax import calibrated_maps, presets, runs, thresholds
+    from iepjax import calibrated_maps, thresholds
     from iepjax.config import DataConfig, default_map
     from iepjax.localization import localize_images
-    from iepjax.pipelines.project import prepare_run
+    from iepjax.pipelines.project import prepare_run, run_preset
 
-    config = None  # prepare_run's default: the preset's projection for the run's model
-    if steps is not None:
-        model = runs.model_config(run_dir)
-        config = dataclasses.replace(presets.projection_config(dataset, category, model.get("likelihood"),
-                                                               size=model.get("size")), steps=steps)
     source = DataConfig(dataset, category, tfds_dir, data_dir)
+    config = run_preset(run_dir, source)  # as project.py
+    config = config if steps is None else dataclasses.replace(config, steps=steps)
     run = prepare_run(run_dir, source, config, progress=False)  # resolved alpha, lam, stop_loss
     held = thresholds.held_out_images(run_dir, dataset, category, tfds_dir, source_dir=data_dir)
     fit_on, defect_on = list(held[0::2]), list(held[1::2])

@@ -70,11 +70,15 @@ def open_run(results: str | Path, model: str, source: DataConfig, run: str | Non
             runs.check_output_folder(out, overwrite=overwrite)
     warnings = runs.check_trained(run_dir, source.category, allow_collapse=allow_collapse)
     check_held_out(run_dir, thresholds)
-    # alpha and lam follow the run's likelihood (a --likelihood bce run gets the BCE values)
+    return run_dir, run_preset(run_dir, source), warnings
+
+
+def run_preset(run_dir: Path, source: DataConfig) -> ProjectionConfig:
+    """The category preset's projection settings for the model run_dir was trained with: alpha and lam
+    follow its likelihood (a --likelihood bce run gets the BCE values), the smoothing its size."""
     trained = runs.model_config(run_dir)
-    config = presets.projection_config(source.dataset, source.category, trained.get("likelihood"),
-                                       size=trained.get("size"))
-    return run_dir, config, warnings
+    return presets.projection_config(source.dataset, source.category, trained.get("likelihood"),
+                                     size=trained.get("size"))
 
 
 def prepare_run(run_dir: Path, source: DataConfig, config: ProjectionConfig | None = None,
