@@ -245,9 +245,11 @@ CONVS = ("xla_cpu", "plain")  # the implementations of the model's convolutions 
 def conv(request):
     """Run the test once per implementation of the model's convolutions ("xla_cpu", "plain"):
     every `VAE` without its own `conv` uses it (`iepjax.model.using_conv`), and jitted functions
-    retrace for it. Requested by the cheap property tests of the model, the energy and the
-    projection; the slow ones (trained models, end to end) run the default only. Fixtures of a
-    wider scope (`params`, `trained`, ...) are made before it, with the default."""
+    retrace for it. Requested by the tests whose result could depend on how the network is
+    computed (the model's shapes and batch independence, jit against eager, the program's one
+    scan); the energy's and the projection's maths given f run once, with the default: the two
+    implementations give the same f and gradients (tests/method/test_model.py, test_conv.py).
+    Fixtures of a wider scope (`params`, `trained`, ...) are made before it, with the default."""
     from iepjax.model import using_conv
     with using_conv(request.param):
         yield request.param

@@ -123,7 +123,7 @@ def images():
     return x0, x
 
 
-def test_prior_term_is_lam_times_l1_distance(params, model_cfg, energy_jit, images, conv):
+def test_prior_term_is_lam_times_l1_distance(params, model_cfg, energy_jit, images):
     x0, x = images
     cfg = ProjectionConfig(model=model_cfg, lam=0.37)
     e, aux = energy_jit(params, x, x0, cfg)
@@ -135,7 +135,7 @@ def test_prior_term_is_lam_times_l1_distance(params, model_cfg, energy_jit, imag
     assert float(aux_x0.prior) == 0.0
 
 
-def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images, conv):
+def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images):
     """The L1 prior's (sub)gradient is lam * sign(x - x0), 0 where x = x0 (as PyTorch's abs), so the
     first step from x0 is the model loss's alone (jax.grad(jnp.abs)(0.) would be 1)."""
     x0, x = images
@@ -148,7 +148,7 @@ def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images, conv):
     np.testing.assert_allclose(diff, 0.37 * np.sign(x - x0), rtol=1e-4, atol=1e-4)
 
 
-def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, images, conv):
+def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, images):
     """Where x = x0 the update uses g_r - clip(g_r, -lam, lam) (g_r = grad of the model loss), the
     subgradient of E of least magnitude: pixels whose |g_r| <= lam stay at x0 (exactly 0), the others
     move by g_r shrunk by lam; where x != x0 it is grad E itself. Checked pixel by pixel against
@@ -170,7 +170,7 @@ def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, i
     np.testing.assert_allclose(np.asarray(d), g, rtol=1e-5, atol=1e-6)
 
 
-def test_energy_is_the_model_loss_at_the_posterior_mean_plus_prior(params, model_cfg, energy_jit, images, conv):
+def test_energy_is_the_model_loss_at_the_posterior_mean_plus_prior(params, model_cfg, energy_jit, images):
     x0, x = images
     cfg = ProjectionConfig(model=model_cfg, lam=0.05, use_kl=True)
     e, aux = energy_jit(params, x, x0, cfg)
@@ -183,7 +183,7 @@ def test_energy_is_the_model_loss_at_the_posterior_mean_plus_prior(params, model
     np.testing.assert_allclose(aux.recon_image, jax.nn.sigmoid(out.logits[0]), atol=1e-6)
 
 
-def test_without_kl_the_kl_term_is_zero(params, model_cfg, energy_jit, images, conv):
+def test_without_kl_the_kl_term_is_zero(params, model_cfg, energy_jit, images):
     x0, x = images
     cfg = ProjectionConfig(model=model_cfg, lam=0.05, use_kl=False)
     e, aux = energy_jit(params, x, x0, cfg)

@@ -272,7 +272,7 @@ def step_fn():
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_cfg, step_fn, fraction, conv):
+def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_cfg, step_fn, fraction):
     """With f(x) = 0.3 for every x, pixels where x == 0.3 == f(x) must not move with the weighting,
     but do move with a plain gradient step (the ablation); the other pixels move in both."""
     params = constant_params(0.3)
@@ -296,7 +296,7 @@ def test_weighting_is_zero_where_reconstruction_is_exact(constant_params, model_
     assert np.mean(x1_plain[exact] != x[exact]) > 0.9
 
 
-def test_x_T_stays_in_unit_interval(trained, model_cfg, conv):
+def test_x_T_stays_in_unit_interval(trained, model_cfg):
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=1e4, lam=0.05, smoothing_sigma=0.0)
     x0 = np.random.default_rng(6).uniform(0.2, 0.8, (2, 32, 32, 1)).astype(np.float32)
