@@ -182,9 +182,11 @@ def map_config(args: argparse.Namespace):
 
 
 def add_output_flags(p: argparse.ArgumentParser, *, overlays: bool = True) -> None:
-    """--no-progress (no progress bars) and, with `overlays`, --no-overlays (no per-image pictures)."""
+    """--no-progress (no progress bars) and, with `overlays`, --no-overlays (no per-image pictures,
+    no iteration strip)."""
     if overlays:
-        p.add_argument("--no-overlays", action="store_true", help="no picture per image")
+        p.add_argument("--no-overlays", action="store_true",
+                       help="no picture per image and no iteration strip (it projects a few images again)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

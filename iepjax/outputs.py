@@ -3,8 +3,8 @@
 Machine-readable: metrics.json, thresholds.json (the thresholds used), projection_config.json,
 timing.json, maps.npz (raw float maps, ids, energies) and float32 TIFF anomaly maps at each test
 image's original size in the official MVTec AD evaluator's layout
-(anomaly_maps/<row>/<category>/test/<defect>/<id>.tiff). Pictures: energy.png, roc.png,
-trajectory.png and one panel per image under overlays/. The human-readable tables (scores.csv,
+(anomaly_maps/<row>/<category>/test/<defect>/<id>.tiff). Pictures: energy.png, roc.png and,
+unless the overlays are off, trajectory.png and one panel per image under overlays/. The human-readable tables (scores.csv,
 index.html) are `iepjax.report`'s.
 """
 from __future__ import annotations
@@ -41,14 +41,16 @@ def write_results(out_dir: Path, result: dict, loc, ids: list[str], config: Proj
          **{row: stats[row]._asdict() for row in ("grad", "recon")}}))
 
 
-def write_pictures(out_dir: Path, test, loc, grad_stats, frames: np.ndarray, strip: list[int],
+def write_pictures(out_dir: Path, test, loc, grad_stats, frames: np.ndarray | None, strip: list[int],
                    overlays: bool = True) -> None:
-    """energy.png, roc.png, trajectory.png (the `frames` of the images `strip`) and, with
-    `overlays`, a panel per image scaled by the normal images' bound `grad_stats.vmax`."""
+    """energy.png, roc.png, trajectory.png (the `frames` of the images `strip`; none when `frames`
+    is None) and, with `overlays`, a panel per image scaled by the normal images' bound
+    `grad_stats.vmax`."""
     out_dir = Path(out_dir)
     visualize.energy_curve(out_dir / "energy.png", loc.energies, test.labels)
     visualize.roc_curves(out_dir / "roc.png", {"grad": loc.grad_maps, "recon": loc.recon_maps}, test.masks)
-    visualize.trajectory_strip(out_dir / "trajectory.png", frames, [test.ids[i] for i in strip])
+    if frames is not None:
+        visualize.trajectory_strip(out_dir / "trajectory.png", frames, [test.ids[i] for i in strip])
     if overlays:
         visualize.write_overlays(out_dir / "overlays", test.images, loc, test.masks, test.ids, test.defect_types,
                                  grad_stats.vmax, grad_stats.pixel_threshold)

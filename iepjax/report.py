@@ -135,8 +135,10 @@ def _panel_name(id_: str) -> str:
 
 def write_html(out_dir: Path, result: dict, ids: list[str], defect_types: list[str], scores_N: np.ndarray,
                labels_N: np.ndarray, picks: dict, overlays: bool) -> None:
-    """index.html: metrics table, thresholds, energy and ROC plots, iteration strip, best/worst cases."""
+    """index.html: metrics table, thresholds, energy and ROC plots, best/worst cases and, with
+    `overlays`, the iteration strip and each case's panel."""
     e = html.escape
+    strip = '<h2>The projection over the iterations</h2><img src="trajectory.png" width="900">' if overlays else ""
     rows = []
     for row in ("recon", "grad"):
         r = result[row]
@@ -178,7 +180,7 @@ td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}figure{{margin:8p
 {th.get('image_quantile')}, {th.get('n_normal_images')} normal images. Test labels were not used to choose them.</p>
 <p>Timing: compile {t.get('compile_s')} s, total {t.get('total_s')} s, {e(steady_rate(t))}.</p>
 <h2>Convergence</h2><img src="energy.png"> <img src="roc.png">
-<h2>The projection over the iterations</h2><img src="trajectory.png" width="900">
+{strip}
 {cases('Best detected defects', picks['best'])}
 {cases('Worst: missed defects', picks['worst_missed'])}
 {cases('Worst: false alarms on good images', picks['worst_false_alarm'])}

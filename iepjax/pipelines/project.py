@@ -216,8 +216,9 @@ def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, st
     (the thresholds), `source` says where they come from; `official` and
     `compiled_in_calibration`, `map_cfg` (the map and image score of `loc`): as in
     `scoring.split_metrics`. Writes metrics.json,
-    thresholds.json, maps, scores.csv, pictures (the iteration strip projects a few images
-    again, `localization.trajectory`) and index.html.
+    thresholds.json, maps, scores.csv, pictures and index.html; with `overlays`, also a panel
+    per image and the iteration strip (which projects a few images again, a second compiled
+    program: `localization.trajectory`).
     """
     out_dir = Path(out_dir)
     result = split_metrics(loc, test, stats, source, official=official,
@@ -231,7 +232,7 @@ def evaluate(params: dict, config: ProjectionConfig, test, loc: Localization, st
     report.write_scores_csv(out_dir / "scores.csv", test.ids, test.defect_types, img_scores, test.labels,
                             stats["grad"].image_threshold)
     picks = report.pick_cases(img_scores, test.labels)
-    frames = trajectory(params, test.images[picks["strip"]].astype(np.float32) / 255.0, config)
+    frames = trajectory(params, test.images[picks["strip"]].astype(np.float32) / 255.0, config) if overlays else None
     outputs.write_pictures(out_dir, test, loc, stats["grad"], frames, picks["strip"], overlays)
     report.write_html(out_dir, result, test.ids, test.defect_types, img_scores, test.labels, picks, overlays)
     return result

@@ -90,8 +90,9 @@ def _check_runs(cat_dir: Path, steps: int) -> None:
             assert all(t[row]["pixel_threshold"] > 0 and t[row]["image_threshold"] > 0 for row in ("grad", "recon"))
 
 
+# project.py --no-overlays: no panels and no iteration strip (trajectory.png)
 PROJECTION_FILES = ("metrics.json", "thresholds.json", "projection_config.json", "loss_scale.json", "timing.json", "maps.npz",
-                    "scores.csv", "index.html", "energy.png", "roc.png", "trajectory.png")
+                    "scores.csv", "index.html", "energy.png", "roc.png")
 
 
 def _check_projections(parent: Path) -> list[Path]:
@@ -109,8 +110,9 @@ def _check_projections(parent: Path) -> list[Path]:
             n = len(z["ids"])
             assert z["grad"].shape[0] == n > 0
         assert len((out / "scores.csv").read_text().splitlines()) == n + 1
-        for name in ("energy.png", "roc.png", "trajectory.png"):
+        for name in ("energy.png", "roc.png"):
             _decode_png(out / name)
+        assert "trajectory.png" not in (out / "index.html").read_text()
         tiffs = sorted((out / "anomaly_maps").rglob("*.tiff"))
         assert len(tiffs) == 2 * n and all(p.stat().st_size > 0 for p in tiffs)
     if (parent / "latest").is_symlink():
