@@ -44,17 +44,18 @@ def _worker_run(*args: str, devices: int | None = None, **kw) -> subprocess.Comp
 # --------------------------------------------------------------------------- checkpoints move between machines
 
 
-@pytest.fixture(scope="module")
-def two_device_run(tmp_path_factory):
-    """A run folder trained (2 steps, data-parallel) by a process with 2 CPU devices."""
-    run = tmp_path_factory.mktemp("portable") / "run"
-    _worker_run("train", str(run), devices=2)
-    return run
+@pytest.fixture
+def two_device_run(tiny_run, tmp_path):
+    """A copy of the suite's tiny run folder: train.py trained it data-parallel on 2 CPU devices
+    (conftest `env`: JAX_NUM_CPU_DEVICES=2)."""
+    from conftest import copy_results
+    return copy_results(tiny_run, tmp_path / "results")[1]
 
 
 def test_checkpoint_from_2_devices_loads_and_projects_on_1_and_on_4(two_device_run, tmp_path):
-    """A model trained with its state replicated over 2 devices restores in a plain process (1 CPU
-    device, no `use_cpu_cores`: the test's own) and in one with 4 devices, and gives the same maps.
+    """A model that train.py trained with its state replicated over 2 devices restores in a plain
+    process (1 CPU device, no `use_cpu_cores`: the test's own) and in one with 4 devices, and gives
+    the same maps.
 
     Before, orbax restored each array onto the topology it was saved from: `load_params` failed with
     "Topology mismatch detected" on any other device count.
@@ -80,21 +81,10 @@ def test_checkpoint_from_2_devices_loads_and_projects_on_1_and_on_4(two_device_r
     assert np.abs(one["maps"]).max() > 5e-3
     assert np.abs(one["maps"] - four["maps_sharded"]).max() <= 1e-5
     # the 4-device process resumed the 2-device training for one more step on its own mesh
-    assert int(four["resumed_step"]) == 3
+    assert int(four["resumed_step"]) == int(four["trained_steps"]) + 1
     # where the run was trained is recorded (informational only)
     trained = json.loads(str(one["trained_on"]))
     assert trained["devices"] == 2 and trained["backend"] == "cpu" and trained["jax"]
-
-
-def _train_worker(run: str) -> None:
-    import jax
-
-    from iepjax import ModelConfig, TrainConfig, sharding, training
-    assert jax.device_count() == 2
-    cfg = TrainConfig(model=ModelConfig(size=SIZE, channels=1, latent=4), steps=2, batch_size=2, augment=False,
-                      checkpoint_every=2, log_every=1)
-    images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 1), dtype=np.uint8)
-    training.train(cfg, images, run, progress=False, mesh=sharding.make_mesh(divides=cfg.batch_size))
 
 
 def _project_worker(run: str, out: str) -> None:
@@ -115,9 +105,9 @@ def _project_worker(run: str, out: str) -> None:
         res["maps_single"] = res["maps"]
         res["maps_sharded"] = sharding.project_sharded(params, x, cfg, mesh).maps
         images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 1), dtype=np.uint8)
-        summary = training.train(dataclasses.replace(tcfg, steps=3, batch_size=4), images, run, progress=False,
-                                 mesh=mesh)
-        res["resumed_step"] = int(summary.state.step)
+        summary = training.train(dataclasses.replace(tcfg, steps=tcfg.steps + 1, batch_size=4), images, run,
+                                 progress=False, mesh=mesh)
+        res["trained_steps"], res["resumed_step"] = tcfg.steps, int(summary.state.step)
     np.savez(out, **res)
 
 
@@ -750,8 +740,7 @@ def test_seeds_tool_copes_with_null_metrics():
 
 def _worker(argv: list[str]) -> None:
     mode, *args = argv
-    {"train": _train_worker,
-     "project": _project_worker,
+    {"project": _project_worker,
      "claim": lambda *a: _claim_worker("claim", *a),
      "resume": lambda *a: _claim_worker("resume", *a),
      "write": _write_worker}[mode](*args)
