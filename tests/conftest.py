@@ -20,7 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iepjax import ModelConfig, init_params
+# The suite's own process, and the workers it starts with its environment, build the model with the
+# plain convolutions: the formulation GPUs and TPUs run, and the cheaper one to compile on XLA:CPU.
+# The scripts' end-to-end runs (`env`) use each machine's default, as users run them: on a CPU the
+# xla_cpu formulation. The two are checked equal layer by layer and for the whole model, values and
+# gradients (tests/method/test_conv.py, test_model.py); the `conv` fixture runs a test with each.
+# An IEPJAX_CONV set by whoever runs the suite is kept. Read by iepjax.model when it is imported.
+os.environ.setdefault("IEPJAX_CONV", "plain")
+
+from iepjax import ModelConfig, init_params  # noqa: E402
 from iepjax.config import TrainConfig
 
 
@@ -113,14 +121,16 @@ SCRIPT_TIMEOUT = 600
 @pytest.fixture(scope="session")
 def env(jax_cache_env) -> dict[str, str]:
     """The environment of the scripts' end-to-end runs: the suite's compilation cache, this
-    checkout on PYTHONPATH, and two CPU devices on every machine (the scripts' default is one per
-    core: a fixed count makes the runs, and the float sums the batch split decides, the same
-    everywhere, and tests the two-device path)."""
+    checkout on PYTHONPATH, each machine's default convolutions (IEPJAX_CONV=auto: xla_cpu on a
+    CPU), and two CPU devices on every machine (the scripts' default is one per core: a fixed
+    count makes the runs, and the float sums the batch split decides, the same everywhere, and
+    tests the two-device path)."""
     e = dict(os.environ, **jax_cache_env)
     e.pop("IEPJAX_DATA_DIR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     e["JAX_NUM_CPU_DEVICES"] = "2"
+    e["IEPJAX_CONV"] = "auto"  # each machine's default, as users run the scripts
     e.pop("XLA_FLAGS", None)
     return e
 
@@ -247,9 +257,10 @@ def conv(request):
     every `VAE` without its own `conv` uses it (`iepjax.model.using_conv`), and jitted functions
     retrace for it. Requested by the tests whose result could depend on how the network is
     computed (the model's shapes and batch independence, jit against eager, the program's one
-    scan); the energy's and the projection's maths given f run once, with the default: the two
+    scan); the energy's and the projection's maths given f run once, with the suite's default: the two
     implementations give the same f and gradients (tests/method/test_model.py, test_conv.py).
-    Fixtures of a wider scope (`params`, `trained`, ...) are made before it, with the default."""
+    Fixtures of a wider scope (`params`, `trained`, ...) are made before it, with the suite's
+    default (the plain convolutions, see the top of this file)."""
     from iepjax.model import using_conv
     with using_conv(request.param):
         yield request.param
