@@ -4,8 +4,8 @@ Machine-readable: metrics.json, thresholds.json (the thresholds used), projectio
 timing.json, maps.npz (raw float maps, ids, energies) and float32 TIFF anomaly maps at each test
 image's original size in the official MVTec AD evaluator's layout
 (anomaly_maps/<row>/<category>/test/<defect>/<id>.tiff). Pictures: energy.png, roc.png and,
-unless the overlays are off, trajectory.png and one panel per image under overlays/. The human-readable tables (scores.csv,
-index.html) are `iepjax.report`'s.
+unless the overlays are off, trajectory.png and one panel per image under overlays/. The
+human-readable tables (scores.csv, index.html) are `iepjax.report`'s.
 """
 from __future__ import annotations
 
