@@ -25,7 +25,8 @@ import pytest
 # The scripts' end-to-end runs (`env`) use each machine's default, as users run them: on a CPU the
 # xla_cpu formulation. The two are checked equal layer by layer and for the whole model, values and
 # gradients (tests/method/test_conv.py, test_model.py); the `conv` fixture runs a test with each.
-# An IEPJAX_CONV set by whoever runs the suite is kept. Read by iepjax.model when it is imported.
+# An IEPJAX_CONV set by whoever runs the suite is kept here (the scripts' runs set auto). Read by
+# iepjax.model when it is imported.
 os.environ.setdefault("IEPJAX_CONV", "plain")
 
 from iepjax import ModelConfig, init_params  # noqa: E402
