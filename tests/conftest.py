@@ -257,9 +257,10 @@ def conv(request):
     """Run the test once per implementation of the model's convolutions ("xla_cpu", "plain"):
     every `VAE` without its own `conv` uses it (`iepjax.model.using_conv`), and jitted functions
     retrace for it. Requested by the tests whose result could depend on how the network is
-    computed (the model's shapes and batch independence, jit against eager, the program's one
-    scan); the energy's and the projection's maths given f run once, with the suite's default: the two
-    implementations give the same f and gradients (tests/method/test_model.py, test_conv.py).
+    computed (the model's shapes and batch independence, the program's one scan, T=0). The
+    energy's and the projection's maths given f, and jit against eager, run once, with the suite's
+    default: the two implementations give the same f and gradients (tests/method/test_model.py,
+    test_conv.py), and project_fn always runs them jitted.
     Fixtures of a wider scope (`params`, `trained`, ...) are made before it, with the suite's
     default (the plain convolutions, see the top of this file)."""
     from iepjax.model import using_conv

@@ -6,8 +6,8 @@ the (x - f(x))^2 weighting is zero where the reconstruction is exact; x_T in [0,
 a checkpoint made with one implementation of the model's convolutions projects with the other.
 
 The cheap property tests take the `conv` fixture and run under both implementations; those on
-the module's shared calls (`calls`), the trained texture preset and early stopping run the
-default one.
+the module's shared calls (`calls`), the trained texture preset, early stopping and jit against
+eager run the default one.
 """
 from __future__ import annotations
 
@@ -253,7 +253,11 @@ def test_with_early_stop_refuses_a_model_with_non_finite_losses(trained_preset, 
         with_early_stop(bad, ProjectionConfig(model=model_cfg, steps=3), images_u8[:4])
 
 
-def test_jit_equals_no_jit(trained, model_cfg, conv):
+def test_jit_equals_no_jit(trained, model_cfg):
+    """The jitted projection equals the same maths run op by op (`jax.disable_jit`), with the suite's
+    default convolutions. Not run per implementation: project_fn is always jitted, and the jitted
+    implementations are checked equal (values and gradients, tests/method/test_model.py), so an eager
+    run of the other one would test a path no caller takes (and compile each of its many ops alone)."""
     params, _ = trained
     cfg = ProjectionConfig(model=model_cfg, steps=2, alpha=0.5, lam=0.05, smoothing_sigma=1.0)
     x0 = pattern_images(1, phase=1.0, seed=4)
