@@ -3,9 +3,13 @@
 Each formulation of `_conv_raw` (matrix products, sub-pixel phases, im2col, col2im)
 is checked against the plain lax convolution: values, input-gradient (the custom VJP, what the
 projection uses) and kernel-gradient (training), on the shapes the model really produces and on
-odd shapes (uneven padding, rectangular inputs and strides).
+odd shapes (uneven padding, rectangular inputs and strides). Both sides of a case run in one
+jitted program, as the model runs them (eagerly, each of the formulation's many ops would be compiled
+alone).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +26,27 @@ def _lax(x, w, strides, padding, lhs_dilation):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _values_and_vjps(x, w, g, strides, padding, dilation):
+    """(lax's, xla_cpu_convs') value and (dx, dw) for the cotangent g, in one compiled program, as
+    the model runs them (jitted)."""
+    ref, ref_vjp = jax.vjp(lambda x, w: _lax(x, w, strides, padding, dilation), x, w)
+    out, out_vjp = jax.vjp(lambda x, w: xla_cpu_convs.conv(x, w, strides, padding, dilation), x, w)
+    return (ref, ref_vjp(g)), (out, out_vjp(g))
+
+
 def _compare(xs, ws, strides, padding, dilation, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal(xs, np.float32))
     w = jnp.asarray(rng.standard_normal(ws, np.float32))
-    ref, ref_vjp = jax.vjp(lambda x, w: _lax(x, w, strides, padding, dilation), x, w)
-    out, out_vjp = jax.vjp(lambda x, w: xla_cpu_convs.conv(x, w, strides, padding, dilation), x, w)
+    out_shape = jax.eval_shape(lambda x, w: _lax(x, w, strides, padding, dilation), x, w).shape
+    g = jnp.asarray(rng.standard_normal(out_shape, np.float32))
+    strides, padding, dilation = tuple(strides), tuple(map(tuple, padding)), tuple(dilation)  # static: hashable
+    (ref, ref_grads), (out, out_grads) = _values_and_vjps(x, w, g, strides, padding, dilation)
     assert out.shape == ref.shape
-    g = jnp.asarray(rng.standard_normal(ref.shape, np.float32))
     scale = float(jnp.abs(ref).max())
     np.testing.assert_allclose(out, ref, atol=2e-6 * scale)
-    for a, b in zip(out_vjp(g), ref_vjp(g)):  # dx, dw
+    for a, b in zip(out_grads, ref_grads):  # dx, dw
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()))
 
 
