@@ -158,7 +158,8 @@ def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, i
     x0, x = images
     lam = 0.37
     cfg = ProjectionConfig(model=model_cfg, lam=lam, weighting=False)
-    g_r = np.asarray(jax.grad(lambda x: energy(params, x, x0, dataclasses.replace(cfg, lam=0.0))[0])(jnp.asarray(x0)))
+    g_r = np.asarray(jax.jit(jax.grad(lambda x: energy(params, x, x0, dataclasses.replace(cfg, lam=0.0))[0]))(
+        jnp.asarray(x0)))
     assert (np.abs(g_r) <= lam).any() and (np.abs(g_r) > lam).any()  # both cases occur
     _, d0 = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x0), jnp.asarray(x0), cfg)
     expected = np.sign(g_r) * np.maximum(np.abs(g_r) - lam, 0.0)
@@ -166,7 +167,7 @@ def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, i
     assert np.all(np.asarray(d0)[np.abs(g_r) <= lam] == 0.0)
     # away from x0 (every pixel of x differs from x0): the plain gradient of E
     _, d = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x), jnp.asarray(x0), cfg)
-    g = np.asarray(jax.grad(lambda x: energy(params, x, x0, cfg)[0])(jnp.asarray(x)))
+    g = np.asarray(jax.jit(jax.grad(lambda x: energy(params, x, x0, cfg)[0]))(jnp.asarray(x)))
     np.testing.assert_allclose(np.asarray(d), g, rtol=1e-5, atol=1e-6)
 
 
