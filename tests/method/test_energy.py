@@ -115,6 +115,13 @@ def energy_jit():
 
 
 @pytest.fixture(scope="module")
+def energy_grad():
+    """jit of (params, x, x0, config) -> dE/dx (E: `energy`), the reference gradient of the tests below."""
+    return jax.jit(jax.grad(lambda params, x, x0, config: energy(params, x, x0, config)[0], argnums=1),
+                   static_argnames="config")
+
+
+@pytest.fixture(scope="module")
 def images():
     """x0 and x = x0 + a perturbation of magnitude >= 0.05 (away from the L1 kink), in (0.05, 0.95)."""
     rng = np.random.default_rng(10)
@@ -135,11 +142,12 @@ def test_prior_term_is_lam_times_l1_distance(params, model_cfg, energy_jit, imag
     assert float(aux_x0.prior) == 0.0
 
 
-def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images):
+def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, energy_grad, images):
     """The L1 prior's (sub)gradient is lam * sign(x - x0), 0 where x = x0 (as PyTorch's abs), so the
     first step from x0 is the model loss's alone (jax.grad(jnp.abs)(0.) would be 1)."""
     x0, x = images
-    grad = jax.jit(jax.grad(lambda x, cfg: energy(params, x, x0, cfg)[0]), static_argnums=1)
+    def grad(x, cfg):
+        return energy_grad(params, x, jnp.asarray(x0), config=cfg)
     cfg = ProjectionConfig(model=model_cfg, lam=0.37)
     no_prior = dataclasses.replace(cfg, lam=0.0)
     np.testing.assert_allclose(np.asarray(grad(jnp.asarray(x0), cfg)), np.asarray(grad(jnp.asarray(x0), no_prior)),
@@ -148,7 +156,7 @@ def test_prior_gradient_is_sign_and_zero_at_x0(params, model_cfg, images):
     np.testing.assert_allclose(diff, 0.37 * np.sign(x - x0), rtol=1e-4, atol=1e-4)
 
 
-def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, images):
+def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, energy_grad, images):
     """Where x = x0 the update uses g_r - clip(g_r, -lam, lam) (g_r = grad of the model loss), the
     subgradient of E of least magnitude: pixels whose |g_r| <= lam stay at x0 (exactly 0), the others
     move by g_r shrunk by lam; where x != x0 it is grad E itself. Checked pixel by pixel against
@@ -158,8 +166,7 @@ def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, i
     x0, x = images
     lam = 0.37
     cfg = ProjectionConfig(model=model_cfg, lam=lam, weighting=False)
-    g_r = np.asarray(jax.jit(jax.grad(lambda x: energy(params, x, x0, dataclasses.replace(cfg, lam=0.0))[0]))(
-        jnp.asarray(x0)))
+    g_r = np.asarray(energy_grad(params, jnp.asarray(x0), jnp.asarray(x0), config=dataclasses.replace(cfg, lam=0.0)))
     assert (np.abs(g_r) <= lam).any() and (np.abs(g_r) > lam).any()  # both cases occur
     _, d0 = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x0), jnp.asarray(x0), cfg)
     expected = np.sign(g_r) * np.maximum(np.abs(g_r) - lam, 0.0)
@@ -167,7 +174,7 @@ def test_direction_at_x0_is_the_least_magnitude_subgradient(params, model_cfg, i
     assert np.all(np.asarray(d0)[np.abs(g_r) <= lam] == 0.0)
     # away from x0 (every pixel of x differs from x0): the plain gradient of E
     _, d = jax.jit(descent_direction, static_argnums=3)(params, jnp.asarray(x), jnp.asarray(x0), cfg)
-    g = np.asarray(jax.jit(jax.grad(lambda x: energy(params, x, x0, cfg)[0]))(jnp.asarray(x)))
+    g = np.asarray(energy_grad(params, jnp.asarray(x), jnp.asarray(x0), config=cfg))
     np.testing.assert_allclose(np.asarray(d), g, rtol=1e-5, atol=1e-6)
 
 
